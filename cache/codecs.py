@@ -1,0 +1,148 @@
+"""Numeric codecs of the shard format: token-id byte planes and log-probability quantizers.
+
+All functions are vectorized numpy over a whole record batch; none loops per position.
+
+Token ids. Per position the ids are sorted ascending and stored as gaps (the first id as is,
+then differences), split into little-endian byte planes: plane b holds byte b of every gap.
+Sorted gaps are small, so the high planes are nearly all zero and zstd folds them away; this
+costs about 1 byte per id against ~2 for plain uint16/uint32 ids (docs/FORMAT.md, measured).
+
+Probabilities. Codecs for the teacher's log-probabilities (and the tail mass):
+- ``f32`` / ``f16``: the log-probability as an IEEE float (f16: relative error ≤ 2^-11).
+- ``u8`` / ``u16``: the square root of the probability, rounded to 1/255 (1/65535) steps.
+  sqrt(p) is the variance-stabilizing map of a categorical distribution: a fixed step in sqrt(p)
+  costs the same KL wherever p lies, unlike fixed steps in log p, which waste precision on tiny
+  probabilities and lose it on the near-certain tokens that matter most. A stored probability is
+  never rounded to zero (code ≥ 1), so a decoded entry is never -inf unless it was exactly 0.
+  Decoding renormalizes the entries plus the tail so that each position sums to one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+Codec = Literal["f32", "f16", "u8", "u16"]
+CODECS: tuple[Codec, ...] = ("f32", "f16", "u8", "u16")
+_QMAX = {"u8": 255, "u16": 65535}
+_STORAGE = {"f32": np.float32, "f16": np.float16, "u8": np.uint8, "u16": np.uint16}
+
+
+def id_bytes_for_vocab(vocab_size: int) -> int:
+    """Bytes per token id (and per gap plane count): the narrowest width that holds the vocab."""
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return max(1, (int(vocab_size - 1).bit_length() + 7) // 8)
+
+
+def storage_dtype(codec: Codec) -> np.dtype:
+    """numpy dtype in which ``codec`` values are stored in the shard."""
+    return np.dtype(_STORAGE[codec])
+
+
+# ---------------------------------------------------------------------------- token ids
+
+
+def sort_by_id(ids: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Sort each row of (P, K) ``ids`` ascending and apply the same permutation to ``values``."""
+    order = np.argsort(ids, axis=1, kind="stable")
+    return tuple(np.take_along_axis(a, order, axis=1) for a in (ids, *values))
+
+
+def encode_id_planes(ids: np.ndarray, seg_lengths: np.ndarray, id_bytes: int) -> list[np.ndarray]:
+    """Gap-code flat ``ids`` (ascending within each segment) into ``id_bytes`` uint8 planes.
+
+    ``seg_lengths`` gives the number of ids of each position; segments tile ``ids`` in order.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    gaps = np.empty_like(ids)
+    if ids.size:
+        gaps[0] = ids[0]
+        gaps[1:] = ids[1:] - ids[:-1]
+        starts = np.cumsum(seg_lengths)[:-1]
+        starts = starts[starts < ids.size]
+        gaps[starts] = ids[starts]
+    if gaps.size and gaps.min() < 0:
+        raise ValueError("token ids must be sorted ascending within each position before encoding")
+    return [((gaps >> (8 * b)) & 0xFF).astype(np.uint8) for b in range(id_bytes)]
+
+
+def decode_id_planes(planes: list[np.ndarray], seg_lengths: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`encode_id_planes`: flat int32 ids."""
+    gaps = planes[0].astype(np.int64)
+    for b, plane in enumerate(planes[1:], start=1):
+        gaps |= plane.astype(np.int64) << (8 * b)
+    csum = np.cumsum(gaps)
+    if csum.size == 0:
+        return csum.astype(np.int32)
+    # Subtract, for each segment, the running sum accumulated before it.
+    seg_lengths = np.asarray(seg_lengths, dtype=np.int64)
+    ends = np.cumsum(seg_lengths)
+    before = np.zeros(len(seg_lengths), dtype=np.int64)
+    nonempty_prev = ends[:-1] > 0
+    before[1:][nonempty_prev] = csum[ends[:-1][nonempty_prev] - 1]
+    return (csum - np.repeat(before, seg_lengths)).astype(np.int32)
+
+
+def decode_id_planes_fixed(planes: list[np.ndarray], k: int) -> np.ndarray:
+    """Fast path of :func:`decode_id_planes` when every position holds exactly ``k`` ids: (P, k)."""
+    gaps = planes[0].astype(np.int32)
+    for b, plane in enumerate(planes[1:], start=1):
+        gaps |= plane.astype(np.int32) << (8 * b)
+    return np.cumsum(gaps.reshape(-1, k), axis=1, dtype=np.int32)
+
+
+# ---------------------------------------------------------------------------- probabilities
+
+
+def encode_logprobs(logprobs: np.ndarray, codec: Codec) -> np.ndarray:
+    """Encode log-probabilities (any shape, float) with ``codec``."""
+    logprobs = np.asarray(logprobs, dtype=np.float32)
+    if codec in ("f32", "f16"):
+        return logprobs.astype(_STORAGE[codec])
+    qmax = _QMAX[codec]
+    with np.errstate(under="ignore"):
+        root = np.exp(0.5 * logprobs.astype(np.float64))  # sqrt(p)
+    codes = np.clip(np.rint(root * qmax), 1, qmax)
+    codes[root == 0] = 0  # exactly zero mass (log p = -inf) stays exactly zero
+    return codes.astype(_STORAGE[codec])
+
+
+def decode_logprobs(stored: np.ndarray, codec: Codec) -> np.ndarray:
+    """Decode stored values to float32 log-probabilities (not renormalized)."""
+    if codec in ("f32", "f16"):
+        return stored.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        return (2.0 * np.log(stored.astype(np.float32) / np.float32(_QMAX[codec]))).astype(
+            np.float32
+        )
+
+
+def tail_logmass(logprobs: np.ndarray) -> np.ndarray:
+    """log(1 − Σ exp(logprobs)) over the last axis, computed stably; -inf when the sum is ≥ 1."""
+    lp = np.asarray(logprobs, dtype=np.float64)
+    top = np.exp(lp).sum(axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.log1p(-np.minimum(top, 1.0))
+    return out.astype(np.float32)
+
+
+def renormalize(logprobs: np.ndarray, tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shift (P, K) ``logprobs`` and (P,) ``tail`` so that each position's mass sums to one."""
+    both = np.concatenate([logprobs, tail[:, None]], axis=1)
+    peak = both.max(axis=1, keepdims=True)
+    peak[~np.isfinite(peak)] = 0.0
+    with np.errstate(divide="ignore"):
+        lse = peak + np.log(np.exp(both - peak).sum(axis=1, keepdims=True))
+    return (logprobs - lse).astype(np.float32), (tail - lse[:, 0]).astype(np.float32)
+
+
+def error_bound(codec: Codec) -> str:
+    """The documented per-value error bound of ``codec`` (before renormalization)."""
+    return {
+        "f32": "|Δ log p| ≤ 2^-24·|log p|",
+        "f16": "|Δ log p| ≤ 2^-11·|log p| (and ≤ 6e-8 absolute near 0)",
+        "u8": "|Δ sqrt p| ≤ 1/510 (p ≥ 3.9e-6); smaller p decode as 1.5e-5",
+        "u16": "|Δ sqrt p| ≤ 1/131070 (p ≥ 5.8e-11); smaller p decode as 2.3e-10",
+    }[codec]

@@ -1,0 +1,220 @@
+"""The logit-dataset format, version 1: schema, names, and what one example holds.
+
+This module owns the contract that docs/FORMAT.md describes. A dataset is a folder holding
+``manifest.json`` and Arrow IPC *file*-format shards with zstd buffer compression, one row per
+example. Keep the two in step: a change here is a change of FORMAT.md (and maybe the version).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+
+from .codecs import CODECS, Codec, id_bytes_for_vocab, storage_dtype
+from .errors import ManifestError
+
+FORMAT_NAME = "logitcache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PARTS_DIR = "_parts"
+SHARD_SUFFIX = ".arrow"
+# A shard file name is a plain name inside the dataset folder: no separators, no "..".
+SHARD_NAME_RE = re.compile(r"^shard-[A-Za-z0-9_]+-\d{6}\.arrow$")
+WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+META_PREFIX = "logitcache."
+MAX_SAMPLE_DRAWS = 255  # counts and unique-id counts are stored as uint8
+
+TargetKind = Literal["topk", "sampled"]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """What the teacher's per-position targets are and how they are stored."""
+
+    kind: TargetKind
+    """"topk": the k most likely ids with log-probs and the tail mass; "sampled": N draws."""
+    k: int = 0
+    """Ids per position for top-k targets."""
+    n: int = 0
+    """Draws per position for sampled targets (≤ 255)."""
+    codec: Codec = "u8"
+    """Codec of top-k log-probs and the tail mass (unused for sampled targets)."""
+
+    def validate(self) -> list[str]:
+        """Every problem with this spec, as messages naming the field and the fix."""
+        problems = []
+        if self.kind not in ("topk", "sampled"):
+            problems.append(f"targets.kind is {self.kind!r}; expected 'topk' or 'sampled'")
+        if self.kind == "topk" and self.k < 1:
+            problems.append(f"targets.k is {self.k}; top-k targets need k ≥ 1")
+        if self.kind == "sampled" and not 1 <= self.n <= MAX_SAMPLE_DRAWS:
+            problems.append(f"targets.n is {self.n}; sampled targets need 1 ≤ n ≤ 255")
+        if self.codec not in CODECS:
+            problems.append(f"targets.codec is {self.codec!r}; expected one of {list(CODECS)}")
+        return problems
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Everything that describes a dataset except its shards: what writers must agree on."""
+
+    vocab_size: int
+    """Size of the teacher's (= student's) vocabulary; every token id is below it."""
+    tokenizer_fingerprint: str
+    """sha256 over the tokenizer's vocab, merges and special tokens (see cache.tokenizer)."""
+    targets: TargetSpec
+    """Kind and encoding of the per-position targets."""
+    teacher: dict[str, Any] = field(default_factory=dict)
+    """name_or_path, revision and config_hash of the teacher."""
+    capture: dict[str, Any] = field(default_factory=dict)
+    """temperature, mode, templates (teacher and student views) and other capture settings."""
+
+    @property
+    def id_bytes(self) -> int:
+        return id_bytes_for_vocab(self.vocab_size)
+
+    @property
+    def token_type(self) -> pa.DataType:
+        """Arrow type of prompt and response token ids: the narrowest that holds the vocab."""
+        return pa.uint16() if self.vocab_size <= 1 << 16 else pa.uint32()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tokenizer": {
+                "fingerprint": self.tokenizer_fingerprint,
+                "vocab_size": self.vocab_size,
+            },
+            "targets": {**asdict(self.targets), "id_bytes": self.id_bytes},
+            "teacher": self.teacher,
+            "capture": self.capture,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any], where: str) -> DatasetInfo:
+        try:
+            tok = obj["tokenizer"]
+            tgt = dict(obj["targets"])
+            tgt.pop("id_bytes", None)
+            info = cls(
+                vocab_size=int(tok["vocab_size"]),
+                tokenizer_fingerprint=str(tok["fingerprint"]),
+                targets=TargetSpec(**tgt),
+                teacher=dict(obj.get("teacher", {})),
+                capture=dict(obj.get("capture", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(
+                f"{where}: missing or malformed field ({type(e).__name__}: {e}); "
+                "the file was not written by logitcache format 1 or was edited by hand"
+            ) from None
+        problems = info.targets.validate()
+        if info.vocab_size < 1:
+            problems.append(f"tokenizer.vocab_size is {info.vocab_size}; expected ≥ 1")
+        if problems:
+            raise ManifestError(f"{where}: " + "; ".join(problems))
+        return info
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of every shard of this dataset, with self-describing metadata."""
+        return shard_schema(self)
+
+
+def id_plane_names(prefix: str, id_bytes: int) -> list[str]:
+    return [f"{prefix}_id_b{b}" for b in range(id_bytes)]
+
+
+def shard_schema(info: DatasetInfo) -> pa.Schema:
+    tok = info.token_type
+    fields = [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("prompt_ids", pa.list_(tok), nullable=False),
+        pa.field("response_ids", pa.list_(tok), nullable=False),
+    ]
+    t = info.targets
+    if t.kind == "topk":
+        fields += [
+            pa.field(n, pa.list_(pa.uint8()), nullable=False)
+            for n in id_plane_names("topk", info.id_bytes)
+        ]
+        val = pa.from_numpy_dtype(storage_dtype(t.codec))
+        fields += [
+            pa.field("topk_logprobs", pa.list_(val), nullable=False),
+            pa.field("tail_logmass", pa.list_(val), nullable=False),
+        ]
+    else:
+        fields += [
+            pa.field(n, pa.list_(pa.uint8()), nullable=False)
+            for n in id_plane_names("sample", info.id_bytes)
+        ]
+        fields += [
+            pa.field("sample_counts", pa.list_(pa.uint8()), nullable=False),
+            pa.field("sample_nunique", pa.list_(pa.uint8()), nullable=False),
+        ]
+    meta = {
+        f"{META_PREFIX}format": FORMAT_NAME,
+        f"{META_PREFIX}format_version": str(FORMAT_VERSION),
+        f"{META_PREFIX}info": json.dumps(info.to_json(), sort_keys=True),
+    }
+    return pa.schema(fields, metadata=meta)
+
+
+def shard_name(writer_id: str, seq: int) -> str:
+    return f"shard-{writer_id}-{seq:06d}{SHARD_SUFFIX}"
+
+
+def check_shard_name(name: str, where: str) -> str:
+    """Refuse a shard name that could point outside the dataset folder."""
+    if not isinstance(name, str) or not SHARD_NAME_RE.match(name):
+        raise ManifestError(
+            f"{where}: shard file name {name!r} is not a plain shard name "
+            "(expected 'shard-<writer>-<6 digits>.arrow' inside the dataset folder); "
+            "a manifest may not point outside its folder"
+        )
+    return name
+
+
+@dataclass
+class TopK:
+    """Top-k targets of one example: P response positions, k ids each."""
+
+    ids: np.ndarray
+    """(P, k) int token ids (any order)."""
+    logprobs: np.ndarray
+    """(P, k) float log-probs under the teacher's full-vocabulary softmax."""
+    tail_logmass: np.ndarray
+    """(P,) float log(1 − Σ exp(logprobs)); -inf when the top-k hold all the mass."""
+
+
+@dataclass
+class Sampled:
+    """Sampled targets of one example: for each position, unique drawn ids with counts."""
+
+    ids: np.ndarray
+    """(U,) int ids, ascending within each position."""
+    counts: np.ndarray
+    """(U,) int draws of each id; each position's counts sum to N."""
+    nunique: np.ndarray
+    """(P,) int unique ids per position; sums to U."""
+
+
+@dataclass
+class Example:
+    """One row: a student prompt, a response, and the teacher's targets per response token.
+
+    Target j is the teacher's distribution for response_ids[j], given its own full view and
+    response_ids[:j]; the student learns it from prompt_ids + response_ids[:j].
+    """
+
+    id: str
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    targets: TopK | Sampled
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.response_ids)

@@ -1,0 +1,241 @@
+"""manifest.json: the index of a dataset, written last, replaced atomically.
+
+Each writer (one per GPU rank, or one per job-array task) journals the shards it commits in its
+own part file, ``_parts/<writer>.json``, so concurrent writers never touch the same file.
+:func:`finalize` folds every part into the single ``manifest.json`` that readers use.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import IncompatibleError, ManifestError
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    DatasetInfo,
+    check_shard_name,
+)
+from .storage import Location
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One committed shard as the manifest lists it."""
+
+    file: str
+    rows: int
+    positions: int
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "rows": self.rows,
+            "positions": self.positions,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str) -> ShardEntry:
+        try:
+            entry = cls(
+                file=obj["file"],
+                rows=int(obj["rows"]),
+                positions=int(obj["positions"]),
+                bytes=int(obj["bytes"]),
+                sha256=str(obj["sha256"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: malformed shard entry {obj!r} ({e})") from None
+        check_shard_name(entry.file, where)
+        return entry
+
+
+@dataclass
+class Manifest:
+    """The whole index: dataset info, committed shards, and capture bookkeeping."""
+
+    info: DatasetInfo
+    shards: list[ShardEntry] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form bookkeeping (skipped records, truncation counts), merged across writers."""
+
+    @property
+    def num_examples(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def num_positions(self) -> int:
+        return sum(s.positions for s in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(s.bytes for s in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            **self.info.to_json(),
+            "num_examples": self.num_examples,
+            "num_positions": self.num_positions,
+            "num_bytes": self.num_bytes,
+            "shards": [s.to_json() for s in self.shards],
+            "extra": self.extra,
+            "created_by": f"logitcache {__version__}",
+        }
+
+    def dumps(self) -> bytes:
+        return (json.dumps(self.to_json(), indent=1, sort_keys=False) + "\n").encode()
+
+    @classmethod
+    def loads(cls, data: bytes, where: str) -> Manifest:
+        try:
+            obj = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{where}: not valid JSON ({e}); the file is damaged") from None
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+            raise ManifestError(f'{where}: not a logitcache manifest (no "format": "logitcache")')
+        version = obj.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: format_version is {version!r} but this logitcache reads version "
+                f"{FORMAT_VERSION}; upgrade logitcache (pip install -U logitcache) to read it"
+            )
+        info = DatasetInfo.from_json(obj, where)
+        shards_obj = obj.get("shards")
+        if not isinstance(shards_obj, list):
+            raise ManifestError(
+                f'{where}: "shards" must be a list, found {type(shards_obj).__name__}'
+            )
+        shards = [ShardEntry.from_json(s, f"{where} shards[{i}]") for i, s in enumerate(shards_obj)]
+        names = [s.file for s in shards]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ManifestError(f"{where}: shard listed more than once: {dup}")
+        m = cls(info=info, shards=shards, extra=dict(obj.get("extra", {})))
+        for key in ("num_examples", "num_positions"):
+            if key in obj and obj[key] != getattr(m, key):
+                raise ManifestError(
+                    f"{where}: {key} is {obj[key]} but its shards add up to {getattr(m, key)}; "
+                    "the manifest was edited or is out of step with its shards"
+                )
+        return m
+
+
+def load_manifest(loc: Location) -> Manifest:
+    """Read and validate ``manifest.json`` of the dataset at ``loc``."""
+    where = f"{loc.path(MANIFEST_NAME)}"
+    try:
+        data = loc.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        parts = loc.listdir(PARTS_DIR)
+        hint = (
+            f"; {len(parts)} writer journal(s) are in {PARTS_DIR}/: run `logitcache finalize {loc}`"
+            if parts
+            else "; is this a logitcache dataset folder?"
+        )
+        raise ManifestError(f"{where} not found{hint}") from None
+    return Manifest.loads(data, where)
+
+
+def part_name(writer_id: str) -> str:
+    return f"{writer_id}.json"
+
+
+def load_parts(loc: Location) -> dict[str, Manifest]:
+    """Every writer journal of the dataset, by file name."""
+    return {
+        name: Manifest.loads(loc.read_bytes(PARTS_DIR, name), loc.path(PARTS_DIR, name))
+        for name in loc.listdir(PARTS_DIR)
+        if name.endswith(".json") and not name.startswith(".")
+    }
+
+
+def check_compatible(
+    a: DatasetInfo, b: DatasetInfo, where: str, *, allow_teachers: bool = False
+) -> None:
+    """Refuse to mix datasets whose targets do not mean the same thing, naming each difference."""
+    diffs = []
+    if a.tokenizer_fingerprint != b.tokenizer_fingerprint:
+        diffs.append(
+            f"tokenizer fingerprint {a.tokenizer_fingerprint[:16]}… vs {b.tokenizer_fingerprint[:16]}…"
+        )
+    if a.vocab_size != b.vocab_size:
+        diffs.append(f"vocab_size {a.vocab_size} vs {b.vocab_size}")
+    if a.targets != b.targets:
+        diffs.append(f"targets {a.targets} vs {b.targets}")
+    if a.capture.get("temperature") != b.capture.get("temperature"):
+        diffs.append(
+            f"capture temperature {a.capture.get('temperature')} vs {b.capture.get('temperature')}"
+        )
+    if a.teacher != b.teacher and not allow_teachers:
+        diffs.append(
+            f"teacher {a.teacher.get('name_or_path')!r} vs {b.teacher.get('name_or_path')!r} "
+            "(pass --allow-different-teachers to merge anyway)"
+        )
+    if diffs:
+        raise IncompatibleError(f"{where}: incompatible: " + "; ".join(diffs))
+
+
+def merge_extra(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Combine bookkeeping: numbers add up, lists concatenate, anything else keeps the first."""
+    out = dict(a)
+    for key, val in b.items():
+        if key not in out:
+            out[key] = val
+        elif isinstance(val, bool) or not isinstance(val, int | float | list | dict):
+            continue
+        elif isinstance(val, dict) and isinstance(out[key], dict):
+            out[key] = merge_extra(out[key], val)
+        elif (isinstance(val, list) and isinstance(out[key], list)) or (
+            isinstance(val, int | float) and isinstance(out[key], int | float)
+        ):
+            out[key] = out[key] + val
+    return out
+
+
+def finalize(loc: Location) -> Manifest:
+    """Fold every writer journal into ``manifest.json`` (idempotent; safe to rerun).
+
+    Shards are the union of the existing manifest's and the journals'; bookkeeping (``extra``)
+    is the sum over journals, each of which is cumulative for its writer.
+    """
+    parts = load_parts(loc)
+    base = load_manifest(loc) if loc.exists(MANIFEST_NAME) else None
+    sources = ([(loc.path(MANIFEST_NAME), base)] if base else []) + [
+        (loc.path(PARTS_DIR, n), m) for n, m in parts.items()
+    ]
+    if not sources:
+        raise ManifestError(
+            f"{loc}: nothing to finalize: no {MANIFEST_NAME} and no writer journals in {PARTS_DIR}/"
+        )
+    merged = Manifest(info=sources[0][1].info)
+    seen: dict[str, ShardEntry] = {}
+    for where, m in sources:
+        check_compatible(merged.info, m.info, where)
+        for s in m.shards:
+            if s.file not in seen:
+                seen[s.file] = s
+                merged.shards.append(s)
+            elif seen[s.file] != s:
+                raise ManifestError(
+                    f"{where}: shard {s.file} is listed elsewhere with another size or checksum"
+                )
+    merged.shards.sort(key=lambda s: s.file)
+    if parts:
+        for m in parts.values():
+            merged.extra = merge_extra(merged.extra, m.extra)
+    elif base is not None:
+        merged.extra = base.extra
+    loc.write_atomic(merged.dumps(), MANIFEST_NAME)
+    return merged

@@ -1,0 +1,334 @@
+"""Read a logit dataset (local folder or fsspec URL) into numpy, one record batch at a time.
+
+The reader trusts only ``manifest.json``: a shard that is not listed there was never committed
+and is not read. With ``verify=True`` each shard's sha256 is checked before it is decoded, which
+is the only way to catch silent corruption: zstd-compressed Arrow decodes most flipped bits into
+wrong numbers without an error (docs/FORMAT.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .codecs import _QMAX, decode_id_planes, decode_id_planes_fixed, decode_logprobs
+from .errors import ShardError
+from .format import (
+    META_PREFIX,
+    DatasetInfo,
+    Example,
+    Sampled,
+    TopK,
+    id_plane_names,
+)
+from .manifest import Manifest, ShardEntry, load_manifest
+from .storage import Location
+
+
+@dataclass
+class DecodedBatch:
+    """One record batch decoded to flat numpy arrays. R rows, P positions, U sampled ids."""
+
+    ids: list[str]
+    prompt_ids: np.ndarray
+    """Flat token ids of all student prompts; row r is prompt_offsets[r]:prompt_offsets[r+1]."""
+    prompt_offsets: np.ndarray
+    response_ids: np.ndarray
+    """Flat (P,) response token ids; position offsets of row r are response_offsets[r:r+2]."""
+    response_offsets: np.ndarray
+    topk_ids: np.ndarray | None = None
+    """(P, K) int32 ids, ascending within each position."""
+    topk_logprobs: np.ndarray | None = None
+    """(P, K) float32 log-probs (u8/u16 codecs: renormalized together with the tail)."""
+    tail_logmass: np.ndarray | None = None
+    """(P,) float32 log of the mass outside the top-k."""
+    sample_ids: np.ndarray | None = None
+    """(U,) int32 drawn ids, ascending within each position."""
+    sample_counts: np.ndarray | None = None
+    """(U,) uint8 draws of each id."""
+    sample_offsets: np.ndarray | None = None
+    """(P+1,) int64 offsets of each position's sampled ids."""
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.response_ids)
+
+    def example(self, i: int) -> Example:
+        """Row ``i`` as an :class:`Example` (copies nothing but small slices)."""
+        p0, p1 = self.prompt_offsets[i], self.prompt_offsets[i + 1]
+        r0, r1 = self.response_offsets[i], self.response_offsets[i + 1]
+        targets: TopK | Sampled
+        if self.topk_ids is not None:
+            assert self.topk_logprobs is not None and self.tail_logmass is not None
+            targets = TopK(
+                self.topk_ids[r0:r1], self.topk_logprobs[r0:r1], self.tail_logmass[r0:r1]
+            )
+        else:
+            assert self.sample_offsets is not None and self.sample_ids is not None
+            assert self.sample_counts is not None
+            u0, u1 = self.sample_offsets[r0], self.sample_offsets[r1]
+            targets = Sampled(
+                self.sample_ids[u0:u1],
+                self.sample_counts[u0:u1],
+                np.diff(self.sample_offsets[r0 : r1 + 1]),
+            )
+        return Example(self.ids[i], self.prompt_ids[p0:p1], self.response_ids[r0:r1], targets)
+
+
+def _flat(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column, offsets rebased to start at zero."""
+    offsets = col.offsets.to_numpy().astype(np.int64)
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    return values, offsets - offsets[0]
+
+
+class _ProbTables:
+    """Lookup tables for the sqrt-probability codecs: code → probability and → log-probability."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(self, codec: str) -> tuple[np.ndarray, np.ndarray]:
+        if codec not in self._cache:
+            codes = np.arange(_QMAX[codec] + 1)
+            prob = ((codes / _QMAX[codec]) ** 2).astype(np.float32)
+            self._cache[codec] = (prob, decode_logprobs(codes, codec))  # type: ignore[arg-type]
+        return self._cache[codec]
+
+
+_TABLES = _ProbTables()
+
+
+def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
+    """Decode one record batch of a shard of ``info``'s dataset."""
+    prompt_ids, prompt_off = _flat(batch.column("prompt_ids"))
+    response_ids, response_off = _flat(batch.column("response_ids"))
+    out = DecodedBatch(
+        ids=batch.column("id").to_pylist(),
+        prompt_ids=prompt_ids,
+        prompt_offsets=prompt_off,
+        response_ids=response_ids,
+        response_offsets=response_off,
+    )
+    spec = info.targets
+    if spec.kind == "topk":
+        planes = [_flat(batch.column(n))[0] for n in id_plane_names("topk", info.id_bytes)]
+        out.topk_ids = decode_id_planes_fixed(planes, spec.k)
+        stored = _flat(batch.column("topk_logprobs"))[0]
+        tail = _flat(batch.column("tail_logmass"))[0]
+        if spec.codec in ("f32", "f16"):
+            out.topk_logprobs = decode_logprobs(stored, spec.codec).reshape(-1, spec.k)
+            out.tail_logmass = decode_logprobs(tail, spec.codec)
+        else:
+            prob, logp = _TABLES.get(spec.codec)
+            codes = stored.reshape(-1, spec.k)
+            # Renormalize so each position's entries plus tail sum to one.
+            with np.errstate(divide="ignore"):
+                log_total = np.log(prob[codes].sum(axis=1) + prob[tail])
+            out.topk_logprobs = logp[codes] - log_total[:, None]
+            out.tail_logmass = logp[tail] - log_total
+    else:
+        nunique = _flat(batch.column("sample_nunique"))[0].astype(np.int64)
+        planes = [_flat(batch.column(n))[0] for n in id_plane_names("sample", info.id_bytes)]
+        out.sample_ids = decode_id_planes(planes, nunique)
+        out.sample_counts = _flat(batch.column("sample_counts"))[0]
+        out.sample_offsets = np.concatenate([[0], np.cumsum(nunique)])
+    return out
+
+
+class ShardReader:
+    """One committed shard: random access to its record batches."""
+
+    def __init__(
+        self,
+        loc: Location,
+        entry: ShardEntry,
+        info: DatasetInfo,
+        *,
+        verify: bool = False,
+        cache_dir: str | Path | None = None,
+    ):
+        self.entry = entry
+        self.info = info
+        self.where = f"shard {entry.file} of {loc}"
+        data = _fetch(loc, entry, cache_dir, self.where)
+        if len(data) != entry.bytes:
+            raise ShardError(
+                f"{self.where}: {len(data)} bytes on storage but the manifest says {entry.bytes}: "
+                "the shard is truncated or was replaced; re-copy it or recapture it"
+            )
+        if verify:
+            found = hashlib.sha256(data).hexdigest()
+            if found != entry.sha256:
+                raise ShardError(
+                    f"{self.where}: sha256 {found[:16]}… does not match the manifest's "
+                    f"{entry.sha256[:16]}…: the shard is corrupt; re-copy it or recapture it"
+                )
+        try:
+            self._reader = pa.ipc.open_file(pa.py_buffer(data))
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise ShardError(
+                f"{self.where}: not a readable Arrow IPC file ({e}); it is truncated or corrupt"
+            ) from None
+        expected = info.schema()
+        if not self._reader.schema.equals(expected, check_metadata=False):
+            raise ShardError(
+                f"{self.where}: schema does not match the manifest's target spec "
+                f"({info.targets}): found {self._reader.schema}"
+            )
+        meta = self._reader.schema.metadata or {}
+        stored = meta.get(f"{META_PREFIX}info".encode())
+        if stored is not None and DatasetInfo.from_json(json.loads(stored), self.where) != info:
+            raise ShardError(
+                f"{self.where}: the shard's embedded metadata names another dataset "
+                "(tokenizer, teacher or targets differ from manifest.json)"
+            )
+
+    @property
+    def num_batches(self) -> int:
+        return self._reader.num_record_batches
+
+    def record_batch(self, i: int) -> pa.RecordBatch:
+        try:
+            return self._reader.get_batch(i)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            raise ShardError(
+                f"{self.where}: record batch {i} does not decode ({e}); the shard is "
+                "corrupt: run `logitcache verify` and recapture it"
+            ) from None
+
+    def batch(self, i: int) -> DecodedBatch:
+        rb = self.record_batch(i)
+        try:
+            return decode_batch(rb, self.info)
+        except (pa.ArrowInvalid, ValueError, IndexError) as e:
+            raise ShardError(
+                f"{self.where}: record batch {i} decodes to inconsistent arrays ({e});"
+                " the shard is corrupt: run `logitcache verify`"
+            ) from None
+
+    def __iter__(self) -> Iterator[DecodedBatch]:
+        for i in range(self.num_batches):
+            yield self.batch(i)
+
+
+def _fetch(loc: Location, entry: ShardEntry, cache_dir: str | Path | None, where: str) -> bytes:
+    """The shard's bytes, from a local cache of remote shards when one is given."""
+    cached = None
+    if cache_dir is not None and not loc.is_local:
+        cached = Path(cache_dir) / f"{entry.sha256}.arrow"
+        if cached.exists() and cached.stat().st_size == entry.bytes:
+            return cached.read_bytes()
+    try:
+        data = loc.read_bytes(entry.file)
+    except FileNotFoundError:
+        raise ShardError(
+            f"{where}: listed in manifest.json but missing from storage; "
+            "restore it from a copy of the dataset or recapture it"
+        ) from None
+    if cached is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, cached)
+    return data
+
+
+class LogitDataset:
+    """A committed logit dataset: its manifest, and its shards as numpy batches."""
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        verify: bool = False,
+        storage_options: dict[str, Any] | None = None,
+        cache_dir: str | Path | None = None,
+    ):
+        self.loc = Location(url, storage_options)
+        self.manifest: Manifest = load_manifest(self.loc)
+        self.verify = verify
+        self.cache_dir = cache_dir
+
+    @property
+    def info(self) -> DatasetInfo:
+        return self.manifest.info
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return self.manifest.shards
+
+    @cached_property
+    def num_examples(self) -> int:
+        return self.manifest.num_examples
+
+    @cached_property
+    def num_positions(self) -> int:
+        return self.manifest.num_positions
+
+    def shard(self, i: int) -> ShardReader:
+        return ShardReader(
+            self.loc, self.shards[i], self.info, verify=self.verify, cache_dir=self.cache_dir
+        )
+
+    def iter_batches(self, shard_indices: list[int] | None = None) -> Iterator[DecodedBatch]:
+        for i in range(len(self.shards)) if shard_indices is None else shard_indices:
+            yield from self.shard(i)
+
+    def iter_examples(self) -> Iterator[Example]:
+        for batch in self.iter_batches():
+            for i in range(len(batch)):
+                yield batch.example(i)
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __repr__(self) -> str:
+        t = self.info.targets
+        what = f"top-{t.k} {t.codec}" if t.kind == "topk" else f"sampled n={t.n}"
+        return (
+            f"LogitDataset({self.loc}, {self.num_examples} examples, "
+            f"{self.num_positions} positions, {len(self.shards)} shards, {what})"
+        )
+
+
+def open_dataset(url: str | os.PathLike[str], **kwargs: Any) -> LogitDataset:
+    """Open the dataset at a local path or fsspec URL (see :class:`LogitDataset`)."""
+    return LogitDataset(url, **kwargs)
+
+
+def committed_ids(
+    url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> set[str]:
+    """Ids of every example committed to the dataset, finalized or still in writer journals.
+
+    Capture resumes from this: committed examples are skipped, the rest are captured.
+    """
+    from .format import MANIFEST_NAME
+    from .manifest import load_parts
+
+    loc = Location(url, storage_options)
+    entries: dict[str, tuple[ShardEntry, DatasetInfo]] = {}
+    if loc.exists(MANIFEST_NAME):
+        m = load_manifest(loc)
+        entries.update({s.file: (s, m.info) for s in m.shards})
+    for part in load_parts(loc).values():
+        entries.update({s.file: (s, part.info) for s in part.shards})
+    ids: set[str] = set()
+    for entry, info in entries.values():
+        reader = ShardReader(loc, entry, info)
+        for i in range(reader.num_batches):
+            ids.update(reader.record_batch(i).column("id").to_pylist())
+    return ids

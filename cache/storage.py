@@ -1,0 +1,114 @@
+"""Where datasets live: a local folder or any fsspec URL (``s3://``, ``gs://``, ``memory://``).
+
+Writes are atomic: a local file is written under a temporary name, fsynced and renamed; on an
+object store a single PUT is already all-or-nothing, so the object is written in one call.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+T = TypeVar("T")
+
+
+class Location:
+    """A dataset folder on some filesystem; every path inside it is joined here."""
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
+        url = os.fspath(url)
+        self.url = url
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.root = root.rstrip("/") or root
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def path(self, *names: str) -> str:
+        return posixpath.join(self.root, *names)
+
+    def exists(self, *names: str) -> bool:
+        return bool(retry(lambda: self.fs.exists(self.path(*names))))
+
+    def read_bytes(self, *names: str) -> bytes:
+        return retry(lambda: self.fs.cat_file(self.path(*names)))
+
+    def size(self, *names: str) -> int:
+        return int(retry(lambda: self.fs.size(self.path(*names))))
+
+    def listdir(self, *names: str) -> list[str]:
+        """Base names inside a folder; empty when it does not exist."""
+        p = self.path(*names)
+        if not retry(lambda: self.fs.exists(p)):
+            return []
+        return sorted(
+            posixpath.basename(x.rstrip("/")) for x in retry(lambda: self.fs.ls(p, detail=False))
+        )
+
+    def remove(self, *names: str) -> None:
+        retry(lambda: self.fs.rm_file(self.path(*names)))
+
+    def makedirs(self, *names: str) -> None:
+        if self.is_local:
+            os.makedirs(self.path(*names), exist_ok=True)
+
+    def write_atomic(self, data: bytes, *names: str, tmp_prefix: str = ".tmp-") -> None:
+        """Replace the file at ``names`` with ``data``, all or nothing."""
+        target = self.path(*names)
+        if self.is_local:
+            folder = os.path.dirname(target)
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(folder)
+        else:
+            retry(lambda: self.fs.pipe_file(target, data))
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def _fsync_dir(folder: str) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def retry(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Call ``fn``, retrying transient I/O failures with exponential backoff.
+
+    FileNotFoundError and PermissionError are answers, not transient failures: never retried.
+    """
+    for i in range(attempts):
+        try:
+            return fn()
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except OSError:
+            if i == attempts - 1:
+                raise
+            time.sleep(base_delay * 2**i)
+    raise AssertionError("unreachable")

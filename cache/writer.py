@@ -1,0 +1,336 @@
+"""DatasetWriter: examples in, committed zstd Arrow shards and a manifest out.
+
+Commit protocol (docs/FORMAT.md): a shard is encoded in memory, hashed, written under a
+temporary name, flushed and renamed; only then is it listed in this writer's journal
+(``_parts/<writer>.json``, itself replaced atomically). ``close()`` folds the journals into
+``manifest.json``. A crash at any point leaves every committed shard readable, and reopening a
+writer with the same ``writer_id`` continues after its last committed shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .codecs import encode_id_planes, encode_logprobs, sort_by_id
+from .errors import IncompatibleError
+from .format import (
+    MANIFEST_NAME,
+    PARTS_DIR,
+    WRITER_ID_RE,
+    DatasetInfo,
+    Example,
+    Sampled,
+    TopK,
+    id_plane_names,
+    shard_name,
+)
+from .manifest import (
+    Manifest,
+    ShardEntry,
+    check_compatible,
+    finalize,
+    load_manifest,
+    load_parts,
+    part_name,
+)
+from .storage import Location
+
+DEFAULT_SHARD_POSITIONS = 1 << 20
+DEFAULT_BATCH_ROWS = 1024
+
+
+class DatasetWriter:
+    """Append examples to a dataset at a local path or fsspec URL.
+
+    Several writers with distinct ``writer_id`` (one per rank) may write one dataset at once.
+    With ``background=True`` encoding, compression and upload run in a worker thread, so the
+    caller (a GPU loop) never waits for them; errors surface on the next call or on close.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        info: DatasetInfo,
+        *,
+        writer_id: str = "w0",
+        shard_positions: int = DEFAULT_SHARD_POSITIONS,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        background: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ):
+        if not WRITER_ID_RE.match(writer_id):
+            raise ValueError(f"writer_id {writer_id!r} must match {WRITER_ID_RE.pattern}")
+        problems = info.targets.validate()
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.loc = Location(url, storage_options)
+        self.info = info
+        self.writer_id = writer_id
+        self.shard_positions = shard_positions
+        self.batch_rows = batch_rows
+        self.schema = info.schema()
+        self._check_existing()
+        self.loc.makedirs(PARTS_DIR)
+        self._clean_own_temp_files()
+        part = load_parts(self.loc).get(part_name(writer_id))
+        self.journal = part if part is not None else Manifest(info=info)
+        self._seq = 1 + max(
+            (_seq_of(s.file) for s in self.journal.shards if _is_own(s.file, writer_id)), default=-1
+        )
+        self._rows: list[Example] = []
+        self._buffered_positions = 0
+        self._pool = (
+            ThreadPoolExecutor(1, thread_name_prefix="logitcache-writer") if background else None
+        )
+        self._pending: list[Future[None]] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """This writer's bookkeeping, saved in its journal with each commit (cumulative)."""
+        return self.journal.extra
+
+    def add(self, example: Example) -> None:
+        """Buffer one example; a shard is committed once enough positions are buffered."""
+        self._raise_background_errors()
+        self._validate(example)
+        self._rows.append(example)
+        self._buffered_positions += example.num_positions
+        if self._buffered_positions >= self.shard_positions:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit the buffered examples as one shard (no-op when nothing is buffered)."""
+        self._raise_background_errors()
+        if not self._rows:
+            return
+        rows, self._rows, self._buffered_positions = self._rows, [], 0
+        seq, self._seq = self._seq, self._seq + 1
+        if self._pool is None:
+            self._commit(rows, seq)
+        else:
+            self._pending.append(self._pool.submit(self._commit, rows, seq))
+
+    def close(self, finalize_dataset: bool = True) -> Manifest | None:
+        """Commit what is buffered, wait for background work, then (by default) finalize.
+
+        Multi-writer jobs pass ``finalize_dataset=False`` on each rank and finalize once.
+        """
+        if self._closed:
+            return None
+        self.flush()
+        self._wait()
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown()
+        if not self.journal.shards and not self.loc.exists(PARTS_DIR, part_name(self.writer_id)):
+            self._write_journal()  # record an empty writer too, so finalize sees the dataset
+        return finalize(self.loc) if finalize_dataset else None
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # keep what was committed; do not finalize a failed run
+            self._rows = []
+            self._wait(raise_errors=False)
+            if self._pool is not None:
+                self._pool.shutdown()
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_existing(self) -> None:
+        sources: list[tuple[str, DatasetInfo]] = []
+        if self.loc.exists(MANIFEST_NAME):
+            sources.append((self.loc.path(MANIFEST_NAME), load_manifest(self.loc).info))
+        sources += [(self.loc.path(PARTS_DIR, n), m.info) for n, m in load_parts(self.loc).items()]
+        for where, info in sources:
+            try:
+                check_compatible(info, self.info, where)
+            except IncompatibleError as e:
+                raise IncompatibleError(
+                    f"{e}. The folder {self.loc} already holds a different dataset: "
+                    "write to a new folder, or rerun with the original settings to resume"
+                ) from None
+
+    def _clean_own_temp_files(self) -> None:
+        if self.loc.is_local:
+            prefix = self._tmp_prefix()
+            for name in self.loc.listdir():
+                if name.startswith(prefix):
+                    self.loc.remove(name)
+
+    def _tmp_prefix(self) -> str:
+        return f".tmp-{self.writer_id}-"
+
+    def _validate(self, ex: Example) -> None:
+        P = len(ex.response_ids)
+        where = f"example {ex.id!r}"
+        if not isinstance(ex.id, str) or not ex.id:
+            raise ValueError(f"{where}: id must be a non-empty string")
+        for name in ("prompt_ids", "response_ids"):
+            arr = np.asarray(getattr(ex, name))
+            if arr.ndim != 1:
+                raise ValueError(f"{where}: {name} must be 1-D, got shape {arr.shape}")
+            if arr.size and (arr.min() < 0 or arr.max() >= self.info.vocab_size):
+                raise ValueError(f"{where}: {name} holds ids outside [0, {self.info.vocab_size})")
+        t, spec = ex.targets, self.info.targets
+        if spec.kind == "topk":
+            if not isinstance(t, TopK):
+                raise ValueError(
+                    f"{where}: the dataset stores top-k targets, got {type(t).__name__}"
+                )
+            if (
+                t.ids.shape != (P, spec.k)
+                or t.logprobs.shape != (P, spec.k)
+                or t.tail_logmass.shape != (P,)
+            ):
+                raise ValueError(
+                    f"{where}: top-k targets must be ({P}, {spec.k}) ids and log-probs and ({P},) tail, "
+                    f"got {t.ids.shape}, {t.logprobs.shape}, {t.tail_logmass.shape}"
+                )
+            ids = t.ids
+        else:
+            if not isinstance(t, Sampled):
+                raise ValueError(
+                    f"{where}: the dataset stores sampled targets, got {type(t).__name__}"
+                )
+            if (
+                t.nunique.shape != (P,)
+                or t.ids.shape != t.counts.shape
+                or t.nunique.sum() != len(t.ids)
+            ):
+                raise ValueError(
+                    f"{where}: sampled targets need nunique of shape ({P},) summing to len(ids)"
+                )
+            ids = t.ids
+        if ids.size and (ids.min() < 0 or ids.max() >= self.info.vocab_size):
+            raise ValueError(f"{where}: target ids outside [0, {self.info.vocab_size})")
+
+    def _commit(self, rows: list[Example], seq: int) -> None:
+        data, positions = encode_shard(self.info, rows, self.batch_rows, self.schema)
+        name = shard_name(self.writer_id, seq)
+        self.loc.write_atomic(data, name, tmp_prefix=self._tmp_prefix())
+        entry = ShardEntry(
+            file=name,
+            rows=len(rows),
+            positions=positions,
+            bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+        self.journal.shards.append(entry)
+        self._write_journal()
+
+    def _write_journal(self) -> None:
+        self.loc.write_atomic(self.journal.dumps(), PARTS_DIR, part_name(self.writer_id))
+
+    def _wait(self, raise_errors: bool = True) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            exc = f.exception()
+            if exc is not None and raise_errors:
+                raise exc
+
+    def _raise_background_errors(self) -> None:
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for f in done:
+            exc = f.exception()
+            if exc is not None:
+                raise exc
+
+
+def _is_own(file: str, writer_id: str) -> bool:
+    return file.startswith(f"shard-{writer_id}-")
+
+
+def _seq_of(file: str) -> int:
+    return int(file.rsplit("-", 1)[1].split(".")[0])
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray, typ: pa.DataType) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError("a record batch holds over 2^31 values; lower batch_rows")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=typ))
+
+
+def encode_columns(info: DatasetInfo, rows: list[Example]) -> dict[str, pa.Array]:
+    """Encode examples into the shard's columns (vectorized across all rows)."""
+    tok = info.token_type
+    tok_np = tok.to_pandas_dtype()
+    n_pos = np.array([len(r.response_ids) for r in rows], dtype=np.int64)
+    cols: dict[str, pa.Array] = {
+        "id": pa.array([r.id for r in rows], type=pa.string()),
+        "prompt_ids": _list_array(
+            _concat([np.asarray(r.prompt_ids) for r in rows], tok_np),
+            np.array([len(r.prompt_ids) for r in rows]),
+            tok,
+        ),
+        "response_ids": _list_array(
+            _concat([np.asarray(r.response_ids) for r in rows], tok_np), n_pos, tok
+        ),
+    }
+    spec = info.targets
+    if spec.kind == "topk":
+        k = spec.k
+        ids = _concat([r.targets.ids for r in rows], np.int64).reshape(-1, k)
+        lps = _concat([r.targets.logprobs for r in rows], np.float32).reshape(-1, k)
+        tail = _concat([r.targets.tail_logmass for r in rows], np.float32)
+        ids, lps = sort_by_id(ids, lps)
+        planes = encode_id_planes(ids.reshape(-1), np.full(len(ids), k), info.id_bytes)
+        val_type = pa.from_numpy_dtype(encode_logprobs(np.zeros(0), spec.codec).dtype)
+        for name, plane in zip(id_plane_names("topk", info.id_bytes), planes, strict=True):
+            cols[name] = _list_array(plane, n_pos * k, pa.uint8())
+        cols["topk_logprobs"] = _list_array(
+            encode_logprobs(lps.reshape(-1), spec.codec), n_pos * k, val_type
+        )
+        cols["tail_logmass"] = _list_array(encode_logprobs(tail, spec.codec), n_pos, val_type)
+    else:
+        nunique = _concat([r.targets.nunique for r in rows], np.int64)
+        ids = _concat([r.targets.ids for r in rows], np.int64)
+        counts = _concat([r.targets.counts for r in rows], np.int64)
+        if nunique.size and nunique.max() > spec.n:
+            raise ValueError(
+                f"a position holds {nunique.max()} unique ids but only n={spec.n} draws"
+            )
+        per_row_u = np.array([len(r.targets.ids) for r in rows], dtype=np.int64)
+        order = np.lexsort((ids, np.repeat(np.arange(len(nunique)), nunique)))
+        ids, counts = ids[order], counts[order]
+        planes = encode_id_planes(ids, nunique, info.id_bytes)
+        for name, plane in zip(id_plane_names("sample", info.id_bytes), planes, strict=True):
+            cols[name] = _list_array(plane, per_row_u, pa.uint8())
+        cols["sample_counts"] = _list_array(counts.astype(np.uint8), per_row_u, pa.uint8())
+        cols["sample_nunique"] = _list_array(nunique.astype(np.uint8), n_pos, pa.uint8())
+    return cols
+
+
+def encode_shard(
+    info: DatasetInfo, rows: list[Example], batch_rows: int, schema: pa.Schema | None = None
+) -> tuple[bytes, int]:
+    """Serialize examples as one zstd Arrow IPC file; returns (bytes, positions)."""
+    schema = schema or info.schema()
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_file(sink, schema, options=options) as w:
+        for i in range(0, len(rows), batch_rows):
+            cols = encode_columns(info, rows[i : i + batch_rows])
+            w.write_batch(pa.record_batch([cols[f.name] for f in schema], schema=schema))
+    return sink.getvalue().to_pybytes(), sum(len(r.response_ids) for r in rows)
+
+
+def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    if not arrays:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate([np.asarray(a).reshape(-1) for a in arrays]).astype(dtype, copy=False)
