@@ -190,10 +190,12 @@ class ShardReader:
             )
         meta = self._reader.schema.metadata or {}
         stored = meta.get(f"{META_PREFIX}info".encode())
-        if stored is not None and DatasetInfo.from_json(json.loads(stored), self.where) != info:
+        if stored is not None and not _same_encoding(
+            DatasetInfo.from_json(json.loads(stored), self.where), info
+        ):
             raise ShardError(
                 f"{self.where}: the shard's embedded metadata names another dataset "
-                "(tokenizer, teacher or targets differ from manifest.json)"
+                "(tokenizer or targets differ from manifest.json)"
             )
 
     @property
@@ -222,6 +224,18 @@ class ShardReader:
     def __iter__(self) -> Iterator[DecodedBatch]:
         for i in range(self.num_batches):
             yield self.batch(i)
+
+
+def _same_encoding(a: DatasetInfo, b: DatasetInfo) -> bool:
+    """Whether a shard's own metadata agrees with the manifest on what its ids and values mean.
+
+    The teacher and capture settings may differ: a merged dataset mixes teachers when asked.
+    """
+    return (a.tokenizer_fingerprint, a.vocab_size, a.targets) == (
+        b.tokenizer_fingerprint,
+        b.vocab_size,
+        b.targets,
+    )
 
 
 def _fetch(loc: Location, entry: ShardEntry, cache_dir: str | Path | None, where: str) -> bytes:

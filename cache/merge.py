@@ -1,0 +1,87 @@
+"""Combine logit datasets into one, refusing any whose targets do not mean the same thing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from .errors import IncompatibleError
+from .format import MANIFEST_NAME, shard_name
+from .manifest import Manifest, ShardEntry, check_compatible, load_manifest, merge_extra
+from .reader import ShardReader
+from .storage import Location
+
+
+def merge_datasets(
+    out: str | os.PathLike[str],
+    inputs: list[str | os.PathLike[str]],
+    *,
+    allow_different_teachers: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> Manifest:
+    """Copy every shard of ``inputs`` into ``out`` and write one manifest.
+
+    Compatible means: same tokenizer fingerprint and vocab, same target kind, k or n and codec,
+    same capture temperature, and (unless allowed) the same teacher. Example ids must stay
+    unique across the inputs. Shards are renamed ``shard-d<input>_<writer>-<seq>.arrow``;
+    their bytes, and so their checksums, are unchanged.
+    """
+    if not inputs:
+        raise IncompatibleError("merge: give at least one input dataset")
+    dst = Location(out, storage_options)
+    if dst.exists(MANIFEST_NAME):
+        raise IncompatibleError(f"merge: {dst} already holds a dataset; choose a new output folder")
+    sources = [Location(u, storage_options) for u in inputs]
+    manifests = [load_manifest(loc) for loc in sources]
+    for loc, m in zip(sources[1:], manifests[1:], strict=True):
+        check_compatible(
+            manifests[0].info,
+            m.info,
+            f"merge: {loc} against {sources[0]}",
+            allow_teachers=allow_different_teachers,
+        )
+    _check_unique_ids(sources, manifests)
+    merged = Manifest(info=manifests[0].info)
+    merged.extra["merged_from"] = []
+    dst.makedirs()
+    for d, (loc, m) in enumerate(zip(sources, manifests, strict=True)):
+        for s in m.shards:
+            data = loc.read_bytes(s.file)
+            if hashlib.sha256(data).hexdigest() != s.sha256:
+                raise IncompatibleError(
+                    f"merge: shard {s.file} of {loc} fails its checksum; "
+                    f"run `logitcache verify {loc}` and repair it first"
+                )
+            writer, seq = s.file[len("shard-") : -len(".arrow")].rsplit("-", 1)
+            name = shard_name(f"d{d}_{writer}", int(seq))
+            dst.write_atomic(data, name)
+            merged.shards.append(ShardEntry(name, s.rows, s.positions, s.bytes, s.sha256))
+        merged.extra = merge_extra(
+            merged.extra, {k: v for k, v in m.extra.items() if k != "merged_from"}
+        )
+        merged.extra["merged_from"].append(
+            {
+                "url": str(loc),
+                "teacher": m.info.teacher,
+                "capture": m.info.capture,
+                "examples": m.num_examples,
+            }
+        )
+    dst.write_atomic(merged.dumps(), MANIFEST_NAME)
+    return merged
+
+
+def _check_unique_ids(sources: list[Location], manifests: list[Manifest]) -> None:
+    seen: dict[str, str] = {}
+    for loc, m in zip(sources, manifests, strict=True):
+        for s in m.shards:
+            reader = ShardReader(loc, s, m.info)
+            for i in range(reader.num_batches):
+                for ex_id in reader.record_batch(i).column("id").to_pylist():
+                    if ex_id in seen and seen[ex_id] != str(loc):
+                        raise IncompatibleError(
+                            f"merge: example id {ex_id!r} is in both {seen[ex_id]} and {loc}; "
+                            "ids must be unique in a dataset: recapture one with distinct ids"
+                        )
+                    seen[ex_id] = str(loc)

@@ -1,0 +1,144 @@
+"""The dataset subcommands: verify, inspect, stats, merge, finalize, through the real CLI entry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from logitcache.cache.reader import open_dataset
+from logitcache.cache.writer import DatasetWriter
+from logitcache.tools.cli import main
+
+from ..cache.synth import make_examples, make_info
+
+
+def _dataset(path, kind="topk", prefix="ex", teacher="tiny-teacher", count=12, **kw):
+    info = make_info(kind, teacher=teacher, **kw)
+    with DatasetWriter(path, info, shard_positions=80) as w:
+        for ex in make_examples(info, count, prefix=prefix):
+            w.add(ex)
+    return path
+
+
+def test_verify_ok(tmp_path, capsys):
+    ds = _dataset(tmp_path / "ds")
+    assert main(["verify", str(ds)]) == 0
+    assert "ok: " in capsys.readouterr().out
+
+
+def test_verify_names_each_problem(tmp_path, capsys):
+    ds = _dataset(tmp_path / "ds")
+    shards = sorted(ds.glob("shard-*.arrow"))
+    shards[0].unlink()
+    data = bytearray(shards[1].read_bytes())
+    data[200] ^= 1
+    shards[1].write_bytes(bytes(data))
+    assert main(["verify", str(ds)]) == 1
+    out = capsys.readouterr().out
+    assert f"problem: {shards[0].name}: file: expected present, found missing" in out
+    assert f"problem: {shards[1].name}: sha256: expected " in out
+    assert "FAILED: 2 problem(s)" in out
+
+
+def test_verify_duplicate_ids(tmp_path, capsys):
+    ds = _dataset(tmp_path / "ds")
+    info = make_info("topk")
+    w = DatasetWriter(ds, info, writer_id="again")
+    for ex in make_examples(info, 2):  # same ids as the first writer's
+        w.add(ex)
+    w.close()
+    assert main(["verify", str(ds)]) == 1
+    assert (
+        "shard-w0-000000.arrow: id: expected unique ids, found 'ex0' also in shard-again-000000.arrow"
+        in capsys.readouterr().out
+    )
+
+
+def test_verify_missing_manifest(tmp_path, capsys):
+    assert main(["verify", str(tmp_path)]) == 1
+    assert "manifest.json not found" in capsys.readouterr().out
+
+
+def test_inspect_and_stats(tmp_path, capsys):
+    ds = _dataset(tmp_path / "ds")
+    assert main(["inspect", str(ds), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "targets      top-8 ids + log-probs (u8) + tail mass" in out
+    assert "example 'ex0'" in out
+    plot = tmp_path / "stats.png"
+    assert main(["stats", str(ds), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "top-k mass coverage mean" in out
+    assert plot.stat().st_size > 1000
+
+
+def test_inspect_sampled(tmp_path, capsys):
+    ds = _dataset(tmp_path / "ds", kind="sampled", n=12)
+    assert main(["inspect", str(ds), "-n", "1"]) == 0
+    assert "12 sampled draws per position" in capsys.readouterr().out
+
+
+def test_merge(tmp_path, capsys):
+    a = _dataset(tmp_path / "a", prefix="a")
+    b = _dataset(tmp_path / "b", prefix="b")
+    assert main(["merge", str(tmp_path / "m"), str(a), str(b)]) == 0
+    m = open_dataset(tmp_path / "m", verify=True)
+    assert m.num_examples == 24
+    assert sorted(e.id for e in m.iter_examples()) == sorted(
+        [e.id for e in open_dataset(a).iter_examples()]
+        + [e.id for e in open_dataset(b).iter_examples()]
+    )
+    assert main(["verify", str(tmp_path / "m")]) == 0
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"kind": "sampled"}, r"incompatible: targets .*topk.* vs .*sampled"),
+        ({"codec": "f16"}, r"incompatible: targets .*codec='u8'.* vs .*codec='f16'"),
+        (
+            {"teacher": "other"},
+            r"teacher 'tiny-teacher' vs 'other' \(pass --allow-different-teachers",
+        ),
+        ({"vocab": 2000}, r"vocab_size 1000 vs 2000"),
+    ],
+)
+def test_merge_refuses_incompatible(tmp_path, capsys, kw, match):
+    import re
+
+    a = _dataset(tmp_path / "a", prefix="a")
+    b = _dataset(tmp_path / "b", prefix="b", **kw)
+    assert main(["merge", str(tmp_path / "m"), str(a), str(b)]) == 1
+    assert re.search(match, capsys.readouterr().err)
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_merge_different_teachers_when_asked(tmp_path):
+    a = _dataset(tmp_path / "a", prefix="a")
+    b = _dataset(tmp_path / "b", prefix="b", teacher="other")
+    assert main(["merge", str(tmp_path / "m"), str(a), str(b), "--allow-different-teachers"]) == 0
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert [s["teacher"]["name_or_path"] for s in m["extra"]["merged_from"]] == [
+        "tiny-teacher",
+        "other",
+    ]
+    assert open_dataset(tmp_path / "m", verify=True).num_examples == 24
+
+
+def test_merge_refuses_duplicate_ids(tmp_path, capsys):
+    a = _dataset(tmp_path / "a")
+    b = _dataset(tmp_path / "b")
+    assert main(["merge", str(tmp_path / "m"), str(a), str(b)]) == 1
+    assert "example id 'ex0' is in both" in capsys.readouterr().err
+
+
+def test_finalize_command(tmp_path, capsys):
+    info = make_info("topk")
+    for r in range(2):
+        w = DatasetWriter(tmp_path / "ds", info, writer_id=f"r{r}")
+        for ex in make_examples(info, 3, prefix=f"{r}-"):
+            w.add(ex)
+        w.close(finalize_dataset=False)
+    assert main(["finalize", str(tmp_path / "ds")]) == 0
+    assert "6 examples" in capsys.readouterr().out
+    assert open_dataset(tmp_path / "ds").num_examples == 6

@@ -1,0 +1,128 @@
+"""Dataset statistics: how much teacher mass the stored targets hold, how peaked it is, lengths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from logitcache.cache.reader import LogitDataset
+
+
+@dataclass
+class DatasetStats:
+    """Per-position and per-example arrays over (up to ``max_positions`` of) a dataset."""
+
+    kind: str
+    prompt_lengths: np.ndarray
+    response_lengths: np.ndarray
+    coverage: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """top-k: the teacher mass inside the stored top-k, 1 − tail, per position."""
+    entropy: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """top-k: entropy (nats) of the top-k plus the tail as one bucket, a lower bound on the
+    teacher's full entropy; sampled: entropy of the empirical draw distribution."""
+    target_hit: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    """Whether the response token itself is among the stored ids, per position."""
+    unique: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """Stored ids per position (k for top-k, unique draws for sampled)."""
+
+
+def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetStats:
+    prompt_len, resp_len, cov, ent, hit, uniq = [], [], [], [], [], []
+    seen = 0
+    for b in ds.iter_batches():
+        prompt_len.append(np.diff(b.prompt_offsets))
+        resp_len.append(np.diff(b.response_offsets))
+        if seen < max_positions:
+            if b.topk_ids is not None:
+                assert b.topk_logprobs is not None and b.tail_logmass is not None
+                p = np.exp(np.concatenate([b.topk_logprobs, b.tail_logmass[:, None]], axis=1))
+                cov.append(1.0 - p[:, -1])
+                ent.append(-(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1))
+                hit.append((b.topk_ids == b.response_ids[:, None]).any(axis=1))
+                uniq.append(np.full(len(p), b.topk_ids.shape[1]))
+            else:
+                assert b.sample_offsets is not None and b.sample_ids is not None
+                assert b.sample_counts is not None
+                n_per = np.diff(b.sample_offsets)
+                pos_of = np.repeat(np.arange(len(n_per)), n_per)
+                q = (
+                    b.sample_counts
+                    / np.bincount(pos_of, weights=b.sample_counts, minlength=len(n_per))[pos_of]
+                )
+                ent.append(np.bincount(pos_of, weights=-q * np.log(q), minlength=len(n_per)))
+                hit.append(
+                    np.bincount(
+                        pos_of, weights=b.sample_ids == b.response_ids[pos_of], minlength=len(n_per)
+                    )
+                    > 0
+                )
+                uniq.append(n_per)
+            seen += b.num_positions
+
+    def cat(xs: list[np.ndarray], dtype: type = float) -> np.ndarray:
+        return np.concatenate(xs) if xs else np.zeros(0, dtype)
+
+    return DatasetStats(
+        ds.info.targets.kind,
+        cat(prompt_len, int),
+        cat(resp_len, int),
+        cat(cov),
+        cat(ent),
+        cat(hit, bool),
+        cat(uniq),
+    )
+
+
+def _q(x: np.ndarray) -> str:
+    if x.size == 0:
+        return "n/a"
+    p10, p50, p90 = np.percentile(x, [10, 50, 90])
+    return f"mean {x.mean():.3f}  p10 {p10:.3f}  p50 {p50:.3f}  p90 {p90:.3f}  max {x.max():.3f}"
+
+
+def format_stats(s: DatasetStats) -> str:
+    lines = [
+        f"examples            {len(s.response_lengths)}",
+        f"positions           {int(s.response_lengths.sum())}",
+        f"prompt length       {_q(s.prompt_lengths)}",
+        f"response length     {_q(s.response_lengths)}",
+    ]
+    if s.kind == "topk":
+        lines.append(f"top-k mass coverage {_q(s.coverage)}")
+        lines.append(f"entropy (k + tail)  {_q(s.entropy)}")
+    else:
+        lines.append(f"unique ids/position {_q(s.unique)}")
+        lines.append(f"entropy of draws    {_q(s.entropy)}")
+    if s.target_hit.size:
+        lines.append(f"response token among stored ids: {s.target_hit.mean():.1%} of positions")
+    return "\n".join(lines)
+
+
+def plot_stats(s: DatasetStats, path: str | Path, title: str = "") -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install 'logitcache[plot]'") from e
+    first = (
+        (s.coverage, "top-k mass coverage")
+        if s.kind == "topk"
+        else (s.unique, "unique ids per position")
+    )
+    panels = [
+        first,
+        (s.entropy, "teacher entropy (nats)"),
+        (s.response_lengths, "response length (tokens)"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (data, label) in zip(axes, panels, strict=True):
+        ax.hist(data, bins=50, color="#3b6ea5")
+        ax.set_xlabel(label)
+        ax.set_ylabel("count")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
