@@ -136,8 +136,10 @@ def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
             codes = stored.reshape(-1, spec.k)
             # Renormalize so each position's entries plus tail sum to one.
             with np.errstate(divide="ignore"):
-                log_total = np.log(prob[codes].sum(axis=1) + prob[tail])
-            out.topk_logprobs = logp[codes] - log_total[:, None]
+                # einsum: a row sum over a short axis, several times faster than .sum(axis=1)
+                log_total = np.log(np.einsum("pk->p", prob[codes]) + prob[tail])
+            out.topk_logprobs = logp[codes]
+            out.topk_logprobs -= log_total[:, None]
             out.tail_logmass = logp[tail] - log_total
     else:
         nunique = _flat(batch.column("sample_nunique"))[0].astype(np.int64)

@@ -28,7 +28,7 @@ def _write(path, info, examples, **kw):
 def test_topk_round_trip(tmp_path, codec, vocab):
     info = make_info("topk", k=8, codec=codec, vocab=vocab)
     examples = make_examples(info, 40 if vocab < 10_000 else 12, max_len=20)
-    ds = _write(tmp_path / "ds", info, examples, shard_positions=150, batch_rows=7)
+    ds = _write(tmp_path / "ds", info, examples, shard_positions=40, batch_rows=7)
     assert len(ds.shards) > 1
     got = list(ds.iter_examples())
     assert [g.id for g in got] == [e.id for e in examples]

@@ -1,0 +1,367 @@
+"""Prompt records for capture: read JSONL, JSONL.zst, Parquet or a `datasets` folder into records.
+
+A record is one JSON object (or one table row) that says what the student sees, optionally what
+the teacher sees instead, and optionally the response (docs/CAPTURE.md):
+
+    {"id": "q1", "prompt": "What is 2+2?", "response": "4"}            # text
+    {"id": "q2", "messages": [{"role": "user", "content": "Hi"}]}       # chat
+    {"id": "q3", "prompt": "...", "context": "Answer like a pirate."}   # own teacher-only context
+    {"id": "q4", "teacher": ..., "student": ..., "response": "..."}    # two explicit views
+
+Other fields are ignored, so a table may carry metadata columns. Records are read in a fixed
+order (sources as given, globs sorted, rows in file order) and numbered; capture splits them
+between ranks by that number, so every rank agrees on who owns what without talking.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import fsspec
+
+from .errors import InputError
+
+Messages = list[dict[str, str]]
+"""A chat: ``[{"role": "user", "content": "..."}, ...]``."""
+View = str | Messages
+"""What one side sees: plain text or a chat."""
+OnError = Literal["raise", "skip"]
+
+SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
+SUPPORTED = "*.jsonl, *.jsonl.zst, *.parquet, or a folder saved with datasets' save_to_disk"
+_MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """One validated prompt record."""
+
+    id: str
+    """Unique id, kept in the dataset; resume skips ids already committed."""
+    where: str
+    """Where it came from, for messages: ``file:line`` (JSONL) or ``file row N`` (tables)."""
+    student: View
+    """What the student sees before the response."""
+    teacher: View | None = None
+    """What the teacher sees instead (before any context); None: the same as the student."""
+    context: View | None = None
+    """This record's own teacher-only context, added after the shared ``--context``."""
+    response: str | None = None
+    """The response to score; None in generate mode (the teacher writes it)."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A record left out under ``--on-error skip``, as recorded in the manifest's ``extra``."""
+
+    file: str
+    line: int | None
+    """1-based line of a JSONL file."""
+    row: int | None
+    """0-based row of a Parquet file or `datasets` folder."""
+    reason: str
+
+    def to_json(self) -> dict[str, Any]:
+        loc = {"line": self.line} if self.line is not None else {"row": self.row}
+        return {"file": self.file, **loc, "reason": self.reason}
+
+
+@dataclass
+class PromptSet:
+    """Every record of the sources, each with its global number, and what was skipped."""
+
+    records: list[tuple[int, PromptRecord]]
+    skipped: list[tuple[int, Skipped]] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    total: int = 0
+    """Records read, valid or not (the range of the global numbers)."""
+
+    def part(self, index: int, count: int) -> PromptSet:
+        """The records (and skipped records) that part ``index`` of ``count`` owns."""
+        return PromptSet(
+            records=[(i, r) for i, r in self.records if i % count == index],
+            skipped=[(i, s) for i, s in self.skipped if i % count == index],
+            sources=self.sources,
+            total=self.total,
+        )
+
+
+class _BadRecord(Exception):
+    """A record is malformed; the message is the reason (without the location)."""
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def expand_sources(
+    sources: Sequence[str], storage_options: dict[str, Any] | None = None
+) -> list[str]:
+    """Resolve globs and plain folders into the ordered list of files or `datasets` folders."""
+    out: list[str] = []
+    for src in sources:
+        fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
+        if any(ch in path for ch in "*?["):
+            found = sorted(fs.glob(path))
+            if not found:
+                raise InputError(f"--prompts {src}: the pattern matches no file")
+            out += [_unstrip(fs, src, p) for p in found]
+        elif not fs.exists(path):
+            raise InputError(f"--prompts {src}: no such file or folder")
+        elif fs.isdir(path) and not _is_datasets_folder(fs, path):
+            found = sorted(
+                p for p in fs.find(path) if p.endswith(SUFFIXES) and "/." not in p[len(path) :]
+            )
+            if not found:
+                raise InputError(
+                    f"--prompts {src}: the folder holds no prompt files and is not a datasets "
+                    f"folder; expected {SUPPORTED}"
+                )
+            out += [_unstrip(fs, src, p) for p in found]
+        else:
+            out.append(src)
+    return out
+
+
+def _unstrip(fs: Any, original: str, path: str) -> str:
+    """Give a path found by fsspec its protocol back (``memory://x``), as the user wrote it."""
+    if "://" in original:
+        return fs.unstrip_protocol(path)
+    return path
+
+
+def _is_datasets_folder(fs: Any, path: str) -> bool:
+    return any(fs.exists(posixpath.join(path, n)) for n in ("state.json", "dataset_dict.json"))
+
+
+def iter_raw(
+    source: str, storage_options: dict[str, Any] | None = None
+) -> Iterator[tuple[int | None, int | None, Any]]:
+    """(line, row, object) of every record of one source; object is a _BadRecord when unreadable."""
+    fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
+    if fs.isdir(path):
+        yield from _iter_datasets(source, storage_options)
+    elif path.endswith(".jsonl.zst"):
+        yield from _iter_jsonl(source, fs, path, zstd=True)
+    elif path.endswith(".jsonl"):
+        yield from _iter_jsonl(source, fs, path, zstd=False)
+    elif path.endswith(".parquet"):
+        yield from _iter_parquet(source, fs, path)
+    else:
+        raise InputError(f"--prompts {source}: unknown file type; expected {SUPPORTED}")
+
+
+def _iter_jsonl(
+    source: str, fs: Any, path: str, *, zstd: bool
+) -> Iterator[tuple[int | None, int | None, Any]]:
+    import zstandard
+
+    line_no = 0
+    with fs.open(path, "rb") as raw:
+        # Streamed: a multi-GB .jsonl.zst is never held in memory.
+        stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)) if zstd else raw
+        try:
+            for line_no, line in enumerate(stream, start=1):
+                if not line.strip():
+                    continue  # blank lines are not records
+                try:
+                    yield line_no, None, json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield (
+                        line_no,
+                        None,
+                        _BadRecord(f"not UTF-8 text ({e.reason} at byte {e.start})"),
+                    )
+                except json.JSONDecodeError as e:
+                    yield line_no, None, _BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
+        except zstandard.ZstdError as e:
+            raise InputError(
+                f"{source}: the zstd stream is truncated or corrupt after line {line_no} ({e}); "
+                "recompress the file (zstd FILE.jsonl)"
+            ) from None
+
+
+def _iter_parquet(source: str, fs: Any, path: str) -> Iterator[tuple[int | None, int | None, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{source}: not a readable Parquet file ({e})") from None
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for obj in batch.to_pylist():
+                yield None, row, obj
+                row += 1
+
+
+def _iter_datasets(
+    source: str, storage_options: dict[str, Any] | None
+) -> Iterator[tuple[int | None, int | None, Any]]:
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(
+            f"--prompts {source} is a `datasets` folder, which needs the datasets package: "
+            "pip install 'logitcache[datasets]'"
+        ) from None
+    ds = datasets.load_from_disk(source, storage_options=storage_options)
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if len(splits) != 1:
+            raise InputError(
+                f"--prompts {source} is a DatasetDict with splits {splits}; pass one split's "
+                f"folder, e.g. --prompts {source.rstrip('/')}/{splits[0]}"
+            )
+        ds = ds[splits[0]]
+    for row, obj in enumerate(ds):
+        yield None, row, obj
+
+
+# --------------------------------------------------------------------------- records
+
+
+def _check_messages(value: Any, name: str) -> Messages:
+    if not isinstance(value, list) or not value:
+        raise _BadRecord(
+            f"{name} must be a non-empty list of {{role, content}} objects, got {_show(value)}"
+        )
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise _BadRecord(f"{name}[{i}] must be an object with role and content, got {_show(m)}")
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str):
+                raise _BadRecord(
+                    f"{name}[{i}].{key} must be a string, got {_show(m.get(key))}"
+                    + (" (missing)" if key not in m else "")
+                )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _check_view(value: Any, name: str) -> View:
+    if isinstance(value, str):
+        if not value:
+            raise _BadRecord(f"{name} is an empty string")
+        return value
+    return _check_messages(value, name)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
+
+
+def parse_record(obj: Any, where: str, default_id: str, *, require_response: bool) -> PromptRecord:
+    """Validate one raw record; raises _BadRecord with the reason."""
+    if isinstance(obj, _BadRecord):
+        raise obj
+    if not isinstance(obj, dict):
+        raise _BadRecord(f"a record must be a JSON object, got {_show(obj)}")
+    o = {k: v for k, v in obj.items() if v is not None}  # a table's null cell = absent
+    rid = o.get("id", default_id)
+    if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
+        raise _BadRecord(f"id must be a non-empty string or an integer, got {_show(rid)}")
+    shorthand = [k for k in ("prompt", "messages") if k in o]
+    explicit = [k for k in ("teacher", "student") if k in o]
+    if len(shorthand) > 1 or (shorthand and explicit):
+        raise _BadRecord(
+            f"has {' and '.join(shorthand + explicit)}: give either 'prompt', or 'messages', "
+            "or both 'teacher' and 'student'"
+        )
+    teacher: View | None = None
+    if shorthand == ["prompt"]:
+        if not isinstance(o["prompt"], str):
+            raise _BadRecord(
+                f"prompt must be a string, got {_show(o['prompt'])} (chat goes in 'messages')"
+            )
+        student = _check_view(o["prompt"], "prompt")
+    elif shorthand == ["messages"]:
+        student = _check_messages(o["messages"], "messages")
+    elif len(explicit) == 2:
+        student = _check_view(o["student"], "student")
+        teacher = _check_view(o["teacher"], "teacher")
+    elif explicit:
+        missing = ({"teacher", "student"} - set(explicit)).pop()
+        raise _BadRecord(f"has '{explicit[0]}' but no '{missing}': explicit views need both")
+    else:
+        raise _BadRecord(
+            "missing the prompt: give 'prompt' (text), 'messages' (chat), or 'teacher' and 'student'"
+        )
+    context = _check_view(o["context"], "context") if "context" in o else None
+    response = o.get("response")
+    if response is not None and not isinstance(response, str):
+        raise _BadRecord(f"response must be a string, got {_show(response)}")
+    if require_response and not response:
+        raise _BadRecord(
+            "missing 'response' (score mode teacher-forces a given response); "
+            "add one, or pass --mode generate to let the teacher write it"
+        )
+    if not require_response:
+        response = None  # generate mode: the teacher writes the response
+    return PromptRecord(
+        id=str(rid),
+        where=where,
+        student=student,
+        teacher=teacher,
+        context=context,
+        response=response,
+    )
+
+
+def read_prompts(
+    sources: Sequence[str],
+    *,
+    require_response: bool,
+    on_error: OnError = "raise",
+    storage_options: dict[str, Any] | None = None,
+) -> PromptSet:
+    """Read and validate every record; bad records raise (listing all of them) or are skipped."""
+    files = expand_sources(sources, storage_options)
+    out = PromptSet(records=[], sources=files)
+    seen: dict[str, str] = {}
+    index = 0
+    for source in files:
+        name = posixpath.basename(source.rstrip("/"))
+        for line, row, obj in iter_raw(source, storage_options):
+            where = f"{source}:{line}" if line is not None else f"{source} row {row}"
+            default_id = f"{name}:{line}" if line is not None else f"{name}:row{row}"
+            try:
+                rec = parse_record(obj, where, default_id, require_response=require_response)
+                if rec.id in seen:
+                    raise _BadRecord(
+                        f"id {rec.id!r} is already used at {seen[rec.id]}; ids must be unique"
+                    )
+                seen[rec.id] = where
+                out.records.append((index, rec))
+            except _BadRecord as e:
+                out.skipped.append((index, Skipped(source, line, row, str(e))))
+            index += 1
+    out.total = index
+    if out.skipped and on_error == "raise":
+        listed = "\n".join(
+            f"  {s.file}:{s.line}: {s.reason}"
+            if s.line is not None
+            else f"  {s.file} row {s.row}: {s.reason}"
+            for _, s in out.skipped[:_MAX_LISTED]
+        )
+        more = len(out.skipped) - _MAX_LISTED
+        raise InputError(
+            f"{len(out.skipped)} malformed prompt record(s):\n{listed}"
+            + (f"\n  … and {more} more" if more > 0 else "")
+            + "\nfix them, or pass --on-error skip to leave them out (they are listed in the "
+            "manifest's extra.skipped)"
+        )
+    if not out.records:
+        what = (
+            f"all {out.total} records are malformed (first: {out.skipped[0][1].reason})"
+            if out.skipped
+            else "the files hold no records"
+        )
+        raise InputError(f"--prompts {' '.join(sources)}: empty prompt set: {what}")
+    return out

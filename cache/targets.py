@@ -1,0 +1,145 @@
+"""Teacher logits → stored targets, on the device, from an fp32 log-softmax at temperature T.
+
+Top-k: the k largest log-probs of ``log_softmax(logits / T)`` with their ids, plus the exact
+log of the mass outside them (a log-sum-exp over the rest of the vocabulary, not
+``log(1 - Σ top-k)``, so that k = vocab gives exactly -inf and small tails keep their digits).
+
+Sampled: N draws per position from the same distribution, reduced to unique ids with counts.
+
+Randomness is counter-based: every uniform number is a hash of (seed, example id, position,
+draw). A draw therefore does not depend on batch composition, rank count or resume history,
+so a crashed-and-resumed capture, or one on 2 ranks, stores what a single clean run stores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_M32 = 0xFFFFFFFF
+STREAM_TARGETS = 0x5A17
+"""Salt of the uniforms that draw sampled targets."""
+STREAM_GENERATE = 0x6E47
+"""Salt of the uniforms that sample generated tokens."""
+
+
+# --------------------------------------------------------------------------- counter RNG
+
+
+def _mulmod32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2^32 for x < 2^32 held in int64, without overflowing int64."""
+    lo, hi = x & 0xFFFF, x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (lowbias32), on int64 tensors holding uint32."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mulmod32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mulmod32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def example_keys(ids: list[str], seed: int) -> np.ndarray:
+    """One 32-bit key per example id and seed (int64 array)."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.sha256(f"{seed}\0{i}".encode()).digest()[:4], "little")
+            for i in ids
+        ],
+        dtype=np.int64,
+    )
+
+
+def row_keys(ex_keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+    """Key of each (example, response position) row for one random stream: (R,) int64."""
+    return mix32(mix32(ex_keys ^ stream) ^ mix32(positions + 0x9E3779B9))
+
+
+def uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, n) float32 uniforms in (0, 1), one row per key, column j from counter j."""
+    cols = mix32(torch.arange(1, n + 1, device=keys.device, dtype=torch.int64) * 0x2545F491)
+    h = mix32(keys[:, None] ^ cols[None, :])  # (R, n)
+    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@dataclass
+class TopKTensors:
+    ids: torch.Tensor
+    """(P, k) int32 token ids, most likely first."""
+    logprobs: torch.Tensor
+    """(P, k) float32 log-probs."""
+    tail: torch.Tensor
+    """(P,) float32 log of the mass outside the top k."""
+
+
+@dataclass
+class SampledTensors:
+    ids: torch.Tensor
+    """(U,) int32 unique drawn ids, ascending within each position."""
+    counts: torch.Tensor
+    """(U,) int32 draws of each id."""
+    nunique: torch.Tensor
+    """(P,) int32 unique ids per position."""
+
+
+def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 ``log_softmax(logits / T)`` over the last axis: (P, V)."""
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    return torch.log_softmax(x, dim=-1)
+
+
+def topk_targets(logits: torch.Tensor, k: int, temperature: float) -> TopKTensors:
+    """Top-k ids, log-probs and tail log-mass of (P, V) logits."""
+    logp = log_probs(logits, temperature)  # (P, V)
+    vals, idx = logp.topk(k, dim=-1, sorted=True)  # (P, k)
+    if k == logp.shape[-1]:
+        tail = torch.full(vals.shape[:1], float("-inf"), device=vals.device)
+    else:
+        tail = torch.logsumexp(logp.scatter(-1, idx, float("-inf")), dim=-1)  # (P,)
+    return TopKTensors(idx.to(torch.int32), vals, tail)
+
+
+def sample_ids(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws: for (P, V) log-probs and (P, n) uniforms, (P, n) int64 ids."""
+    cdf = logp.double().exp().cumsum(-1)  # (P, V); fp64 so the last entries stay distinct
+    v = u.double() * cdf[:, -1:]
+    # right=True: the first id whose cumulative mass exceeds v; a zero-mass id is never drawn.
+    return torch.searchsorted(cdf, v, right=True).clamp_(max=logp.shape[-1] - 1)
+
+
+def sampled_targets(
+    logits: torch.Tensor, n: int, temperature: float, keys: torch.Tensor
+) -> SampledTensors:
+    """N draws per row of (P, V) logits from ``log_softmax(logits / T)``, as unique ids + counts.
+
+    ``keys`` (P,) are the rows' counter keys (see :func:`row_keys`).
+    """
+    logp = log_probs(logits, temperature)
+    draws = sample_ids(logp, uniforms(keys, n)).sort(dim=-1).values  # (P, n)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    starts = first.reshape(-1).nonzero().squeeze(1)  # (U,) flat index of each unique id
+    # Every row starts with a "first", so run lengths never cross a row boundary.
+    end = torch.tensor([draws.numel()], device=draws.device)
+    counts = torch.diff(starts, append=end)
+    return SampledTensors(
+        ids=draws.reshape(-1)[starts].to(torch.int32),
+        counts=counts.to(torch.int32),
+        nunique=first.sum(-1).to(torch.int32),
+    )
+
+
+def chunk_rows(vocab_size: int, budget_elements: int = 1 << 27) -> int:
+    """Rows of (rows, V) fp32 work per chunk, so the log-softmax temporaries stay bounded."""
+    return max(1, budget_elements // vocab_size)
