@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from logitcache.cache.codecs import tail_logmass
 from logitcache.cache.format import DatasetInfo, Example, Sampled, TargetSpec, TopK
 from logitcache.cache.reader import open_dataset

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 import numpy as np
+
 from logitcache.cache.reader import LogitDataset, open_dataset
 
 HELP = "describe a dataset's manifest and decode a few examples"

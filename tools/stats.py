@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from logitcache.cache.reader import LogitDataset
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from logitcache.cache.codecs import tail_logmass
 from logitcache.cache.format import DatasetInfo, Example, Sampled, TargetSpec, TopK
 

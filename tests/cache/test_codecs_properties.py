@@ -6,6 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+
 from logitcache.cache.codecs import (
     decode_id_planes,
     decode_id_planes_fixed,

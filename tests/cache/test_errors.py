@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from logitcache.cache.errors import IncompatibleError, ManifestError, ShardError
 from logitcache.cache.manifest import finalize
 from logitcache.cache.reader import open_dataset

@@ -14,6 +14,7 @@ import textwrap
 
 import numpy as np
 import pytest
+
 from logitcache.cache.writer import DatasetWriter
 
 from .synth import make_examples, make_info

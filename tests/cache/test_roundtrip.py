@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from logitcache.cache.codecs import CODECS
 from logitcache.cache.reader import committed_ids, open_dataset
 from logitcache.cache.writer import DatasetWriter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
+
 from logitcache.cache.format import PARTS_DIR
 from logitcache.cache.manifest import finalize
 from logitcache.cache.reader import committed_ids, open_dataset

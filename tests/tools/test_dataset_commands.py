@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.writer import DatasetWriter
 from logitcache.tools.cli import main

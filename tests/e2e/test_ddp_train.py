@@ -1,0 +1,50 @@
+"""`torchrun --nproc-per-node 2` on CPU (gloo): each epoch, every example exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from logitcache.train.trainer import read_metrics
+from tests.train.helpers import capture_dataset
+
+
+def test_two_process_ddp_sees_every_example_once_per_epoch(
+    tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    ds = capture_dataset(tiny_teacher_dir, tmp_path / "ds", count=40, shard_positions=120)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "logitcache.tools.cli", "train",
+        "--data.train", str(ds),
+        "--data.eval", str(ds),
+        "--model.path", str(tiny_student_dir),
+        "--train.output", str(out),
+        "--data.batch_size", "4",
+        "--data.shuffle_buffer", "8",
+        "--train.steps", "7",
+        "--log.example_ids", "true",
+        "--log.progress", "false",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    seen: dict[int, list[str]] = {}
+    for rank in (0, 1):
+        for line in (out / f"examples-rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            seen.setdefault(rec["epoch"], []).extend(rec["ids"])
+    # 40 examples, 2 ranks × 4 per micro-batch: epoch 0 is steps 1-5; steps 6-7 are epoch 1.
+    assert sorted(seen[0]) == sorted(f"ex{i}" for i in range(40))
+    assert len(seen[1]) == len(set(seen[1])) == 2 * 2 * 4
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 8))
+    assert all(r["examples"] == 8 for r in steps)  # both ranks' micro-batches counted
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/kl" in r]
+    assert evals[0]["eval/positions"] == sum(r["positions"] for r in steps[:5])  # whole set, once
+    assert (out / "final" / "config.json").exists()

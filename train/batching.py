@@ -1,0 +1,235 @@
+"""Examples to padded tensors: the student's input and, flattened, its loss positions.
+
+The student reads ``prompt_ids + response_ids`` (its simplified prompt, then the teacher's
+response). Target ``j`` is the teacher's distribution for ``response_ids[j]``, so the student
+logit compared with it is the one at sequence index ``len(prompt) + j - 1``: response token 0
+is predicted from the last prompt token. With an **empty prompt** no logit precedes response
+token 0, so its target is dropped (counted in ``Batch.dropped_targets``); targets 1… are used.
+
+Sequences are right-padded, so a real token never attends to padding. A sequence longer than
+``max_seq_len`` loses the end of its response; a prompt that leaves no room for one response
+token is cut from the left. Batches hold a fixed number of examples or, with a token budget,
+as many as fit in ``rows × longest ≤ max_tokens`` (padding included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from logitcache.cache.format import DatasetInfo, Example, TopK
+from logitcache.train.losses import SampledTargets, TopKTargets
+
+from .stream import StreamItem
+
+
+@dataclass
+class Batch:
+    """One micro-batch: B sequences padded to T, and N loss positions."""
+
+    input_ids: torch.Tensor
+    """(B, T) int64 prompt + response tokens, right-padded with ``pad_id``."""
+    attention_mask: torch.Tensor
+    """(B, T) int64, 1 on real tokens."""
+    positions: torch.Tensor
+    """(N,) int64 flat index ``b * T + t`` of the logit that predicts each target."""
+    labels: torch.Tensor
+    """(N,) int64 the response token at each loss position (for the CE term)."""
+    targets: TopKTargets | SampledTargets
+    """Teacher targets, N rows."""
+    ids: list[str] = field(default_factory=list)
+    """Example ids, in row order."""
+    epoch: int = 0
+    """Epoch the examples belong to (a batch never spans two)."""
+    state: dict[str, int] | None = None
+    """The producing slot's state after this batch: ``{"slot", "epoch", "emitted"}``."""
+    truncated: int = 0
+    """Examples cut to ``max_seq_len``."""
+    dropped_targets: int = 0
+    """Targets without a predicting logit (response token 0 after an empty prompt)."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.positions.numel())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        t = self.targets
+        targets: TopKTargets | SampledTargets
+        if isinstance(t, TopKTargets):
+            targets = TopKTargets(mv(t.ids), mv(t.logprobs), mv(t.tail_logmass))
+        else:
+            targets = SampledTargets(mv(t.ids), mv(t.weights))
+        return Batch(
+            mv(self.input_ids),
+            mv(self.attention_mask),
+            mv(self.positions),
+            mv(self.labels),
+            targets,
+            self.ids,
+            self.epoch,
+            self.state,
+            self.truncated,
+            self.dropped_targets,
+        )
+
+    def pin_memory(self) -> Batch:
+        out = self.to("cpu")
+        for name in ("input_ids", "attention_mask", "positions", "labels"):
+            setattr(out, name, getattr(out, name).pin_memory())
+        t = out.targets
+        if isinstance(t, TopKTargets):
+            out.targets = TopKTargets(
+                t.ids.pin_memory(), t.logprobs.pin_memory(), t.tail_logmass.pin_memory()
+            )
+        else:
+            out.targets = SampledTargets(t.ids.pin_memory(), t.weights.pin_memory())
+        return out
+
+
+def select_rows(
+    targets: TopKTargets | SampledTargets, index: torch.Tensor
+) -> TopKTargets | SampledTargets:
+    """The rows ``index`` (N',) of ``targets``."""
+    if isinstance(targets, TopKTargets):
+        return TopKTargets(targets.ids[index], targets.logprobs[index], targets.tail_logmass[index])
+    return SampledTargets(targets.ids[index], targets.weights[index])
+
+
+def fit_length(prompt_len: int, response_len: int, max_seq_len: int) -> tuple[int, int]:
+    """(prompt, response) lengths kept so that their sum is at most ``max_seq_len``."""
+    if prompt_len + response_len <= max_seq_len:
+        return prompt_len, response_len
+    keep_prompt = min(prompt_len, max_seq_len - min(response_len, 1))
+    return keep_prompt, max_seq_len - keep_prompt
+
+
+def collate(
+    examples: list[Example], info: DatasetInfo, *, max_seq_len: int, pad_id: int = 0
+) -> Batch:
+    """Pad ``examples`` into one :class:`Batch` (see the module docstring for the layout)."""
+    lengths = [fit_length(len(ex.prompt_ids), len(ex.response_ids), max_seq_len) for ex in examples]
+    B, T = len(examples), max([p + r for p, r in lengths] + [1])
+    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.int64)
+    positions, rows = [], []  # rows: (example, first target, last target + 1)
+    truncated = dropped = 0
+    for b, (ex, (L, P)) in enumerate(zip(examples, lengths, strict=True)):
+        truncated += (len(ex.prompt_ids), len(ex.response_ids)) != (L, P)
+        prompt = np.asarray(ex.prompt_ids)[len(ex.prompt_ids) - L :]
+        input_ids[b, :L] = prompt
+        input_ids[b, L : L + P] = np.asarray(ex.response_ids)[:P]
+        mask[b, : L + P] = 1
+        first = 1 if L == 0 else 0  # nothing predicts response token 0 without a prompt
+        dropped += first if P > 0 else 0
+        if first < P:
+            positions.append(b * T + L - 1 + np.arange(first, P))
+            rows.append((ex, first, P))
+    pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    labels = _cat([np.asarray(ex.response_ids)[a:z] for ex, a, z in rows], (0,))
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(mask),
+        positions=torch.from_numpy(pos.astype(np.int64)),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        targets=_targets(rows, info),
+        ids=[ex.id for ex in examples],
+        truncated=int(truncated),
+        dropped_targets=int(dropped),
+    )
+
+
+def _targets(
+    rows: list[tuple[Example, int, int]], info: DatasetInfo
+) -> TopKTargets | SampledTargets:
+    """Stack each row's targets ``[a, z)`` into N flat rows."""
+    spec = info.targets
+    if spec.kind == "topk":
+        k = spec.k
+        tops: list[TopK] = [ex.targets for ex, _, _ in rows]  # type: ignore[misc]
+        spans = [(a, z) for _, a, z in rows]
+        ids = _cat([t.ids[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
+        lps = _cat([t.logprobs[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
+        tail = _cat([t.tail_logmass[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0,))
+        return TopKTargets(
+            torch.from_numpy(ids.astype(np.int64)),  # (N, K)
+            torch.from_numpy(lps.astype(np.float32)),  # (N, K)
+            torch.from_numpy(tail.astype(np.float32)),  # (N,)
+        )
+    # Sampled: position p's unique ids are a run of nunique[p] entries; pad runs to S.
+    ids_l, counts_l, nun_l = [], [], []
+    for ex, a, z in rows:
+        t = ex.targets
+        assert not isinstance(t, TopK)
+        off = np.concatenate([[0], np.cumsum(t.nunique)])
+        ids_l.append(t.ids[off[a] : off[z]])
+        counts_l.append(t.counts[off[a] : off[z]])
+        nun_l.append(t.nunique[a:z])
+    nunique = _cat(nun_l, (0,)).astype(np.int64)
+    n, S = len(nunique), max(int(nunique.max(initial=0)), 1)
+    flat_ids, flat_counts = _cat(ids_l, (0,)), _cat(counts_l, (0,))
+    row = np.repeat(np.arange(n), nunique)
+    col = np.arange(len(flat_ids)) - np.repeat(np.cumsum(nunique) - nunique, nunique)
+    ids = np.zeros((n, S), dtype=np.int64)
+    weights = np.zeros((n, S), dtype=np.float32)
+    ids[row, col] = flat_ids
+    weights[row, col] = flat_counts.astype(np.float32) / spec.n
+    return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))  # (N, S) each
+
+
+def _cat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(empty_shape)
+
+
+@dataclass(frozen=True)
+class Batcher:
+    """Groups a slot's stream of examples into :class:`Batch` es; picklable for workers.
+
+    Exactly one of ``batch_size`` (examples per batch) and ``max_tokens`` (padded tokens per
+    batch) is positive. A batch never spans two epochs, so each epoch ends with a short one.
+    """
+
+    info: DatasetInfo
+    max_seq_len: int
+    batch_size: int = 0
+    max_tokens: int = 0
+    pad_id: int = 0
+
+    def __call__(self, items: Iterator[StreamItem]) -> Iterator[Batch]:
+        group: list[StreamItem] = []
+        longest = 0
+        for item in items:
+            ex = item.example
+            n = sum(fit_length(len(ex.prompt_ids), len(ex.response_ids), self.max_seq_len))
+            if group and self.max_tokens and (len(group) + 1) * max(longest, n) > self.max_tokens:
+                yield self._batch(group)
+                group, longest = [], 0
+            group.append(item)
+            longest = max(longest, n)
+            if item.end_of_epoch or (self.batch_size and len(group) == self.batch_size):
+                yield self._batch(group)
+                group, longest = [], 0
+        if group:
+            yield self._batch(group)
+
+    def _batch(self, group: list[StreamItem]) -> Batch:
+        batch = collate(
+            [it.example for it in group],
+            self.info,
+            max_seq_len=self.max_seq_len,
+            pad_id=self.pad_id,
+        )
+        last = group[-1]
+        # The epoch of the examples (the state after an epoch's last example is the next one's).
+        batch.epoch = last.state.epoch - 1 if last.end_of_epoch else last.state.epoch
+        batch.state = {"slot": last.slot, "epoch": last.state.epoch, "emitted": last.state.emitted}
+        return batch

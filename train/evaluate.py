@@ -1,0 +1,75 @@
+"""Held-out metrics against the stored teacher targets: KL, CE and top-1 agreement.
+
+* ``kl``: forward KL(teacher ‖ student) per response position, from the stored targets as the
+  trainer sees them (top-k: K+1 buckets with the tail mass, or renormalised; sampled: the
+  RS-KD cross-entropy estimate, which is KL plus the teacher's entropy).
+* ``ce``: cross-entropy of the response tokens.
+* ``top1``: how often the student's argmax is the teacher's most likely id (top-k: the
+  highest stored log-prob; sampled: the most drawn id).
+
+All are means over positions, summed across ranks before dividing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .batching import Batch, select_rows
+from .losses import SampledTargets, TopKTargets, ce_loss, kd_loss
+
+HiddenFn = Callable[[Batch], torch.Tensor]
+"""Batch → (N, H) final hidden states at its loss positions."""
+
+
+def teacher_top1(targets: TopKTargets | SampledTargets) -> torch.Tensor:
+    """(N,) the teacher's most likely id per row."""
+    if isinstance(targets, TopKTargets):
+        best = targets.logprobs.argmax(dim=-1, keepdim=True)  # (N, 1)
+    else:
+        best = targets.weights.argmax(dim=-1, keepdim=True)  # (N, 1)
+    return targets.ids.gather(1, best).squeeze(1)
+
+
+@torch.no_grad()
+def evaluate(
+    batches: Iterable[Batch],
+    hidden_fn: HiddenFn,
+    lm_head: torch.nn.Module,
+    *,
+    device: torch.device,
+    tail: str = "bucket",
+    chunk_size: int = 1024,
+    max_batches: int = 0,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> dict[str, float]:
+    """Mean ``kl``, ``ce``, ``top1`` over every loss position of ``batches``."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # kl, ce, top1, positions
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        batch = batch.to(device)
+        hidden = hidden_fn(batch)  # (N, H)
+        for start in range(0, batch.num_positions, chunk_size):
+            rows = torch.arange(start, min(start + chunk_size, batch.num_positions), device=device)
+            logits = lm_head(hidden[rows]).float()  # (n, V)
+            targets = select_rows(batch.targets, rows)
+            mask = torch.ones(len(rows), dtype=torch.bool, device=device)
+            n = len(rows)
+            kl = kd_loss(logits, targets, mask, divergence="forward_kl", tail=tail)  # type: ignore[arg-type]
+            ce = ce_loss(logits, batch.labels[rows], mask)
+            agree = (logits.argmax(dim=-1) == teacher_top1(targets)).sum()
+            sums[0] += kl.double() * n
+            sums[1] += ce.double() * n
+            sums[2] += agree.double()
+            sums[3] += n
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    count = max(float(sums[3]), 1.0)
+    return {
+        "kl": float(sums[0]) / count,
+        "ce": float(sums[1]) / count,
+        "top1": float(sums[2]) / count,
+        "positions": int(sums[3]),
+    }

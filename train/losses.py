@@ -1,0 +1,616 @@
+"""Distillation losses against cached teacher targets, dense and chunked.
+
+The trainer flattens the loss positions of a batch into ``N`` rows; every function here takes
+student logits ``(N, V)`` (or the hidden states and lm_head that produce them), teacher targets
+read from the cache, and an explicit boolean ``mask`` ``(N,)`` of the rows that count. Losses
+are means over masked rows, computed in float32 whatever the input dtype, and an all-masked
+batch gives 0 with a zero (finite) gradient.
+
+Two kinds of cached targets:
+
+* :class:`TopKTargets` - the teacher's top-k ids with their log-probs under the teacher's
+  *full-vocabulary* softmax, plus the log of the mass left outside the top-k. With
+  ``tail="bucket"`` (default) both distributions are compared over ``K + 1`` buckets: the K ids
+  and one "everything else" bucket. With K = V this is exactly the full-vocabulary divergence.
+  ``tail="renorm"`` renormalises the teacher over its top-k and drops the tail (the common,
+  biased form; forward KL only).
+* :class:`SampledTargets` - RS-KD style: ids drawn from the teacher with their empirical
+  frequencies. Only forward KL has an unbiased estimator from samples (see :func:`kd_loss`).
+
+:func:`chunked_distill_loss` takes hidden states and the lm_head instead of logits and runs the
+lm_head matmul chunk by chunk under activation checkpointing, so the ``(N, V)`` logits never
+exist at once; it equals :func:`distill_loss` on ``hidden @ W.T + b`` (value and gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+TailMode = Literal["bucket", "renorm"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
+TAIL_MODES: tuple[str, ...] = ("bucket", "renorm")
+
+# Reverse KL floors the teacher's log-probs at the smallest normal float32. A cached
+# tail_logmass of -inf is usually rounding (the top-k summed to 1 in fp32), and an unfloored
+# log 0 would make KL(q||p) infinite as soon as the student puts any mass outside the top-k.
+_LOG_TINY = math.log(torch.finfo(torch.float32).tiny)
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class TopKTargets:
+    """Teacher top-k log-probs for N loss positions.
+
+    Valid ids in a row must be distinct. Padding entries (rows with fewer than K ids) have
+    ``logprobs == -inf`` and may repeat any id; they contribute nothing.
+    """
+
+    ids: torch.Tensor
+    """(N, K) int64 teacher top-k token ids."""
+    logprobs: torch.Tensor
+    """(N, K) float log-probs under the teacher's full-vocabulary softmax; -inf for padding."""
+    tail_logmass: torch.Tensor
+    """(N,) float log(1 - sum(exp(logprobs))); -inf when the top-k holds all the mass.
+
+    Write it as a logsumexp of the teacher's log-probs outside the top-k: log1p(-sum) cancels
+    catastrophically when the top-k holds nearly all the mass (the bucket losses see it)."""
+
+    def __post_init__(self) -> None:
+        problems = _check_pair("TopKTargets", "ids", self.ids, "logprobs", self.logprobs)
+        if self.tail_logmass.shape != self.ids.shape[:1]:
+            problems.append(
+                f"TopKTargets.tail_logmass has shape {tuple(self.tail_logmass.shape)}, "
+                f"expected ({self.ids.shape[0]},): one value per row of ids"
+            )
+        _raise_if(problems)
+
+
+@dataclass(frozen=True)
+class SampledTargets:
+    """RS-KD targets: unique ids drawn from the teacher, weighted by their draw frequency.
+
+    A row's weights are ``count / n_draws`` and sum to 1; padding entries have weight 0.
+    """
+
+    ids: torch.Tensor
+    """(N, S) int64 sampled token ids, padded."""
+    weights: torch.Tensor
+    """(N, S) float count / n_draws; 0 for padding."""
+
+    def __post_init__(self) -> None:
+        _raise_if(_check_pair("SampledTargets", "ids", self.ids, "weights", self.weights))
+
+
+Targets = TopKTargets | SampledTargets
+
+
+@dataclass(frozen=True)
+class DistillLoss:
+    """Result of :func:`distill_loss`: the loss to backpropagate and its detached parts.
+
+    The parts stay tensors (no ``.item()``) so logging them does not force a device sync.
+    """
+
+    total: torch.Tensor
+    """Scalar ``alpha * kd + (1 - alpha) * ce``, with grad."""
+    kd: torch.Tensor
+    """Scalar distillation term (already times temperature**2), detached."""
+    ce: torch.Tensor
+    """Scalar cross-entropy to the labels, detached."""
+    positions: torch.Tensor
+    """Number of masked positions the means were taken over, detached int64."""
+
+
+# --------------------------------------------------------------------------- public losses
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    targets: Targets,
+    mask: torch.Tensor,
+    *,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: TailMode = "bucket",
+) -> torch.Tensor:
+    """Mean distillation loss over the rows where ``mask`` is True.
+
+    Args:
+        student_logits: (N, V) student logits, any float dtype (upcast to float32).
+        targets: cached teacher targets for the same N rows; used as stored (the teacher
+            temperature is whatever the cache was written with).
+        mask: (N,) bool, True for rows that count.
+        divergence: ``"forward_kl"`` KL(p||q), ``"reverse_kl"`` KL(q||p), or ``"jsd"``, the
+            generalised JSD of GKD (TRL's convention): with m = beta*p + (1-beta)*q,
+            ``beta*KL(p||m) + (1-beta)*KL(q||m)``. The formula vanishes at beta 0 and 1, so
+            like TRL those endpoints are defined as forward KL (beta=0) and reverse KL (beta=1).
+        beta: JSD mixing weight in [0, 1]; ignored by the KL divergences.
+        temperature: the student logits are divided by it and the loss multiplied by its
+            square, keeping gradient magnitudes comparable across temperatures.
+        tail: for :class:`TopKTargets`, ``"bucket"`` compares K+1 buckets (exact for K = V)
+            and ``"renorm"`` uses sum p~ (log p~ - log q) with p~ the teacher renormalised over
+            its top-k and q the student's full softmax (forward KL only). Ignored for samples.
+
+    With :class:`SampledTargets` the forward-KL loss is the RS-KD estimator
+    ``-sum_j w_j log q_j``. Its expectation over the teacher's draws is CE(p, q) =
+    KL(p||q) + H(p): the gradient is an unbiased estimate of the forward-KL gradient, but the
+    value is a cross-entropy, offset by the teacher entropy from top-k KL values.
+
+    Returns:
+        Scalar float32 tensor.
+    """
+    problems = _check_student(student_logits, targets, None, mask)
+    problems += _check_options(targets, divergence, beta, temperature, tail)
+    _raise_if(problems)
+    opts = _Options(divergence, beta, temperature, tail)
+    kd_sum, _ = _distill_sums(_upcast(student_logits), targets, None, mask, opts)
+    return kd_sum / _count(mask)
+
+
+def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``labels`` (N,) int64 over rows where ``mask`` (N,) is True.
+
+    Labels of masked-out rows are never read, so they may hold an ignore value such as -100.
+    """
+    _raise_if(_check_student(student_logits, None, labels, mask))
+    _, ce_sum = _distill_sums(_upcast(student_logits), None, labels, mask, _Options())
+    return ce_sum / _count(mask)
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    targets: Targets,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    alpha: float,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: TailMode = "bucket",
+) -> DistillLoss:
+    """``alpha * kd_loss(...) + (1 - alpha) * ce_loss(...)`` with both parts reported.
+
+    The cross-entropy uses the untempered logits; see :func:`kd_loss` for the other options.
+    """
+    problems = _check_student(student_logits, targets, labels, mask)
+    problems += _check_options(targets, divergence, beta, temperature, tail, alpha=alpha)
+    _raise_if(problems)
+    opts = _Options(divergence, beta, temperature, tail)
+    kd_sum, ce_sum = _distill_sums(_upcast(student_logits), targets, labels, mask, opts)
+    return _combine(kd_sum, ce_sum, mask, alpha)
+
+
+def chunked_distill_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: Targets,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    alpha: float,
+    chunk_size: int = 1024,
+    lm_head_bias: torch.Tensor | None = None,
+    divergence: Divergence = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    tail: TailMode = "bucket",
+) -> DistillLoss:
+    """:func:`distill_loss` on ``hidden @ lm_head_weight.T + lm_head_bias``, in bounded memory.
+
+    Masked-out rows are dropped first (they cost no vocab-sized work), then the kept rows are
+    processed ``chunk_size`` at a time: each chunk runs the lm_head matmul and the loss under
+    activation checkpointing, so only one chunk's ``(chunk_size, V)`` logits and their
+    intermediates are alive at once, in forward and again when backward recomputes them.
+    Sums are divided by the total number of masked rows, so the result equals the dense loss.
+
+    Args:
+        hidden: (N, H) final hidden states of the student at the loss positions.
+        lm_head_weight: (V, H) output projection.
+        chunk_size: rows per chunk; peak memory scales with ``chunk_size * V``.
+        lm_head_bias: optional (V,) output bias.
+        targets, labels, mask, alpha, divergence, beta, temperature, tail: as in
+            :func:`distill_loss`.
+    """
+    problems = _check_lm_head(hidden, lm_head_weight, lm_head_bias, chunk_size)
+    n = hidden.shape[0] if hidden.dim() == 2 else None
+    problems += _check_rows(n, hidden.device, targets, labels, mask)
+    problems += _check_options(targets, divergence, beta, temperature, tail, alpha=alpha)
+    _raise_if(problems)
+    opts = _Options(divergence, beta, temperature, tail)
+
+    keep = mask.nonzero().squeeze(1)  # (M,)
+    hidden_kept = hidden.index_select(0, keep)  # (M, H)
+    targets_kept = _take_rows(targets, keep)
+    labels_kept = labels.index_select(0, keep)  # (M,)
+    sums = hidden.new_zeros(2, dtype=torch.float32)  # (kd_sum, ce_sum)
+    # Run at least one (possibly empty) chunk so an all-masked batch stays in the graph.
+    for start in range(0, max(keep.numel(), 1), chunk_size):
+        rows = slice(start, start + chunk_size)
+        step = partial(
+            _chunk_sums,
+            targets=_take_rows(targets_kept, rows),
+            labels=labels_kept[rows],
+            opts=opts,
+        )
+        if torch.is_grad_enabled():
+            sums = sums + checkpoint(
+                step, hidden_kept[rows], lm_head_weight, lm_head_bias, use_reentrant=False
+            )
+        else:
+            sums = sums + step(hidden_kept[rows], lm_head_weight, lm_head_bias)
+    return _combine(sums[0], sums[1], mask, alpha)
+
+
+# --------------------------------------------------------------------------- row losses
+
+
+@dataclass(frozen=True)
+class _Options:
+    """The loss options, validated, passed down as one value."""
+
+    divergence: Divergence = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    tail: TailMode = "bucket"
+
+
+def _chunk_sums(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    targets: Targets,
+    labels: torch.Tensor,
+    opts: _Options,
+) -> torch.Tensor:
+    """(kd_sum, ce_sum) of one chunk of kept rows; the unit that checkpointing recomputes."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)  # (n, V)
+    rows = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)  # (n,)
+    return torch.stack(_distill_sums(_upcast(logits), targets, labels, rows, opts))  # (2,)
+
+
+def _distill_sums(
+    logits: torch.Tensor,
+    targets: Targets | None,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor,
+    opts: _Options,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over masked rows of the KD term (times T**2) and of the CE term, from fp32
+    ``logits`` (N, V); a term whose targets (or labels) are None is 0.
+
+    Each vocab-sized pass goes through :class:`_StudentLogProbs`, once when the KD and CE
+    terms share a temperature of 1 (the CE label is read as one more column).
+    """
+    kd_sum = ce_sum = logits.new_zeros(())
+    label_ids = None if labels is None else torch.where(mask, labels, 0)[:, None]  # (N, 1)
+    if targets is not None:
+        ids, valid, top = _student_reads(targets, mask, logits.shape[1], opts.tail)
+        shared = label_ids is not None and opts.temperature == 1.0
+        if shared:
+            ids = torch.cat([ids, label_ids], dim=1)  # (N, K + 1)
+        z = logits if opts.temperature == 1.0 else logits / opts.temperature  # (N, V)
+        log_q, log_q_tail = _StudentLogProbs.apply(z, ids, top)  # (N, J), (N,)
+        if shared:
+            log_q, label_log_q = log_q[:, :-1], log_q[:, -1]
+        rows = _kd_rows(log_q, log_q_tail, targets, valid, mask, opts)  # (N,)
+        kd_sum = rows.sum() * opts.temperature**2
+    if label_ids is not None:
+        if targets is None or opts.temperature != 1.0:
+            label_log_q = _StudentLogProbs.apply(logits, label_ids, None)[0][:, 0]  # (N,)
+        ce_sum = -torch.where(mask, label_log_q, 0.0).sum()
+    return kd_sum, ce_sum
+
+
+def _student_reads(
+    targets: Targets, rows: torch.Tensor, vocab: int, tail: TailMode
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Where the student is read: (N, J) ids with padding sent to id 0, (N, J) which entries
+    count, and for bucketed top-k the (N, V) bool set of top-k ids (else None)."""
+    weights = targets.weights if isinstance(targets, SampledTargets) else targets.logprobs
+    valid = (weights > (0.0 if isinstance(targets, SampledTargets) else _NEG_INF)) & rows[:, None]
+    ids = torch.where(valid, targets.ids, 0)  # (N, J)
+    if isinstance(targets, SampledTargets) or tail == "renorm":
+        return ids, valid, None
+    # Padding entries are sent to an extra sink column, which is then cut off.
+    sink = torch.where(valid, targets.ids, vocab)  # (N, K)
+    top = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    return ids, valid, top.scatter_(1, sink, True)[:, :vocab]  # (N, V)
+
+
+def _kd_rows(
+    log_q: torch.Tensor,
+    log_q_tail: torch.Tensor,
+    targets: Targets,
+    valid: torch.Tensor,
+    rows: torch.Tensor,
+    opts: _Options,
+) -> torch.Tensor:
+    """(N,) per-row divergence from the student's log-probs at the target ids (N, J) and of
+    the tail (N,); 0 on rows outside ``rows``."""
+    if isinstance(targets, SampledTargets):
+        w = torch.where(valid, targets.weights.detach().float(), 0.0)  # (N, S)
+        return -(w * log_q).sum(-1)
+    lp = torch.where(valid, targets.logprobs.detach().float(), _NEG_INF)  # (N, K)
+    if opts.tail == "renorm":
+        norm = torch.logsumexp(lp, dim=-1, keepdim=True)  # (N, 1)
+        log_p = lp - torch.where(norm > _NEG_INF, norm, 0.0)  # teacher over its top-k
+        return _kl(log_p, log_q, valid)
+    # K+1 buckets. A row whose top-k lists every vocab id has no tail (log_q_tail = -inf):
+    # its cached tail_logmass is then rounding noise and is ignored.
+    log_p = torch.cat([lp, targets.tail_logmass.detach().float()[:, None]], dim=1)
+    log_q = torch.cat([log_q, log_q_tail[:, None]], dim=1)
+    ok = torch.cat([valid, (rows & (log_q_tail > _NEG_INF))[:, None]], dim=1)
+    return _divergence(log_p, log_q, ok, opts.divergence, opts.beta)  # (N,)
+
+
+class _StudentLogProbs(torch.autograd.Function):
+    """Student log-softmax read at a few ids, and of the ids outside a set, with a
+    hand-written backward.
+
+    forward(z (n, V) fp32, ids (n, J) int64, top (n, V) bool | None) returns log q at ``ids``
+    (n, J) and log q of the tail, the ids where ``top`` is False (n,; -inf when ``top`` is
+    None or all True). ``top`` must only mark ids that appear in ``ids``. The tail is a
+    logsumexp over the ids outside the top-k, not log(1 - sum q), which cancels
+    catastrophically when the top-k holds nearly all the mass.
+
+    Autograd's logsumexp / masked_fill / gather would keep a masked copy of the logits and
+    build the gradient from several vocab-sized pieces; here only ``z`` and ``top`` are saved
+    and the gradient is built in place in one (n, V) buffer, which cut the measured peak of
+    loss + backward (tools/bench_loss.py, dense or per chunk) from 25 to 9 bytes per logit.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        z: torch.Tensor,
+        ids: torch.Tensor,
+        top: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = _logsumexp(z)  # (n,)
+        tail_lse = torch.full_like(lse, _NEG_INF) if top is None else _logsumexp(z, top)
+        ctx.save_for_backward(z, ids, top, lse, tail_lse)
+        return z.gather(1, ids) - lse[:, None], tail_lse - lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_ids: torch.Tensor, grad_tail: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None]:
+        z, ids, top, lse, tail_lse = ctx.saved_tensors
+        # d log q_j / dz = onehot(j) - softmax(z), and d log q_tail / dz = tail_softmax(z) -
+        # softmax(z), where tail_softmax is the softmax over the tail ids alone (0 elsewhere).
+        total = (grad_ids.sum(-1) + grad_tail)[:, None]  # (n, 1) weight of -softmax(z)
+        if top is None:
+            return (z - lse[:, None]).exp_().mul_(-total).scatter_add_(1, ids, grad_ids), None, None
+        # On tail ids softmax = tail_softmax * tail_mass, so one exp shifted by the tail's
+        # logsumexp serves both terms there. It may overflow on top-k ids, which masked_fill_
+        # overwrites; those few entries are then set from the softmax itself.
+        tail_mass = (tail_lse - lse).exp()[:, None]  # (n, 1); 0 for a row without a tail
+        shift = torch.where(tail_lse > _NEG_INF, tail_lse, 0.0)[:, None]  # (n, 1)
+        grad = (z - shift).exp_().masked_fill_(top, 0.0)  # (n, V) tail_softmax
+        grad.mul_(grad_tail[:, None] - total * tail_mass)
+        at_top = top.gather(1, ids)  # (n, J)
+        top_grad = (z.gather(1, ids) - lse[:, None]).exp_().mul_(-total)  # (n, J)
+        grad.scatter_(1, ids, torch.where(at_top, top_grad, grad.gather(1, ids)))
+        return grad.scatter_add_(1, ids, grad_ids), None, None
+
+
+def _logsumexp(z: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) logsumexp of each row of ``z`` (n, V) over the entries where ``exclude`` is not
+    True, with a single (n, V) temporary; -inf for a row with nothing left."""
+    masked = z if exclude is None else z.masked_fill(exclude, _NEG_INF)  # (n, V)
+    peak = masked.amax(dim=-1, keepdim=True)  # (n, 1)
+    peak = torch.where(peak > _NEG_INF, peak, 0.0)  # an empty row sums exp(-inf) = 0
+    shifted = z - peak if exclude is None else masked.sub_(peak)  # (n, V)
+    return shifted.exp_().sum(-1).log_() + peak.squeeze(-1)
+
+
+def _divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, ok: torch.Tensor, divergence: Divergence, beta: float
+) -> torch.Tensor:
+    """(N,) divergence between teacher ``log_p`` and student ``log_q`` over ``ok`` buckets."""
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return _kl(log_p, log_q, ok)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return _kl(log_q, log_p.clamp(min=_LOG_TINY), ok)
+    # Buckets that take no part get a finite stand-in so logaddexp's gradient stays finite.
+    log_p = torch.where(ok, log_p, 0.0)
+    log_q = torch.where(ok, log_q, 0.0)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))  # (N, B)
+    return beta * _kl(log_p, log_m, ok) + (1.0 - beta) * _kl(log_q, log_m, ok)
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """(N,) sum over ``ok`` entries of a * (log a - log b); entries with a = 0 add exactly 0.
+
+    Excluded entries are replaced before the arithmetic, not after, so that neither the value
+    nor the gradient can pick up inf - inf or 0 * inf.
+    """
+    ok = ok & (log_a > _NEG_INF)
+    log_a = torch.where(ok, log_a, 0.0)
+    log_b = torch.where(ok, log_b, 0.0)
+    return torch.where(ok, log_a.exp() * (log_a - log_b), 0.0).sum(-1)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """Number of masked rows, at least 1 so an all-masked batch divides 0 by 1."""
+    return mask.sum().clamp(min=1)
+
+
+def _combine(
+    kd_sum: torch.Tensor, ce_sum: torch.Tensor, mask: torch.Tensor, alpha: float
+) -> DistillLoss:
+    count = _count(mask)
+    kd, ce = kd_sum / count, ce_sum / count
+    total = alpha * kd + (1.0 - alpha) * ce
+    return DistillLoss(total, kd.detach(), ce.detach(), mask.sum().detach())
+
+
+def _take_rows(targets: Targets, index: torch.Tensor | slice) -> Targets:
+    if isinstance(targets, TopKTargets):
+        return TopKTargets(targets.ids[index], targets.logprobs[index], targets.tail_logmass[index])
+    return SampledTargets(targets.ids[index], targets.weights[index])
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _raise_if(problems: list[str]) -> None:
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        raise ValueError(f"{len(problems)} problems:\n  - " + "\n  - ".join(problems))
+
+
+def _check_pair(
+    owner: str, ids_name: str, ids: torch.Tensor, values_name: str, values: torch.Tensor
+) -> list[str]:
+    problems = []
+    if ids.dim() != 2:
+        problems.append(f"{owner}.{ids_name} must be 2-D (N, K), got shape {tuple(ids.shape)}")
+    if ids.dtype != torch.int64:
+        problems.append(f"{owner}.{ids_name} must be int64, got {ids.dtype}; use .long()")
+    if values.shape != ids.shape:
+        problems.append(
+            f"{owner}.{values_name} has shape {tuple(values.shape)} but {ids_name} has "
+            f"{tuple(ids.shape)}; they must match entry for entry"
+        )
+    if not values.is_floating_point():
+        problems.append(f"{owner}.{values_name} must be a float tensor, got {values.dtype}")
+    return problems
+
+
+def _check_student(
+    logits: torch.Tensor, targets: Targets | None, labels: torch.Tensor | None, mask: torch.Tensor
+) -> list[str]:
+    """Every problem with dense-loss inputs: the logits, then the per-row tensors."""
+    problems = _check_logits(logits)
+    n = logits.shape[0] if logits.dim() == 2 else None
+    return problems + _check_rows(n, logits.device, targets, labels, mask)
+
+
+def _check_logits(logits: torch.Tensor) -> list[str]:
+    problems = []
+    if logits.dim() != 2:
+        problems.append(
+            f"student_logits must be 2-D (N, V) with the loss positions flattened, "
+            f"got shape {tuple(logits.shape)}; use logits.flatten(0, -2)"
+        )
+    if not logits.is_floating_point():
+        problems.append(f"student_logits must be a float tensor, got {logits.dtype}")
+    return problems
+
+
+def _check_rows(
+    n: int | None,
+    device: torch.device,
+    targets: Targets | None,
+    labels: torch.Tensor | None,
+    mask: torch.Tensor,
+) -> list[str]:
+    """Per-row inputs against N logit rows on ``device``; ``n=None`` skips the row counts."""
+    problems = []
+    if n is not None and mask.shape != (n,):
+        problems.append(f"mask has shape {tuple(mask.shape)}, expected ({n},): one per row")
+    if mask.dtype != torch.bool:
+        problems.append(f"mask must be torch.bool, got {mask.dtype}; pass mask.bool()")
+    if labels is not None:
+        if n is not None and labels.shape != (n,):
+            problems.append(f"labels has shape {tuple(labels.shape)}, expected ({n},)")
+        if labels.dtype != torch.int64:
+            problems.append(f"labels must be int64, got {labels.dtype}; use .long()")
+    tensors = {"mask": mask, "labels": labels}
+    if isinstance(targets, TopKTargets | SampledTargets):
+        kind = type(targets).__name__
+        if n is not None and targets.ids.shape[0] != n:
+            problems.append(
+                f"{kind} has {targets.ids.shape[0]} rows but the student has {n} (N); "
+                f"select the targets at the same positions as the logits"
+            )
+        tensors[f"{kind}.ids"] = targets.ids
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != device:
+            problems.append(
+                f"{name} is on {tensor.device} but the student is on {device}; move it "
+                f"with .to({str(device)!r})"
+            )
+    return problems
+
+
+def _check_options(
+    targets: Targets,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    tail: str,
+    *,
+    alpha: float | None = None,
+) -> list[str]:
+    if not isinstance(targets, TopKTargets | SampledTargets):
+        raise TypeError(
+            f"targets must be TopKTargets or SampledTargets, got {type(targets).__name__}"
+        )
+    problems = []
+    if divergence not in DIVERGENCES:
+        problems.append(f"divergence={divergence!r} is not one of {', '.join(DIVERGENCES)}")
+    if tail not in TAIL_MODES:
+        problems.append(f"tail={tail!r} is not one of {', '.join(TAIL_MODES)}")
+    if not 0.0 <= beta <= 1.0:
+        problems.append(f"beta={beta} is outside [0, 1]; it is the JSD mixing weight")
+    if not (math.isfinite(temperature) and temperature > 0):
+        problems.append(f"temperature={temperature} must be a positive finite number")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        problems.append(f"alpha={alpha} is outside [0, 1]; total = alpha*kd + (1-alpha)*ce")
+    if isinstance(targets, SampledTargets) and divergence in ("reverse_kl", "jsd"):
+        problems.append(
+            f"divergence={divergence!r} cannot be estimated from SampledTargets: teacher "
+            f"samples only give an unbiased forward-KL (cross-entropy) estimate; use "
+            f"divergence='forward_kl', or cache TopKTargets for reverse_kl/jsd"
+        )
+    if isinstance(targets, TopKTargets) and tail == "renorm" and divergence != "forward_kl":
+        problems.append(
+            f"tail='renorm' is defined for forward_kl only, got divergence={divergence!r}; "
+            f"use tail='bucket'"
+        )
+    return problems
+
+
+def _check_lm_head(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, chunk_size: int
+) -> list[str]:
+    problems = []
+    if hidden.dim() != 2:
+        problems.append(
+            f"hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}; use hidden.flatten(0, -2)"
+        )
+    if weight.dim() != 2:
+        problems.append(f"lm_head_weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    elif hidden.dim() == 2 and weight.shape[1] != hidden.shape[1]:
+        problems.append(
+            f"lm_head_weight has shape {tuple(weight.shape)} but hidden has H="
+            f"{hidden.shape[1]}; pass the (V, H) weight, e.g. model.lm_head.weight"
+        )
+    if bias is not None and weight.dim() == 2 and bias.shape != weight.shape[:1]:
+        problems.append(
+            f"lm_head_bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
+        )
+    if not (isinstance(chunk_size, int) and chunk_size >= 1):
+        problems.append(f"chunk_size={chunk_size!r} must be a positive int")
+    return problems

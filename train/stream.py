@@ -1,0 +1,471 @@
+"""Stream a logit dataset as training batches: deterministic, split across ranks and workers,
+resumable mid-epoch, in bounded memory.
+
+One epoch's order is fixed by ``(seed, epoch)``: the shards are permuted, their rows laid end to
+end, and that sequence cut into ``world_size × num_workers`` contiguous, near-equal *slots*
+(sizes differ by at most one example), so the slots are complete and disjoint and each reads
+about 1/slots of the bytes. Each slot then passes its range through a shuffle buffer of
+``shuffle_buffer`` examples, seeded by ``(seed, epoch, slot)``.
+
+The buffer is shuffled as *indices* (:class:`_Shuffle`), so a slot's position is just
+``(epoch, emitted)``: resuming replays the index arithmetic (no I/O), then reads back only the
+≤ ``shuffle_buffer`` examples that were pending. Examples are copied out of their record batch,
+and at most two shards are held at once (the one being read, the next one fetched in the
+background), so memory does not grow with the dataset.
+
+Shards are read only through :mod:`logitcache.cache.reader`; remote shards can be kept in its
+local ``cache_dir``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from logitcache.cache.errors import InputError
+from logitcache.cache.format import Example, Sampled, TopK
+from logitcache.cache.reader import LogitDataset, ShardReader, open_dataset
+
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- epoch plan
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The order the shards are laid end to end in ``epoch``."""
+    if not shuffle:
+        return list(range(num_shards))
+    return [int(i) for i in np.random.default_rng([seed, epoch, 0]).permutation(num_shards)]
+
+
+def slot_range(num_examples: int, slot: int, num_slots: int) -> tuple[int, int]:
+    """The contiguous range ``[lo, hi)`` of the epoch's sequence that ``slot`` reads."""
+    return num_examples * slot // num_slots, num_examples * (slot + 1) // num_slots
+
+
+def slot_segments(
+    shard_rows: list[int], order: list[int], slot: int, num_slots: int
+) -> list[tuple[int, int, int]]:
+    """``(shard, row_lo, row_hi)`` pieces of shards, in order, that make up ``slot``'s range."""
+    lo, hi = slot_range(sum(shard_rows), slot, num_slots)
+    out, start = [], 0
+    for shard in order:
+        end = start + shard_rows[shard]
+        a, b = max(lo, start), min(hi, end)
+        if a < b:
+            out.append((shard, a - start, b - start))
+        start = end
+    return out
+
+
+class _Shuffle:
+    """The order in which a buffer of ``size`` emits source items ``0 … n-1``.
+
+    The buffer first fills with ``size`` items; then each step emits a uniformly chosen
+    buffered item and reads the next source item into its place; at the end it drains in
+    random order. So item ``t`` of the output has source index ``< size + t`` and at most
+    ``size`` items are ever pending. ``size ≤ 1`` keeps the source order.
+    """
+
+    def __init__(self, n: int, size: int, seed: list[int]):
+        self.n, self.size = n, max(size, 1)
+        self.rng = np.random.default_rng(seed)
+        self.read = 0
+        """Source items read into the buffer so far."""
+        self.pending: list[int] = []
+        self.emitted = 0
+        self._draws = np.empty(0)
+        self._next_draw = 0
+
+    def fill(self) -> list[int]:
+        """Read source items until the buffer is full; returns the newly read ones."""
+        new = list(range(self.read, min(self.n, self.read + self.size - len(self.pending))))
+        self.pending += new
+        self.read += len(new)
+        return new
+
+    def emit(self) -> int | None:
+        """The next item of the output (the caller refills afterwards), or None at the end."""
+        if not self.pending:
+            return None
+        j = self._draw(len(self.pending)) if self.size > 1 else 0
+        item = self.pending[j]
+        if self.size > 1:
+            self.pending[j] = self.pending[-1]
+            self.pending.pop()
+        else:
+            self.pending.pop(0)
+        self.emitted += 1
+        return item
+
+    def _draw(self, m: int) -> int:
+        # Uniforms are drawn in blocks (one numpy call per 4096 steps); the sequence is the
+        # same whether the steps are replayed or run for real.
+        if self._next_draw == len(self._draws):
+            self._draws, self._next_draw = self.rng.random(4096), 0
+        u = self._draws[self._next_draw]
+        self._next_draw += 1
+        return min(int(u * m), m - 1)
+
+
+# --------------------------------------------------------------------------- reading rows
+
+
+def _copy_example(ex: Example) -> Example:
+    """A standalone copy, so a buffered example does not keep its whole record batch alive."""
+    t = ex.targets
+    targets: TopK | Sampled
+    if isinstance(t, TopK):
+        targets = TopK(t.ids.copy(), t.logprobs.copy(), t.tail_logmass.copy())
+    else:
+        targets = Sampled(t.ids.copy(), t.counts.copy(), t.nunique.copy())
+    return Example(ex.id, ex.prompt_ids.copy(), ex.response_ids.copy(), targets)
+
+
+class _OpenShard:
+    """One shard's bytes, the row offset of each record batch, and the last decoded batch."""
+
+    def __init__(self, reader: ShardReader):
+        self.reader = reader
+        rows = [reader.record_batch(i).num_rows for i in range(reader.num_batches)]
+        self.starts = np.concatenate([[0], np.cumsum(rows)]).tolist()
+        self._batch_index = -1
+        self._batch: Any = None
+
+    def example(self, row: int) -> Example:
+        b = bisect.bisect_right(self.starts, row) - 1
+        if b != self._batch_index:
+            self._batch, self._batch_index = self.reader.batch(b), b
+        return _copy_example(self._batch.example(row - self.starts[b]))
+
+
+class _SlotSource:
+    """Random access to one slot's range by its position ``0 … n-1``; fastest in order.
+
+    While a shard is read, the next one is fetched in a background thread, so remote storage
+    and the checksum overlap with decoding and training.
+    """
+
+    def __init__(self, ds: LogitDataset, segments: list[tuple[int, int, int]]):
+        self.ds = ds
+        self.segments = segments
+        self.starts = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi in segments])])
+        self.n = int(self.starts[-1])
+        self._open: tuple[int, _OpenShard] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._ahead: tuple[int, Future[ShardReader]] | None = None
+
+    def get(self, pos: int) -> Example:
+        seg = int(np.searchsorted(self.starts, pos, side="right")) - 1
+        shard, lo, _ = self.segments[seg]
+        if self._open is None or self._open[0] != shard:
+            self._open = (shard, _OpenShard(self._reader(shard)))
+            self._read_ahead(seg + 1)
+        return self._open[1].example(lo + pos - int(self.starts[seg]))
+
+    def _reader(self, shard: int) -> ShardReader:
+        if self._ahead is not None and self._ahead[0] == shard:
+            reader = self._ahead[1].result()
+            self._ahead = None
+            return reader
+        return self.ds.shard(shard)
+
+    def _read_ahead(self, seg: int) -> None:
+        if seg >= len(self.segments):
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="logitcache-read-ahead")
+        shard = self.segments[seg][0]
+        self._ahead = (shard, self._pool.submit(self.ds.shard, shard))
+
+    def close(self) -> None:
+        self._open = self._ahead = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+# --------------------------------------------------------------------------- the stream
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """Where one slot stands: its epoch and how many of that epoch's examples it emitted."""
+
+    epoch: int
+    emitted: int
+
+
+@dataclass
+class StreamItem:
+    """One example as the stream emits it, and the slot's state right after emitting it."""
+
+    example: Example
+    slot: int
+    state: SlotState
+    end_of_epoch: bool
+    """True for the slot's last example of the epoch."""
+
+
+class LogitStream(IterableDataset):
+    """A logit dataset as an iterable of batches (or, via :meth:`items`, of examples).
+
+    Each DataLoader worker of each rank is one slot; see the module docstring for the order.
+    ``make_batches`` turns the slot's stream of :class:`StreamItem` into batches (see
+    :mod:`logitcache.train.batching`); without it the stream yields the items themselves.
+    With ``epochs=None`` it runs forever, each slot moving to the next epoch on its own.
+    """
+
+    def __init__(
+        self,
+        url: str | os.PathLike[str],
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1024,
+        epochs: int | None = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        verify: bool = False,
+        cache_dir: str | Path | None = None,
+        storage_options: dict[str, Any] | None = None,
+        make_batches: Callable[[Iterator[StreamItem]], Iterator[Any]] | None = None,
+    ):
+        self.url = os.fspath(url)
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.epochs, self.rank, self.world_size = epochs, rank, world_size
+        self.open_kwargs = dict(verify=verify, cache_dir=cache_dir, storage_options=storage_options)
+        self.make_batches = make_batches
+        self.dataset = open_dataset(self.url, **self.open_kwargs)
+        self.shard_rows = [s.rows for s in self.dataset.shards]
+        self.start: dict[int, SlotState] = {}
+        """Per-slot resume states, set by :class:`StreamLoader`.load_state_dict."""
+        self.rotation = 0
+        """Worker ``w`` plays slot ``(w + rotation) % num_workers``: after a resume the
+        DataLoader's first worker must be the one whose batch was due next."""
+        self.peak_pending = 0
+        """Most examples ever held in the shuffle buffer (in this process)."""
+
+    @property
+    def num_examples(self) -> int:
+        return sum(self.shard_rows)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to DataLoader workers: each reopens the dataset (a few KB of manifest).
+        state = self.__dict__.copy()
+        state["dataset"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.dataset = open_dataset(self.url, **self.open_kwargs)
+
+    def slot_of_worker(self) -> tuple[int, int]:
+        """(this process's slot, number of slots), from the DataLoader worker info."""
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        return self.rank * workers + (worker + self.rotation) % workers, self.world_size * workers
+
+    def items(self, slot: int | None = None, num_slots: int | None = None) -> Iterator[StreamItem]:
+        """This slot's examples, epoch after epoch, from its resume state on."""
+        if slot is None or num_slots is None:
+            slot, num_slots = self.slot_of_worker()
+        lo, hi = slot_range(self.num_examples, slot, num_slots)
+        if lo == hi and self.epochs is None:
+            raise InputError(
+                f"{self.url}: {self.num_examples} examples cannot feed {num_slots} readers "
+                "(ranks × data.num_workers) forever: one would never yield; use fewer "
+                "data.num_workers or ranks, or a larger dataset"
+            )
+        state = self.start.get(slot, SlotState(0, 0))
+        epoch, skip = state.epoch, state.emitted
+        while self.epochs is None or epoch < self.epochs:
+            yield from self._epoch_items(slot, num_slots, epoch, skip)
+            epoch, skip = epoch + 1, 0
+
+    def _epoch_items(
+        self, slot: int, num_slots: int, epoch: int, skip: int
+    ) -> Iterator[StreamItem]:
+        order = shard_order(len(self.shard_rows), self.seed, epoch, self.shuffle)
+        source = _SlotSource(self.dataset, slot_segments(self.shard_rows, order, slot, num_slots))
+        size = self.shuffle_buffer if self.shuffle else 1
+        plan = _Shuffle(source.n, size, [self.seed, epoch, 1, slot])
+        # Replay the first `skip` steps as index arithmetic only, then read what is pending.
+        plan.fill()
+        for _ in range(skip):
+            if plan.emit() is None:
+                break
+            plan.fill()
+        held = {p: source.get(p) for p in sorted(plan.pending)}
+        try:
+            while True:
+                self.peak_pending = max(self.peak_pending, len(held))
+                pos = plan.emit()
+                if pos is None:
+                    return
+                ex = held.pop(pos)
+                for p in plan.fill():
+                    held[p] = source.get(p)
+                end = plan.emitted == source.n
+                state = SlotState(epoch + 1, 0) if end else SlotState(epoch, plan.emitted)
+                yield StreamItem(ex, slot, state, end)
+        finally:
+            source.close()
+
+    def __iter__(self) -> Iterator[Any]:
+        items = self.items()
+        return items if self.make_batches is None else self.make_batches(items)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _Prefetch:
+    """Run an iterator in a background thread, ``depth`` items ahead (for num_workers=0)."""
+
+    _DONE = object()
+
+    def __init__(self, it: Iterator[Any], depth: int):
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self._thread.start()
+
+    def _run(self, it: Iterator[Any]) -> None:
+        try:
+            for x in it:
+                if not self._put(x):
+                    return
+            self._put(self._DONE)
+        except BaseException as e:  # re-raised in the consumer
+            self._put(e)
+
+    def _put(self, x: Any) -> bool:
+        """Queue ``x`` unless the consumer has gone; False when it has."""
+        while not self._stop.is_set():
+            try:
+                self._q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            x = self._q.get()
+            if x is self._DONE:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class StreamLoader:
+    """Batches of a :class:`LogitStream` through DataLoader workers (or a prefetch thread),
+    tracking what was *consumed* so that :meth:`state_dict` resumes exactly there.
+
+    Every batch carries its slot's state after it (``batch.state``); workers run ahead, but
+    only the states of batches handed to the trainer are recorded.
+    """
+
+    def __init__(
+        self,
+        stream: LogitStream,
+        *,
+        num_workers: int = 0,
+        prefetch: int = 4,
+        pin_memory: bool = False,
+    ):
+        self.stream = stream
+        self.num_workers = num_workers
+        self.prefetch = prefetch
+        self.pin_memory = pin_memory
+        self.slots: dict[int, SlotState] = dict(stream.start)
+        self.consumed = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.stream.world_size * max(self.num_workers, 1)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.stream.rotation = self.consumed % max(self.num_workers, 1)
+        self.stream.start = dict(self.slots)
+        prefetcher: _Prefetch | None = None
+        if self.num_workers > 0:
+            loader: Any = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=max(self.prefetch // self.num_workers, 1),
+                pin_memory=self.pin_memory,
+                persistent_workers=False,
+            )
+        else:
+            prefetcher = loader = _Prefetch(iter(self.stream), self.prefetch)
+        try:
+            for batch in loader:
+                state = batch.state
+                self.slots[state["slot"]] = SlotState(state["epoch"], state["emitted"])
+                self.consumed += 1
+                if self.pin_memory and self.num_workers == 0:
+                    batch = batch.pin_memory()
+                yield batch
+        finally:
+            if prefetcher is not None:
+                prefetcher.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able position of this rank's slots, for a checkpoint."""
+        s = self.stream
+        return {
+            "version": STATE_VERSION,
+            "seed": s.seed,
+            "shuffle": s.shuffle,
+            "shuffle_buffer": s.shuffle_buffer,
+            "num_examples": s.num_examples,
+            "num_slots": self.num_slots,
+            "slots": {str(k): [v.epoch, v.emitted] for k, v in sorted(self.slots.items())},
+            "consumed": self.consumed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``. It may hold every rank's slots (each rank reads its own);
+        ``consumed``, the batches taken per rank, fixes which worker's batch is due next."""
+        s = self.stream
+        problems = []
+        mine = {
+            "seed": s.seed,
+            "shuffle": s.shuffle,
+            "shuffle_buffer": s.shuffle_buffer,
+            "num_examples": s.num_examples,
+            "num_slots": self.num_slots,
+        }
+        if state.get("version") != STATE_VERSION:
+            problems.append(f"stream state version {state.get('version')!r} (expected 1)")
+        for key, value in mine.items():
+            if state.get(key) != value:
+                problems.append(f"{key} was {state.get(key)!r} and is now {value!r}")
+        if problems:
+            raise InputError(
+                "cannot resume the data stream exactly: "
+                + "; ".join(problems)
+                + ". Resume with the same dataset, seed, shuffle buffer, number of ranks and "
+                "data.num_workers as the checkpointed run (or start a new run)"
+            )
+        self.slots = {int(k): SlotState(int(e), int(n)) for k, (e, n) in state["slots"].items()}
+        self.consumed = int(state["consumed"])

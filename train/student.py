@@ -1,0 +1,206 @@
+"""The student side of training: processes, tokenizer check, model, and the loss module.
+
+Everything here can refuse a run before a single step: a tokenizer whose fingerprint differs
+from the dataset's, a student whose lm_head does not cover the teacher's vocabulary, or one
+whose logits are not ``lm_head(hidden)`` (soft-capping, scaling), which the chunked loss assumes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from logitcache.cache.errors import IncompatibleError, InputError
+from logitcache.cache.format import DatasetInfo
+from logitcache.cache.tokenizer import tokenizer_fingerprint
+
+from .batching import Batch
+from .config import Config
+from .losses import SampledTargets, TopKTargets, chunked_distill_loss
+
+# Set on a student's config when its logits are not just `hidden @ lm_head.T (+ bias)`.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool = False
+    """True when :func:`setup_dist` created the process group (and so must destroy it)."""
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def setup_dist(cfg: Config) -> Dist:
+    """Read torchrun's environment; init the process group when there are several ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise InputError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
+    cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    owns = world > 1 and not torch.distributed.is_initialized()
+    if owns:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, device, owns)
+
+
+def load_tokenizer(cfg: Config) -> Any:
+    from transformers import AutoTokenizer
+
+    path = cfg.model.tokenizer or cfg.model.path
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"{key}={path!r}: no tokenizer could be loaded ({e}); point model.tokenizer at the "
+            "student's tokenizer folder"
+        ) from None
+
+
+def check_fingerprint(info: DatasetInfo, tokenizer: Any, dataset: str, tokenizer_path: str) -> None:
+    """Refuse a student whose token ids mean something else than the teacher's."""
+    found = tokenizer_fingerprint(tokenizer)
+    if found != info.tokenizer_fingerprint:
+        raise IncompatibleError(
+            f"tokenizer mismatch: the dataset {dataset} was captured with tokenizer "
+            f"{info.tokenizer_fingerprint}, but the student's tokenizer ({tokenizer_path}) is "
+            f"{found}. Token ids would mean different things; train a student that shares the "
+            "teacher's tokenizer (or point model.tokenizer at it)"
+        )
+
+
+def load_student(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    m = cfg.model
+    try:
+        if m.path is not None:
+            model = AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32)
+        else:
+            config = AutoConfig.from_pretrained(m.config)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.train.seed)
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        key, value = ("model.path", m.path) if m.path is not None else ("model.config", m.config)
+        raise InputError(f"{key}={value!r}: cannot build the student ({e})") from None
+    problems = []
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        problems.append("the student has no output embeddings (lm_head) to distil into")
+    elif head.weight.shape[0] < info.vocab_size:
+        problems.append(
+            f"the student's lm_head has {head.weight.shape[0]} rows but the dataset's vocab is "
+            f"{info.vocab_size}; the student must cover every teacher id"
+        )
+    for attr in _LOGIT_TRANSFORMS:
+        value = getattr(model.config, attr, None)
+        if value not in (None, 1, 1.0):
+            problems.append(
+                f"the student's config sets {attr}={value}: its logits are not lm_head(hidden), "
+                "which the chunked loss assumes; this architecture is not supported yet"
+            )
+    if problems:
+        where = m.path or m.config
+        raise InputError(f"student {where}: " + "; ".join(problems))
+    model.config.use_cache = False
+    if m.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+class DistillStudent(torch.nn.Module):
+    """The student plus the loss, as one module so DDP sees every parameter use in forward."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, kind: str):
+        super().__init__()
+        self.model = model
+        self.loss = cfg.loss
+        self.kind = kind
+
+    def hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        """(N, H) final hidden states (after the last norm) at the loss positions."""
+        out = self.model.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        )
+        return out.last_hidden_state.flatten(0, 1).index_select(0, positions)  # (N, H)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor,  # (B, T)
+        positions: torch.Tensor,  # (N,)
+        labels: torch.Tensor,  # (N,)
+        *target_tensors: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        targets = (
+            TopKTargets(*target_tensors) if self.kind == "topk" else SampledTargets(*target_tensors)
+        )
+        hidden = self.hidden(input_ids, attention_mask, positions)
+        head = self.model.get_output_embeddings()
+        lo = self.loss
+        out = chunked_distill_loss(
+            hidden,
+            head.weight,
+            targets,
+            labels,
+            torch.ones_like(labels, dtype=torch.bool),
+            alpha=lo.alpha,
+            chunk_size=lo.chunk_size,
+            lm_head_bias=getattr(head, "bias", None),
+            divergence=lo.divergence,
+            beta=lo.beta,
+            temperature=lo.temperature,
+            tail=lo.tail,
+        )
+        return out.total, out.kd, out.ce
+
+
+def target_tensors(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """The batch's targets as the positional tensors :class:`DistillStudent` takes."""
+    t = batch.targets
+    if isinstance(t, TopKTargets):
+        return t.ids, t.logprobs, t.tail_logmass
+    return t.ids, t.weights

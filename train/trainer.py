@@ -1,0 +1,414 @@
+"""`logitcache train`: distil a student from a logit dataset, in one explicit loop.
+
+The teacher is never loaded: its targets come from the dataset. Each step takes
+``grad_accum`` micro-batches per rank, runs the student's decoder to its final hidden states,
+keeps the loss positions only, and applies :func:`chunked_distill_loss` with the student's
+lm_head inside, so ``(B, T, V)`` logits never exist. The loss is a mean over every loss
+position of the step (all micro-batches, all ranks), whatever their sizes.
+
+Run with ``torchrun --nproc-per-node N`` for DDP (gloo on CPU, nccl on GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitcache.cache.errors import IncompatibleError, InputError
+from logitcache.cache.format import DatasetInfo
+
+from .batching import Batch, Batcher
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config
+from .evaluate import evaluate
+from .stream import LogitStream, StreamLoader
+from .student import (
+    Dist,
+    DistillStudent,
+    check_fingerprint,
+    load_student,
+    load_tokenizer,
+    setup_dist,
+    target_tensors,
+)
+
+METRICS_NAME = "metrics.jsonl"
+CONFIG_NAME = "resolved_config.yaml"
+FINAL_NAME = "final"
+
+RESUMABLE_CHANGES = {
+    "train.stop_after",
+    "data.prefetch",
+    "data.cache_dir",
+    "data.verify",
+    "log.progress",
+    "log.plot",
+    "log.eval_every",
+    "log.eval_batches",
+    "log.checkpoint_every",
+    "log.keep_checkpoints",
+}
+"""Config keys that may differ on --resume without changing the run's numbers."""
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def lr_at(step: int, cfg: Config, total: int) -> float:
+    """Linear warmup to optim.lr, then cosine decay to optim.lr × optim.min_lr_ratio."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * cosine)
+
+
+def total_steps(cfg: Config, num_examples: int, world: int) -> int:
+    if cfg.train.steps:
+        return cfg.train.steps
+    per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
+    return max(1, math.ceil(cfg.train.epochs * num_examples / per_step))
+
+
+def make_loader(
+    cfg: Config, url: str, info: DatasetInfo, dist: Dist, *, train: bool, pad_id: int
+) -> StreamLoader:
+    d = cfg.data
+    batcher = Batcher(
+        info, d.max_seq_len, batch_size=d.batch_size, max_tokens=d.max_tokens, pad_id=pad_id
+    )
+    stream = LogitStream(
+        url,
+        seed=cfg.train.seed,
+        shuffle=train,
+        shuffle_buffer=d.shuffle_buffer,
+        epochs=None if train else 1,
+        rank=dist.rank,
+        world_size=dist.world,
+        verify=d.verify,
+        cache_dir=d.cache_dir,
+        make_batches=batcher,
+    )
+    return StreamLoader(
+        stream,
+        num_workers=d.num_workers if train else 0,
+        prefetch=d.prefetch,
+        pin_memory=dist.device.type == "cuda",
+    )
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop records after ``step``: an interrupted run logged steps its resume will redo."""
+    if not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _check_resumable(saved: dict[str, Any], cfg: Config, where: Path) -> None:
+    now = cfg.to_dict()
+    changed = [
+        f"{s}.{k}: {saved.get(s, {}).get(k)!r} → {v!r}"
+        for s, fields_ in now.items()
+        for k, v in fields_.items()
+        if f"{s}.{k}" not in RESUMABLE_CHANGES and saved.get(s, {}).get(k) != v
+    ]
+    if changed:
+        raise InputError(
+            f"--resume: the config differs from the checkpoint's ({where}) in "
+            + "; ".join(changed)
+            + ". Resume with the original config (only logging, eval and checkpoint settings "
+            "and train.stop_after may change), or start a new run in another train.output"
+        )
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) training; returns a summary. See the module docstring."""
+    import yaml
+    from tqdm.auto import tqdm
+
+    from logitcache.cache.reader import open_dataset
+
+    dist = setup_dist(cfg)
+    out = Path(cfg.train.output)
+    metrics_path = out / METRICS_NAME
+    ids_path = out / f"examples-rank{dist.rank}.jsonl"
+    ckpt = latest_checkpoint(out) if resume else None
+    if resume and ckpt is None:
+        raise InputError(
+            f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start, or "
+            "point train.output at the interrupted run"
+        )
+    if not resume and (metrics_path.exists() or (out / "checkpoints").exists()):
+        raise InputError(
+            f"train.output={str(out)!r} already holds a run; pass --resume to continue it, or "
+            "choose another train.output (or delete the folder)"
+        )
+
+    # Everything that can be refused is refused before the student is built.
+    train_ds = open_dataset(cfg.data.train, verify=False, cache_dir=cfg.data.cache_dir)
+    info = train_ds.info
+    tokenizer = load_tokenizer(cfg)
+    tok_path = cfg.model.tokenizer or cfg.model.path or ""
+    check_fingerprint(info, tokenizer, cfg.data.train, tok_path)
+    if cfg.data.eval is not None:
+        eval_info = open_dataset(cfg.data.eval).info
+        check_fingerprint(eval_info, tokenizer, cfg.data.eval, tok_path)
+        if eval_info.targets.kind != info.targets.kind:
+            raise IncompatibleError(
+                f"data.eval={cfg.data.eval!r} holds {eval_info.targets.kind} targets but "
+                f"data.train holds {info.targets.kind}; evaluate on a dataset captured the same way"
+            )
+    if info.targets.kind == "sampled" and cfg.loss.divergence != "forward_kl":
+        raise InputError(
+            f"loss.divergence={cfg.loss.divergence} cannot be estimated from sampled targets "
+            f"({cfg.data.train}); use loss.divergence=forward_kl or a top-k dataset"
+        )
+    readers = dist.world * max(cfg.data.num_workers, 1)
+    if train_ds.num_examples < readers:
+        raise InputError(
+            f"data.train={cfg.data.train!r} holds {train_ds.num_examples} examples, fewer than "
+            f"the {readers} readers (ranks × data.num_workers); lower data.num_workers"
+        )
+    steps = total_steps(cfg, train_ds.num_examples, dist.world)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    model = load_student(cfg, info).to(dist.device)
+    module: torch.nn.Module = DistillStudent(model, cfg, info.targets.kind)
+    student = module
+    if dist.world > 1:
+        module = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": o.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        foreach=dist.device.type == "cuda",
+    )
+    loader = make_loader(cfg, cfg.data.train, info, dist, train=True, pad_id=pad_id)
+    step = 0
+    if ckpt is not None:
+        _check_resumable(yaml.safe_load((ckpt / CONFIG_NAME).read_text()), cfg, ckpt)
+        state, rng = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        step = int(state["step"])
+        loader.load_state_dict(state["stream"])
+        torch.set_rng_state(rng[f"cpu.rank{dist.rank}"])
+        if dist.device.type == "cuda" and f"cuda.rank{dist.rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda.rank{dist.rank}"], dist.device)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.dump(out / CONFIG_NAME)
+        if ckpt is not None:
+            _truncate_jsonl(metrics_path, step)
+    if ckpt is not None and cfg.log.example_ids:
+        _truncate_jsonl(ids_path, step)
+
+    bf16 = cfg.train.precision == "bf16" or (
+        cfg.train.precision == "auto" and dist.device.type == "cuda"
+    )
+
+    def autocast() -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def run_eval() -> None:
+        if cfg.data.eval is None:
+            return
+        model.eval()
+        eval_loader = make_loader(cfg, cfg.data.eval, info, dist, train=False, pad_id=pad_id)
+        with autocast():
+            result = evaluate(
+                eval_loader,
+                lambda b: student.hidden(b.input_ids, b.attention_mask, b.positions),
+                model.get_output_embeddings(),
+                device=dist.device,
+                tail=cfg.loss.tail,
+                chunk_size=cfg.loss.chunk_size,
+                max_batches=cfg.log.eval_batches,
+                all_reduce=dist.sum,
+            )
+        model.train()
+        if dist.main:
+            _append_jsonl(
+                metrics_path, {"step": step, **{f"eval/{k}": v for k, v in result.items()}}
+            )
+            bar.write(
+                f"step {step}: eval KL {result['kl']:.4f}  CE {result['ce']:.4f}  top-1 {result['top1']:.3f}"
+            )
+
+    def checkpoint() -> None:
+        states = dist.gather(loader.state_dict())
+        rngs = dist.gather(_rng_state(dist.device))
+        if not dist.main:
+            return
+        stream_state = dict(states[0])
+        stream_state["slots"] = {k: v for s in states for k, v in s["slots"].items()}
+        rng = {f"{name}.rank{r}": t for r, d in enumerate(rngs) for name, t in d.items()}
+        save_checkpoint(
+            out,
+            step,
+            model=model,
+            optimizer=optimizer,
+            config=cfg,
+            state={"stream": stream_state},
+            rng=rng,
+            keep=cfg.log.keep_checkpoints,
+        )
+
+    bar = tqdm(
+        total=steps,
+        initial=step,
+        disable=not (dist.main and cfg.log.progress),
+        unit="step",
+        dynamic_ncols=True,
+    )
+    batches: Iterator[Batch] = iter(loader)
+    if step == 0:
+        run_eval()
+    model.train()
+    stop_at = min(steps, cfg.train.stop_after) if cfg.train.stop_after else steps
+    while step < stop_at:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(o.grad_accum)]
+        data_s = time.perf_counter() - t0  # time the loop waited for data: ~0 with prefetch
+        # Position-weighted mean over the whole step: every rank needs the global count first.
+        n_local = float(sum(b.num_positions for b in micro))
+        n_global = float(dist.sum(torch.tensor([n_local], device=dist.device))[0])
+        global_positions = max(n_global, 1.0)
+        lr = lr_at(step, cfg, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sums = torch.zeros(3, dtype=torch.float64, device=dist.device)  # total, kd, ce
+        tokens = rows = 0
+        for i, batch in enumerate(micro):
+            batch = batch.to(dist.device, non_blocking=True)
+            last = i == len(micro) - 1
+            no_sync = dist.world > 1 and not last  # reduce gradients once, after the last
+            with module.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                with autocast():
+                    total, kd, ce = module(
+                        batch.input_ids,
+                        batch.attention_mask,
+                        batch.positions,
+                        batch.labels,
+                        *target_tensors(batch),
+                    )
+                n = batch.num_positions
+                # DDP averages gradients over ranks; scale back to a sum, then divide by all.
+                (total * (n * dist.world / global_positions)).backward()
+            loss_sums += torch.stack([total.detach(), kd, ce]).double() * n
+            tokens, rows = tokens + batch.num_tokens, rows + len(batch.ids)
+            if cfg.log.example_ids:
+                seen = {"step": step + 1, "micro": i, "epoch": batch.epoch, "ids": batch.ids}
+                _append_jsonl(ids_path, seen)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        counts = torch.tensor([tokens, rows], dtype=torch.float64, device=dist.device)
+        sums = dist.sum(torch.cat([loss_sums, counts]))
+        dt = time.perf_counter() - t0
+        record = {
+            "step": step,
+            "loss": float(sums[0]) / global_positions,
+            "kd": float(sums[1]) / global_positions,
+            "ce": float(sums[2]) / global_positions,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "positions": int(n_global),
+            "tokens": int(sums[3]),
+            "examples": int(sums[4]),
+            "epoch": micro[-1].epoch,
+            "tokens_per_s": float(sums[3]) / dt,
+            "data_s": data_s,
+        }
+        if dist.main:
+            _append_jsonl(metrics_path, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        is_last = step == steps
+        if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or is_last:
+            run_eval()
+        if (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0) or is_last:
+            checkpoint()
+    bar.close()
+
+    finished = step == steps
+    if finished and dist.main:
+        model.save_pretrained(out / FINAL_NAME)
+        tokenizer.save_pretrained(out / FINAL_NAME)
+        if cfg.log.plot:
+            plot_metrics(metrics_path, cfg.log.plot)
+    if dist.world > 1:
+        torch.distributed.barrier()
+    dist.close()
+    return {"step": step, "steps": steps, "finished": finished, "output": str(out)}
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_metrics(metrics: str | Path, png: str | Path) -> None:
+    """Loss curves (train loss, KD, CE; eval KL) from a metrics.jsonl."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'logitcache[plot]'") from None
+    rows = read_metrics(metrics)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval/kl" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("loss", "kd", "ce"):
+        axes[0].plot([r["step"] for r in train_rows], [r[key] for r in train_rows], label=key)
+    axes[0].set(xlabel="step", title="training (per step)")
+    axes[0].legend()
+    for key in ("eval/kl", "eval/ce"):
+        axes[1].plot(
+            [r["step"] for r in eval_rows], [r[key] for r in eval_rows], marker="o", label=key
+        )
+    axes[1].set(xlabel="step", title="held-out")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
