@@ -12,13 +12,12 @@ blocking, so the next batch is queued before this one is unpacked.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,17 +28,18 @@ from .format import Example, Sampled, TopK
 from .targets import (
     STREAM_GENERATE,
     STREAM_TARGETS,
-    SampledTensors,
     chunk_rows,
     log_probs,
     row_keys,
     sample_ids,
     topk_targets,
     uniforms,
+    unique_counts,
 )
 from .views import Rendered
 
 log = logging.getLogger(__name__)
+KeepMode = Literal["mask", "window", "none"]
 
 
 # --------------------------------------------------------------------------- the teacher
@@ -56,8 +56,9 @@ class Teacher:
     """name_or_path, revision (git sha or null) and config_hash, as the manifest records them."""
     pad_id: int
     eos_ids: list[int]
-    keeps_logits: bool
-    """The forward accepts ``logits_to_keep`` (the LM head runs on the kept positions only)."""
+    keep: KeepMode = "none"
+    """How the LM head is limited to target positions: a (B, T) boolean ``logits_to_keep``
+    (transformers ≥ 5: exactly the target rows), an integer window, or not at all."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -135,7 +136,9 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> Teacher:
         if "sdpa" not in str(e).lower():
             raise InputError(f"--teacher {cfg.path}: cannot load the model ({e})") from None
         log.warning("%s does not support SDPA attention; using eager attention", cfg.path)
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, attn_implementation="eager", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, attn_implementation="eager", **kwargs
+        )
     model.to(device).eval()
     head = model.get_output_embeddings()
     vocab = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
@@ -155,10 +158,29 @@ def load_teacher(cfg: TeacherConfig, device: torch.device) -> Teacher:
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=eos_ids or None, pad_token_id=pad
     )
+    keep = _logits_to_keep_support(model)
+    return Teacher(model, tok, device, vocab, teacher_identity(cfg.path), int(pad), eos_ids, keep)
+
+
+def _logits_to_keep_support(model: Any) -> KeepMode:
+    """How this model's forward can limit the LM head to the target positions.
+
+    A boolean mask goes through transformers' ``slice_logits_to_keep`` (5.x); older versions
+    and remote code index ``hidden_states[:, keep]``, which a 2-D tensor would broadcast
+    silently, so they get the integer window (the last N positions) only.
+    """
     import inspect
 
-    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return Teacher(model, tok, device, vocab, teacher_identity(cfg.path), int(pad), eos_ids, keeps)
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        return "none"
+    try:
+        import transformers.modeling_utils as mu
+
+        forward = inspect.getsource(type(model).forward)
+        slicer = inspect.getsource(mu.slice_logits_to_keep)
+    except (AttributeError, OSError, TypeError):
+        return "window"
+    return "mask" if "slice_logits_to_keep" in forward and "torch.bool" in slicer else "window"
 
 
 # --------------------------------------------------------------------------- batching
@@ -242,7 +264,8 @@ def _targets(
     for i in range(0, max(len(logits), 1), step):
         sl = slice(i, i + step)
         if spec.kind == "topk":
-            t = topk_targets(logits[sl], spec.k, spec.temperature)
+            # The model's logits (or our gathered copy) are ours to overwrite.
+            t = topk_targets(logits[sl], spec.k, spec.temperature, inplace=True)
             parts.append({"ids": t.ids, "logprobs": t.logprobs, "tail": t.tail})
         else:
             logp = log_probs(logits[sl], spec.temperature)
@@ -253,21 +276,6 @@ def _targets(
         s = unique_counts(out.pop("draws"))
         out = {"ids": s.ids, "counts": s.counts, "nunique": s.nunique}
     return out
-
-
-def unique_counts(draws: torch.Tensor) -> SampledTensors:
-    """(P, n) drawn ids → unique ids (ascending per row), their counts, and uniques per row."""
-    draws = draws.sort(dim=-1).values
-    first = torch.ones_like(draws, dtype=torch.bool)
-    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    starts = first.reshape(-1).nonzero().squeeze(1)  # (U,)
-    # Every row starts with a "first", so run lengths never cross a row boundary.
-    end = torch.tensor([draws.numel()], device=draws.device)
-    return SampledTensors(
-        ids=draws.reshape(-1)[starts].to(torch.int32),
-        counts=torch.diff(starts, append=end).to(torch.int32),
-        nunique=first.sum(-1).to(torch.int32),
-    )
 
 
 # --------------------------------------------------------------------------- score mode
@@ -289,23 +297,39 @@ def score_batch(
         ids[b, :n] = np.concatenate([e.teacher_ids, e.response_ids])  # type: ignore[list-item]
         mask[b, :n] = 1
     dev = teacher.device
-    # Logits at position p predict token p + 1: the first target sits at len(teacher_ids) - 1.
-    start = int(t_len.min()) - 1
-    kwargs = {"logits_to_keep": T - start} if teacher.keeps_logits else {}
+    # Logits at position p predict token p + 1: target j of row b sits at t_len[b] - 1 + j.
+    positions_np = np.concatenate([np.arange(r) for r in r_len])
+    P = len(positions_np)
+    kwargs: dict[str, Any] = {}
+    if teacher.keep == "mask":  # the LM head runs on exactly the P target positions
+        keep = np.zeros((B, T), dtype=bool)
+        for b in range(B):
+            keep[b, t_len[b] - 1 : t_len[b] - 1 + r_len[b]] = True
+        kwargs["logits_to_keep"] = torch.from_numpy(keep).to(dev, non_blocking=True)
+    start = int(t_len.min()) - 1  # window mode: from the shortest prompt's last position on
+    if teacher.keep == "window":
+        kwargs["logits_to_keep"] = T - start
     logits = teacher.model(
         input_ids=torch.from_numpy(ids).to(dev, non_blocking=True),
         attention_mask=torch.from_numpy(mask).to(dev, non_blocking=True),
         use_cache=False,
         **kwargs,
-    ).logits  # (B, T - start, V) with logits_to_keep, else (B, T, V)
-    logits = logits[:, -(T - start) :]
-    pos = torch.arange(start, T, device=dev)[None, :]  # (1, T - start) absolute positions
-    first = torch.from_numpy(t_len - 1).to(dev)[:, None]
-    last = torch.from_numpy(t_len + r_len - 1).to(dev)[:, None]
-    selected = logits[(pos >= first) & (pos < last)]  # (P, V), example-major, positions ascending
-    assert selected.shape[0] == int(r_len.sum())
-    keys = torch.from_numpy(np.repeat(ex_keys, r_len)).to(dev)
-    positions = torch.from_numpy(np.concatenate([np.arange(r) for r in r_len])).to(dev)
+    ).logits
+    if teacher.keep == "mask":
+        if tuple(logits.shape[:-1]) != (P,):
+            raise RuntimeError(f"the teacher returned logits of shape {tuple(logits.shape)}")
+        selected = logits  # (P, V), row-major over the mask: example-major, positions ascending
+    else:
+        logits = logits[:, -(T - start) :]  # (B, T - start, V)
+        rows = np.repeat(np.arange(B), r_len)
+        cols = np.repeat(t_len - 1 - start, r_len) + positions_np
+        # Indices known on the host: no device sync (a boolean mask would need one).
+        selected = logits[
+            torch.from_numpy(rows).to(dev, non_blocking=True),
+            torch.from_numpy(cols).to(dev, non_blocking=True),
+        ]  # (P, V), example-major, positions ascending
+    keys = torch.from_numpy(np.repeat(ex_keys, r_len)).to(dev, non_blocking=True)
+    positions = torch.from_numpy(positions_np).to(dev, non_blocking=True)
     host, event = _to_host(_targets(selected, spec, keys, positions), dev)
     return BatchResult(
         examples,
@@ -440,7 +464,3 @@ def describe_generation(gen: GenerateConfig, teacher: Teacher) -> dict[str, Any]
         "eos_token_ids": teacher.eos_ids,
         "sampler": "inverse CDF on counter-based uniforms of (seed, example id, step)",
     }
-
-
-def dumps_identity(identity: dict[str, Any]) -> str:
-    return json.dumps(identity, sort_keys=True)

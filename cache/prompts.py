@@ -15,7 +15,6 @@ between ranks by that number, so every rank agrees on who owns what without talk
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from collections.abc import Iterator, Sequence
@@ -43,8 +42,12 @@ class PromptRecord:
 
     id: str
     """Unique id, kept in the dataset; resume skips ids already committed."""
-    where: str
-    """Where it came from, for messages: ``file:line`` (JSONL) or ``file row N`` (tables)."""
+    file: str
+    """The source it came from."""
+    line: int | None
+    """1-based line of a JSONL source."""
+    row: int | None
+    """0-based row of a Parquet file or `datasets` folder."""
     student: View
     """What the student sees before the response."""
     teacher: View | None = None
@@ -53,6 +56,18 @@ class PromptRecord:
     """This record's own teacher-only context, added after the shared ``--context``."""
     response: str | None = None
     """The response to score; None in generate mode (the teacher writes it)."""
+
+    @property
+    def where(self) -> str:
+        """``file:line`` (JSONL) or ``file row N`` (tables), for messages."""
+        return _where(self.file, self.line, self.row)
+
+    def skipped(self, reason: str) -> Skipped:
+        return Skipped(self.file, self.line, self.row, reason)
+
+
+def _where(file: str, line: int | None, row: int | None) -> str:
+    return f"{file}:{line}" if line is not None else f"{file} row {row}"
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,10 @@ class Skipped:
     row: int | None
     """0-based row of a Parquet file or `datasets` folder."""
     reason: str
+
+    @property
+    def where(self) -> str:
+        return _where(self.file, self.line, self.row)
 
     def to_json(self) -> dict[str, Any]:
         loc = {"line": self.line} if self.line is not None else {"row": self.row}
@@ -158,31 +177,59 @@ def iter_raw(
 def _iter_jsonl(
     source: str, fs: Any, path: str, *, zstd: bool
 ) -> Iterator[tuple[int | None, int | None, Any]]:
-    import zstandard
-
     line_no = 0
     with fs.open(path, "rb") as raw:
-        # Streamed: a multi-GB .jsonl.zst is never held in memory.
-        stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)) if zstd else raw
-        try:
-            for line_no, line in enumerate(stream, start=1):
-                if not line.strip():
-                    continue  # blank lines are not records
-                try:
-                    yield line_no, None, json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    yield (
-                        line_no,
-                        None,
-                        _BadRecord(f"not UTF-8 text ({e.reason} at byte {e.start})"),
-                    )
-                except json.JSONDecodeError as e:
-                    yield line_no, None, _BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
-        except zstandard.ZstdError as e:
-            raise InputError(
-                f"{source}: the zstd stream is truncated or corrupt after line {line_no} ({e}); "
-                "recompress the file (zstd FILE.jsonl)"
-            ) from None
+        chunks = _zstd_chunks(raw, source) if zstd else iter(lambda: raw.read(1 << 20), b"")
+        for line_no, line in enumerate(_lines(chunks), start=1):
+            if not line.strip():
+                continue  # blank lines are not records
+            try:
+                yield line_no, None, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield line_no, None, _BadRecord(f"not UTF-8 text ({e.reason} at byte {e.start})")
+            except json.JSONDecodeError as e:
+                yield line_no, None, _BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Split a stream of byte chunks into lines (without the newline)."""
+    rest = b""
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _zstd_chunks(raw: Any, source: str) -> Iterator[bytes]:
+    """Decompressed chunks of a (multi-frame) zstd stream, streamed; a cut-off frame raises.
+
+    A plain stream reader ends quietly at a truncated frame, losing the records after it.
+    """
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    obj, fed = dctx.decompressobj(), False
+    try:
+        while chunk := raw.read(1 << 20):
+            while chunk:
+                fed = True
+                out = obj.decompress(chunk)
+                if out:
+                    yield out
+                chunk = b""
+                if obj.eof:  # one frame done; what follows starts the next one
+                    chunk, obj, fed = obj.unused_data, dctx.decompressobj(), False
+    except zstandard.ZstdError as e:
+        raise InputError(
+            f"{source}: the zstd stream is corrupt ({e}); recompress the file (zstd FILE.jsonl)"
+        ) from None
+    if fed and not obj.eof:
+        raise InputError(
+            f"{source}: the zstd stream is truncated (its last frame is cut off); the file was "
+            "not fully written or copied: recompress or re-copy it"
+        )
 
 
 def _iter_parquet(source: str, fs: Any, path: str) -> Iterator[tuple[int | None, int | None, Any]]:
@@ -257,7 +304,9 @@ def _show(value: Any) -> str:
     return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"
 
 
-def parse_record(obj: Any, where: str, default_id: str, *, require_response: bool) -> PromptRecord:
+def parse_record(
+    obj: Any, source: tuple[str, int | None, int | None], default_id: str, *, require_response: bool
+) -> PromptRecord:
     """Validate one raw record; raises _BadRecord with the reason."""
     if isinstance(obj, _BadRecord):
         raise obj
@@ -306,7 +355,9 @@ def parse_record(obj: Any, where: str, default_id: str, *, require_response: boo
         response = None  # generate mode: the teacher writes the response
     return PromptRecord(
         id=str(rid),
-        where=where,
+        file=source[0],
+        line=source[1],
+        row=source[2],
         student=student,
         teacher=teacher,
         context=context,
@@ -329,15 +380,16 @@ def read_prompts(
     for source in files:
         name = posixpath.basename(source.rstrip("/"))
         for line, row, obj in iter_raw(source, storage_options):
-            where = f"{source}:{line}" if line is not None else f"{source} row {row}"
             default_id = f"{name}:{line}" if line is not None else f"{name}:row{row}"
             try:
-                rec = parse_record(obj, where, default_id, require_response=require_response)
+                rec = parse_record(
+                    obj, (source, line, row), default_id, require_response=require_response
+                )
                 if rec.id in seen:
                     raise _BadRecord(
                         f"id {rec.id!r} is already used at {seen[rec.id]}; ids must be unique"
                     )
-                seen[rec.id] = where
+                seen[rec.id] = rec.where
                 out.records.append((index, rec))
             except _BadRecord as e:
                 out.skipped.append((index, Skipped(source, line, row, str(e))))

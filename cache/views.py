@@ -222,8 +222,11 @@ class ViewRenderer:
         r_ids = self._tokenize([(t[1][4] or "", False) for t in texts])
         out = []
         for (rec, parts), t, s, r in zip(texts, t_ids, s_ids, r_ids, strict=True):
+            empty = [n for n, ids in (("teacher view", t), ("student view", s)) if len(ids) == 0]
             if parts[4] is not None and len(r) == 0:
-                bad.append((rec, "the response tokenizes to no tokens"))
+                empty.append("response")
+            if empty:
+                bad.append((rec, f"the {' and '.join(empty)} tokenize(s) to no tokens"))
                 continue
             out.append(Rendered(rec.id, rec.where, t, s, r if parts[4] is not None else None))
         return out, bad

@@ -1,0 +1,102 @@
+"""Target math on the device: top-k + tail, inverse-CDF draws, counter RNG, top-p sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from logitcache.cache.capture_config import GenerateConfig
+from logitcache.cache.engine import _Sampler
+from logitcache.cache.targets import (
+    mix32,
+    row_keys,
+    sample_ids,
+    sampled_targets,
+    topk_targets,
+    uniforms,
+    unique_counts,
+)
+
+
+def lowbias32(x: int) -> int:
+    """Reference in plain Python integers."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_mix32_matches_the_reference_hash() -> None:
+    xs = [0, 1, 2, 12345, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xDEADBEEF]
+    got = mix32(torch.tensor(xs, dtype=torch.int64)).tolist()
+    assert got == [lowbias32(x) for x in xs]
+
+
+def test_uniforms_are_uniform_and_keyed() -> None:
+    keys = row_keys(torch.arange(4000), torch.zeros(4000, dtype=torch.int64), 1)
+    u = uniforms(keys, 64)  # (4000, 64)
+    assert u.min() > 0 and u.max() < 1
+    hist = torch.histc(u, bins=10, min=0, max=1) / u.numel()
+    assert torch.all((hist - 0.1).abs() < 0.005)
+    assert torch.equal(uniforms(keys, 64), u)  # a function of the keys only
+    other = uniforms(row_keys(torch.arange(4000), torch.ones(4000, dtype=torch.int64), 1), 64)
+    assert (other == u).float().mean() < 0.001
+
+
+def test_topk_tail_is_the_rest_of_the_mass() -> None:
+    logits = torch.randn(50, 300, generator=torch.Generator().manual_seed(0)) * 3
+    t = topk_targets(logits, 10, temperature=2.0)
+    logp = torch.log_softmax(logits.double() / 2.0, -1)
+    vals, idx = logp.topk(10)
+    assert torch.equal(t.ids.long(), idx)
+    torch.testing.assert_close(t.logprobs.double(), vals, atol=1e-6, rtol=0)
+    torch.testing.assert_close(t.tail.double(), torch.log1p(-vals.exp().sum(-1)), atol=1e-5, rtol=0)
+    full = topk_targets(logits, 300, temperature=1.0)
+    assert torch.all(full.tail == float("-inf"))
+    # Generate mode hands in the logits that generate still uses: they must stay as they were.
+    before = logits.clone()
+    topk_targets(logits, 10, temperature=1.0)
+    assert torch.equal(logits, before)
+    again = topk_targets(logits.clone(), 10, temperature=1.0, inplace=True)
+    ref = topk_targets(logits, 10, temperature=1.0)
+    assert torch.equal(again.ids, ref.ids) and torch.equal(again.logprobs, ref.logprobs)
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_mass() -> None:
+    p = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]])
+    logp = p.log().expand(20000, -1)
+    keys = row_keys(torch.arange(20000), torch.zeros(20000, dtype=torch.int64), 7)
+    draws = sample_ids(logp, uniforms(keys, 1))
+    freq = torch.bincount(draws.reshape(-1), minlength=6).double() / draws.numel()
+    assert freq[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(freq, p[0].double(), atol=0.01, rtol=0)
+
+
+def test_unique_counts() -> None:
+    draws = torch.tensor([[5, 3, 5, 5], [1, 1, 1, 1], [9, 2, 7, 4]])
+    s = unique_counts(draws)
+    assert s.nunique.tolist() == [2, 1, 4]
+    assert s.ids.tolist() == [3, 5, 1, 2, 4, 7, 9]
+    assert s.counts.tolist() == [1, 3, 4, 1, 1, 1, 1]
+    s = sampled_targets(torch.randn(7, 50), 40, 1.0, torch.arange(7))
+    bounds = np.concatenate([[0], np.cumsum(s.nunique.numpy())])
+    assert all(s.counts[bounds[i] : bounds[i + 1]].sum() == 40 for i in range(7))
+
+
+@pytest.mark.parametrize(
+    ("top_p", "expected"), [(1.0, [0.5, 0.3, 0.15, 0.05]), (0.7, [0.625, 0.375, 0, 0])]
+)
+def test_sampler_draws_from_the_nucleus(top_p: float, expected: list[float]) -> None:
+    B = 20000
+    scores = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(B, -1).contiguous()
+    sampler = _Sampler(GenerateConfig(temperature=1.0, top_p=top_p), torch.arange(B))
+    out = sampler(torch.zeros(B, 1, dtype=torch.long), scores)
+    assert torch.all((out == 0).sum(-1) == 1)  # exactly one allowed token per row
+    freq = torch.bincount(out.argmax(-1), minlength=4).double() / B
+    torch.testing.assert_close(
+        freq, torch.tensor(expected, dtype=torch.float64), atol=0.012, rtol=0
+    )
+    second = sampler(torch.zeros(B, 1, dtype=torch.long), scores)  # next step: new draws
+    assert (second.argmax(-1) != out.argmax(-1)).any()

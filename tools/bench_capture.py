@@ -1,0 +1,230 @@
+"""Capture throughput ÷ bare teacher forward, measured side by side on the same batches.
+
+    python -m logitcache.tools.bench_capture [--prompts 24] [--k 64] [--repeats 3] [--full-pass]
+
+Teacher: SmolLM2-135M-Instruct (tools.teachers.ensure_smollm2) when its package is installed,
+else a tiny random Llama. Workload: the demo's context distillation, score mode: the teacher
+sees the few-shot block + prompt, the response is ~60 tokens. Three variants run interleaved,
+``repeats`` times each, on identical padded batches:
+
+- bare: ``model(input_ids, attention_mask)``, full logits, nothing else;
+- bare-keep: the same forward with the LM head limited to the positions capture keeps
+  (``logits_to_keep``: exactly the target positions with transformers ≥ 5);
+- capture: everything capture does per batch: that forward, fp32 log-softmax, top-k + tail,
+  host copies, cutting into examples, and the writer's encoding + compression (inline here;
+  on a CPU the background thread competes for the same cores anyway).
+
+The variants are interleaved batch by batch and each batch counts with its best of
+``--repeats`` runs, so load from other processes (a shared machine) disturbs all three alike
+and mostly drops out. ``--full-pass`` also times one real capture loop end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _teacher_dir(tmp: Path, force_tiny: bool) -> tuple[str, str]:
+    if not force_tiny:
+        try:
+            from logitcache.tools.teachers import ensure_smollm2
+
+            return str(ensure_smollm2()), "SmolLM2-135M-Instruct (fp32)"
+        except (ModuleNotFoundError, FileNotFoundError) as e:
+            print(f"SmolLM2 not available ({e}); using the tiny random teacher")
+    from logitcache.tools.tiny import make_tiny_model, make_tiny_tokenizer
+
+    make_tiny_tokenizer(tmp / "tok")
+    make_tiny_model(tmp / "tiny", tmp / "tok", layers=4, hidden=256, heads=4, kv_heads=2)
+    return str(tmp / "tiny"), "tiny random Llama (4 layers, hidden 256, vocab 384)"
+
+
+def _records(n: int) -> list[dict[str, Any]]:
+    data = Path(__file__).with_name("data")
+    prompts = [json.loads(x) for x in (data / "demo_prompts.jsonl").read_text().splitlines()]
+    answers = [
+        m["content"]
+        for m in json.loads((data / "demo_context.txt").read_text())
+        if m["role"] == "assistant"
+    ]
+    return [
+        {
+            "id": p["id"],
+            "prompt": p["prompt"],
+            "response": answers[i % len(answers)] + " " + answers[(i + 1) % len(answers)],
+        }
+        for i, p in enumerate(prompts[:n])
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prompts", type=int, default=24, help="examples per pass")
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--codec", default="u8")
+    ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--full-pass", action="store_true", help="also time one real capture loop")
+    ap.add_argument("--tiny", action="store_true", help="use the tiny random teacher")
+    args = ap.parse_args(argv)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    import torch
+
+    from logitcache.cache.capture import Ranks, dataset_info, run_batches
+    from logitcache.cache.capture_config import (
+        CaptureConfig,
+        InputConfig,
+        RunConfig,
+        TargetConfig,
+        TeacherConfig,
+    )
+    from logitcache.cache.engine import load_teacher, plan_batches, score_batch
+    from logitcache.cache.prompts import parse_record
+    from logitcache.cache.targets import example_keys
+    from logitcache.cache.views import Context, ViewRenderer
+    from logitcache.cache.writer import DatasetWriter, encode_shard
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_capture-"))
+    try:
+        folder, name = _teacher_dir(tmp, args.tiny)
+        ctx_file = str(Path(__file__).with_name("data") / "demo_context.txt")
+        cfg = CaptureConfig(
+            input=InputConfig(prompts=("bench",), context=ctx_file),
+            teacher=TeacherConfig(path=folder),
+            run=RunConfig(
+                out=str(tmp / "ds"), max_batch_tokens=args.max_batch_tokens, progress=False
+            ),
+            targets=TargetConfig(k=args.k, codec=args.codec),
+        )
+        teacher = load_teacher(cfg.teacher, torch.device("cpu"))
+        renderer = ViewRenderer(teacher.tokenizer, "chat", Context.load(ctx_file), folder)
+        recs = [
+            parse_record(r, ("bench", i + 1, None), r["id"], require_response=True)
+            for i, r in enumerate(_records(args.prompts))
+        ]
+        examples, bad = renderer.render_all(recs)
+        assert not bad, bad
+        info = dataset_info(cfg, teacher, renderer, None)
+        lengths = np.array([len(e.teacher_ids) + len(e.response_ids) for e in examples])
+        batches = plan_batches(lengths, args.max_batch_tokens)
+        ordered = [examples[i] for b in batches for i in b]
+        tokens = int(lengths.sum())
+        positions = sum(len(e.response_ids) for e in examples)
+
+        def padded(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, Any]:
+            """Inputs of one batch and the logits_to_keep that capture passes for it."""
+            exs = [examples[i] for i in idx]
+            seqs = [np.concatenate([e.teacher_ids, e.response_ids]) for e in exs]
+            T = max(len(s) for s in seqs)
+            ids = torch.full((len(exs), T), teacher.pad_id)
+            mask = torch.zeros((len(exs), T), dtype=torch.long)
+            for b, s in enumerate(seqs):
+                ids[b, : len(s)] = torch.from_numpy(s)
+                mask[b, : len(s)] = 1
+            if teacher.keep == "mask":
+                keep = torch.zeros((len(exs), T), dtype=torch.bool)
+                for b, e in enumerate(exs):
+                    t = len(e.teacher_ids)
+                    keep[b, t - 1 : t - 1 + len(e.response_ids)] = True
+                return ids, mask, keep
+            return ids, mask, T - min(len(e.teacher_ids) for e in exs) + 1
+
+        inputs = [padded(b) for b in batches]
+
+        @torch.inference_mode()
+        def bare(b: int, keep: bool) -> None:
+            ids, mask, to_keep = inputs[b]
+            kw = {"logits_to_keep": to_keep} if keep and teacher.keep != "none" else {}
+            teacher.model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits.sum()
+
+        def capture_step(b: int) -> None:
+            # All the work capture does per batch, the writer's included (run inline here:
+            # on a CPU the background thread competes for the same cores anyway).
+            result = score_batch(teacher, [examples[i] for i in batches[b]], cfg.targets, keys[b])
+            rows = result.to_examples("topk")
+            encode_shard(info, rows, 1024)
+
+        def timed(fn: Any, *a: Any) -> tuple[float, float]:
+            w, c = time.perf_counter(), time.process_time()
+            fn(*a)
+            return time.perf_counter() - w, time.process_time() - c
+
+        def full_pass() -> float:
+            out = tmp / "ds"
+            t0 = time.perf_counter()
+            writer = DatasetWriter(out, info, writer_id="r00000", background=True)
+            # The real loop; examples are pre-ordered so it forms the same batches.
+            run_batches(cfg, teacher, ordered, writer, Ranks(0, 1, 0), None)
+            writer.close()
+            seconds = time.perf_counter() - t0
+            shutil.rmtree(out)
+            return seconds
+
+        keys = [example_keys([examples[i].id for i in b], 0) for b in batches]
+        kept = {
+            "mask": "target positions only",
+            "window": "from the shortest prompt on",
+            "none": "all positions",
+        }[teacher.keep]
+        print(
+            f"teacher: {name}; torch threads: {torch.get_num_threads()}; "
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        )
+        print(
+            f"workload: {len(examples)} examples, {len(batches)} batches "
+            f"(≤ {args.max_batch_tokens} padded tokens), {tokens:,} tokens, "
+            f"{positions:,} target positions (top-{args.k} {args.codec}); LM head kept: {kept}"
+        )
+        variants = {
+            "bare": lambda b: bare(b, False),
+            "bare-keep": lambda b: bare(b, True),
+            "capture": capture_step,
+        }
+        variants["bare-keep"](0)  # warm-up
+        wall = {k: np.full((args.repeats, len(batches)), np.inf) for k in variants}
+        cpu = {k: np.full((args.repeats, len(batches)), np.inf) for k in variants}
+        for rep in range(args.repeats):
+            for b in range(len(batches)):  # interleaved per batch: load drifts hit all alike
+                for k, fn in variants.items():
+                    wall[k][rep, b], cpu[k][rep, b] = timed(fn, b)
+            print(
+                f"  repeat {rep + 1}: "
+                + ", ".join(f"{k} {wall[k][rep].sum():.1f} s" for k in variants)
+            )
+        best = {k: v.min(0).sum() for k, v in wall.items()}  # each batch's least disturbed run
+        best_cpu = {k: v.min(0).sum() for k, v in cpu.items()}
+        for k in variants:
+            print(
+                f"{k:>10}: {tokens / best[k]:8.1f} tokens/s  (wall {best[k]:.2f} s, "
+                f"CPU {best_cpu[k]:.2f} s; sum over batches of the best of {args.repeats})"
+            )
+        print(
+            f"capture ÷ bare forward (full logits):      {best['bare'] / best['capture']:.3f}"
+            f"  (CPU time: {best_cpu['bare'] / best_cpu['capture']:.3f})"
+        )
+        print(
+            f"capture ÷ bare forward (same kept logits): {best['bare-keep'] / best['capture']:.3f}"
+            f"  (CPU time: {best_cpu['bare-keep'] / best_cpu['capture']:.3f})"
+        )
+        if args.full_pass:
+            seconds = full_pass()
+            print(f"end-to-end capture loop (background writer): {tokens / seconds:.1f} tokens/s")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
