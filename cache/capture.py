@@ -65,6 +65,8 @@ class CaptureSummary:
     dropped_too_long: int = 0
     truncated: int = 0
     finished_responses: int = 0
+    """Generate mode: responses that ended with an end-of-sequence id."""
+    mode: str = "score"
     dataset_examples: int | None = None
     dataset_positions: int | None = None
     dataset_bytes: int | None = None
@@ -78,6 +80,11 @@ class CaptureSummary:
             f"{self.tokens / rate:,.0f} tokens/s"
         ]
         notes = []
+        if self.mode == "generate" and self.examples:
+            notes.append(
+                f"{self.finished_responses:,} of {self.examples:,} responses ended with an "
+                "end-of-sequence id (the rest reached --max-new-tokens)"
+            )
         if self.already_committed:
             notes.append(f"{self.already_committed:,} already committed (resumed)")
         if self.skipped:
@@ -333,6 +340,7 @@ def _capture(
         skipped=int(totals[5]),
         dropped_too_long=int(totals[6]),
         truncated=int(totals[7]),
+        mode=tgt.mode,
     )
     ranks.barrier()  # every rank's journal is written
     if ranks.rank == 0 and run.num_shards == 1:

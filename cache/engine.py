@@ -1,11 +1,11 @@
 """The teacher on the device: load it, batch examples by length, and turn batches into targets.
 
 Score mode pads on the right (positions stay 0..T-1, so no position ids are needed) and runs
-one forward pass; only the positions from the shortest prompt on go through the LM head
-(``logits_to_keep``), and of those only the target positions reach the log-softmax. Generate
-mode pads on the left and calls ``model.generate``; a logits processor computes each step's
-targets from the raw logits of that very step, so response and targets come from one pass
-and no (steps × vocab) logits are kept. Results are copied to pinned host memory without
+one forward pass in which only the target positions go through the LM head (a boolean
+``logits_to_keep``; with older transformers, the window from the shortest prompt on, gathered
+down to the target rows). Generate mode pads on the left and calls ``model.generate``; a
+logits processor computes each step's targets from the raw logits of that very step, so
+response and targets come from one pass and no (steps × vocab) logits are kept. Results are copied to pinned host memory without
 blocking, so the next batch is queued before this one is unpacked.
 """
 

@@ -14,9 +14,11 @@ sees the few-shot block + prompt, the response is ~60 tokens. Three variants run
   host copies, cutting into examples, and the writer's encoding + compression (inline here;
   on a CPU the background thread competes for the same cores anyway).
 
-The variants are interleaved batch by batch and each batch counts with its best of
-``--repeats`` runs, so load from other processes (a shared machine) disturbs all three alike
-and mostly drops out. ``--full-pass`` also times one real capture loop end to end.
+The variants run back to back on each batch, ``--repeats`` times. Two estimates of each ratio:
+the sums over batches of each batch's best run, and the median over repeats of the per-repeat
+ratio (paired runs, so slow drifts of load from other processes cancel). ``--threads 1``
+makes process CPU time a second, contention-proof measure. ``--full-pass`` also times one
+real capture loop end to end (background writer included).
 """
 
 from __future__ import annotations
@@ -77,11 +79,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--full-pass", action="store_true", help="also time one real capture loop")
     ap.add_argument("--tiny", action="store_true", help="use the tiny random teacher")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads (default: torch's choice); 1 makes CPU time a contention-proof measure",
+    )
     args = ap.parse_args(argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from logitcache.cache.capture import Ranks, dataset_info, run_batches
     from logitcache.cache.capture_config import (
         CaptureConfig,
@@ -210,14 +220,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k:>10}: {tokens / best[k]:8.1f} tokens/s  (wall {best[k]:.2f} s, "
                 f"CPU {best_cpu[k]:.2f} s; sum over batches of the best of {args.repeats})"
             )
-        print(
-            f"capture ÷ bare forward (full logits):      {best['bare'] / best['capture']:.3f}"
-            f"  (CPU time: {best_cpu['bare'] / best_cpu['capture']:.3f})"
-        )
-        print(
-            f"capture ÷ bare forward (same kept logits): {best['bare-keep'] / best['capture']:.3f}"
-            f"  (CPU time: {best_cpu['bare-keep'] / best_cpu['capture']:.3f})"
-        )
+
+        def paired(base: str, times: dict[str, np.ndarray]) -> str:
+            # One ratio per repeat, from runs made back to back: slow load drift cancels.
+            r = times[base].sum(1) / times["capture"].sum(1)
+            return f"median {np.median(r):.3f} (range {r.min():.3f}-{r.max():.3f})"
+
+        for base, label in (("bare", "full logits"), ("bare-keep", "same kept logits")):
+            print(
+                f"capture ÷ bare forward ({label}): best-of {best[base] / best['capture']:.3f}; "
+                f"paired wall {paired(base, wall)}; paired CPU {paired(base, cpu)}"
+            )
         if args.full_pass:
             seconds = full_pass()
             print(f"end-to-end capture loop (background writer): {tokens / seconds:.1f} tokens/s")

@@ -646,3 +646,19 @@ def test_lm_head_fallbacks_store_the_same_targets(
     for i in a:
         assert np.array_equal(a[i].targets.ids, b[i].targets.ids)
         np.testing.assert_allclose(a[i].targets.logprobs, b[i].targets.logprobs, atol=2e-5)
+
+
+def test_fsspec_urls_in_and_out(tiny_teacher_dir) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/capture_in/p.jsonl", "".join(json.dumps(r) + "\n" for r in records(4)).encode())
+    cfg = make_cfg("memory://capture_in/p.jsonl", tiny_teacher_dir, "memory://capture_out/ds")
+    try:
+        assert capture(cfg).examples == 4
+        assert open_dataset("memory://capture_out/ds", verify=True).num_examples == 4
+        again = capture(cfg)
+        assert again.examples == 0 and again.already_committed == 4
+    finally:
+        for path in ("/capture_in", "/capture_out"):
+            fs.rm(path, recursive=True)
