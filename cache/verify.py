@@ -158,7 +158,9 @@ def _verify_batch(rb: pa.RecordBatch, info: DatasetInfo, batch: str, bad: Any) -
             lengths(name, u_per_row)
         counts, _ = _flat(rb.column("sample_counts"))
         if len(counts) == nunique.sum():
-            per_pos = _segment_sums(counts, np.concatenate([[0], np.cumsum(nunique)]))
+            per_pos = _segment_sums(
+                counts, np.concatenate([[0], np.cumsum(nunique, dtype=np.int64)])
+            )
             if not np.all(per_pos == spec.n):
                 p = int(np.argmax(per_pos != spec.n))
                 bad(
