@@ -31,9 +31,9 @@ class DemoConfig:
 
     workdir: str = "runs/demo"
     """Folder for the datasets, the student and the plot."""
-    train_prompts: int = 96
+    train_prompts: int = 64
     """Prompts captured for training."""
-    heldout_prompts: int = 32
+    heldout_prompts: int = 24
     """Prompts held out for the before/after measures (never trained on)."""
     max_new_tokens: int = 32
     """Length of the teacher's (and students') answers."""
@@ -41,7 +41,7 @@ class DemoConfig:
     """Top-k ids stored per position (with the tail mass)."""
     epochs: float = 3.0
     """Passes over the training prompts."""
-    lr: float = 1e-4
+    lr: float = 2e-4
     """Peak learning rate of the student."""
     batch_size: int = 8
     """Examples per step."""
@@ -163,7 +163,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             loss=LossConfig(),
             optim=OptimConfig(lr=cfg.lr, warmup_steps=2),
             train=TrainConfig(output=str(out), epochs=cfg.epochs),
-            log=LogConfig(plot=str(work / "training.png"), eval_every=4),
+            log=LogConfig(plot=str(work / "training.png"), eval_every=6),
         ),
         resume=(out / "checkpoints").exists(),
     )
