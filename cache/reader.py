@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -180,7 +181,7 @@ class ShardReader:
                 )
         try:
             self._reader = pa.ipc.open_file(pa.py_buffer(data))
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+        except (pa.ArrowException, OSError) as e:
             raise ShardError(
                 f"{self.where}: not a readable Arrow IPC file ({e}); it is truncated or corrupt"
             ) from None
@@ -192,8 +193,15 @@ class ShardReader:
             )
         meta = self._reader.schema.metadata or {}
         stored = meta.get(f"{META_PREFIX}info".encode())
-        if stored is not None and not _same_encoding(
-            DatasetInfo.from_json(json.loads(stored), self.where), info
+        try:
+            embedded = None if stored is None else json.loads(stored)
+        except ValueError as e:  # JSON or UTF-8: bytes damaged in storage
+            raise ShardError(
+                f"{self.where}: its embedded metadata is not valid JSON ({e}); the shard is "
+                "corrupt: run `logitcache verify` and recapture it"
+            ) from None
+        if embedded is not None and not _same_encoding(
+            DatasetInfo.from_json(embedded, self.where), info
         ):
             raise ShardError(
                 f"{self.where}: the shard's embedded metadata names another dataset "
@@ -206,8 +214,12 @@ class ShardReader:
 
     def record_batch(self, i: int) -> pa.RecordBatch:
         try:
-            return self._reader.get_batch(i)
-        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as e:
+            rb = self._reader.get_batch(i)
+            # Full validation turns damaged offsets into an error: decoding them unchecked
+            # can abort the whole process inside Arrow (docs/RELIABILITY.md).
+            rb.validate(full=True)
+            return rb
+        except (pa.ArrowException, OSError) as e:
             raise ShardError(
                 f"{self.where}: record batch {i} does not decode ({e}); the shard is "
                 "corrupt: run `logitcache verify` and recapture it"
@@ -217,7 +229,7 @@ class ShardReader:
         rb = self.record_batch(i)
         try:
             return decode_batch(rb, self.info)
-        except (pa.ArrowInvalid, ValueError, IndexError) as e:
+        except (pa.ArrowException, ValueError, IndexError) as e:
             raise ShardError(
                 f"{self.where}: record batch {i} decodes to inconsistent arrays ({e});"
                 " the shard is corrupt: run `logitcache verify`"
@@ -240,10 +252,15 @@ def _same_encoding(a: DatasetInfo, b: DatasetInfo) -> bool:
     )
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def _fetch(loc: Location, entry: ShardEntry, cache_dir: str | Path | None, where: str) -> bytes:
     """The shard's bytes, from a local cache of remote shards when one is given."""
     cached = None
-    if cache_dir is not None and not loc.is_local:
+    # The checksum names the cached copy, so only a real hex digest may: a manifest's
+    # "../x" must not reach outside cache_dir.
+    if cache_dir is not None and not loc.is_local and _SHA256_HEX.fullmatch(entry.sha256):
         cached = Path(cache_dir) / f"{entry.sha256}.arrow"
         if cached.exists() and cached.stat().st_size == entry.bytes:
             return cached.read_bytes()

@@ -32,26 +32,36 @@ class Location:
     def path(self, *names: str) -> str:
         return posixpath.join(self.root, *names)
 
+    def url_of(self, *names: str) -> str:
+        """The full URL of a path inside the folder, as errors name it."""
+        p = self.path(*names)
+        return p if self.is_local else self.fs.unstrip_protocol(p)
+
     def exists(self, *names: str) -> bool:
-        return bool(retry(lambda: self.fs.exists(self.path(*names))))
+        p = self.path(*names)
+        return bool(retry(lambda: self.fs.exists(p), what=f"checking {self.url_of(*names)}"))
 
     def read_bytes(self, *names: str) -> bytes:
-        return retry(lambda: self.fs.cat_file(self.path(*names)))
+        p = self.path(*names)
+        return retry(lambda: self.fs.cat_file(p), what=f"reading {self.url_of(*names)}")
 
     def size(self, *names: str) -> int:
-        return int(retry(lambda: self.fs.size(self.path(*names))))
+        p = self.path(*names)
+        return int(retry(lambda: self.fs.size(p), what=f"sizing {self.url_of(*names)}"))
 
     def listdir(self, *names: str) -> list[str]:
         """Base names inside a folder; empty when it does not exist."""
-        p = self.path(*names)
-        if not retry(lambda: self.fs.exists(p)):
+        p, what = self.path(*names), f"listing {self.url_of(*names)}"
+        if not retry(lambda: self.fs.exists(p), what=what):
             return []
         return sorted(
-            posixpath.basename(x.rstrip("/")) for x in retry(lambda: self.fs.ls(p, detail=False))
+            posixpath.basename(x.rstrip("/"))
+            for x in retry(lambda: self.fs.ls(p, detail=False), what=what)
         )
 
     def remove(self, *names: str) -> None:
-        retry(lambda: self.fs.rm_file(self.path(*names)))
+        p = self.path(*names)
+        retry(lambda: self.fs.rm_file(p), what=f"removing {self.url_of(*names)}")
 
     def makedirs(self, *names: str) -> None:
         if self.is_local:
@@ -77,7 +87,7 @@ class Location:
                 raise
             _fsync_dir(folder)
         else:
-            retry(lambda: self.fs.pipe_file(target, data))
+            retry(lambda: self.fs.pipe_file(target, data), what=f"writing {self.url_of(*names)}")
 
     def __str__(self) -> str:
         return self.url
@@ -97,18 +107,29 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-def retry(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.2) -> T:
+def retry(
+    fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.2, what: str | None = None
+) -> T:
     """Call ``fn``, retrying transient I/O failures with exponential backoff.
 
     FileNotFoundError and PermissionError are answers, not transient failures: never retried.
+    When every attempt fails, the OSError raised names ``what`` (the operation and object),
+    which the storage library's own message often does not.
     """
     for i in range(attempts):
         try:
             return fn()
         except (FileNotFoundError, PermissionError, IsADirectoryError):
             raise
-        except OSError:
+        except OSError as e:
             if i == attempts - 1:
-                raise
+                if what is None:
+                    raise
+                msg = (
+                    f"{what}: failed {attempts} times ({type(e).__name__}: {e}); the storage is "
+                    "unreachable or failing: check the network, endpoint and credentials, then "
+                    "rerun (capture and training resume where they stopped)"
+                )
+                raise (OSError(e.errno, msg) if e.errno is not None else OSError(msg)) from e
             time.sleep(base_delay * 2**i)
     raise AssertionError("unreachable")

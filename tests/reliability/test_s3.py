@@ -1,0 +1,163 @@
+"""Datasets on S3 (moto on 127.0.0.1) through a proxy that fails requests on purpose.
+
+Transient failures are retried (by botocore, s3fs and logitcache's own ``retry``) and leave
+the dataset exactly as written: nothing lost, nothing duplicated. A failure that persists is an
+OSError naming the operation and the object. Figures: `python -m logitcache.tools.reliability s3`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("moto.server")
+pytest.importorskip("s3fs")
+
+from logitcache.cache import storage
+from logitcache.cache.reader import committed_ids, open_dataset
+from logitcache.cache.verify import verify_dataset
+from logitcache.tools.reliability import (
+    FlakyS3,
+    snapshot,
+    synth_examples,
+    synth_info,
+    transient_policy,
+    write_synth,
+)
+
+INFO = synth_info("topk", k=8)
+EXAMPLES = synth_examples(INFO, 40, seed=7)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with FlakyS3() as flaky:
+        flaky.make_bucket("bucket")
+        yield flaky
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> list:
+    local = tmp_path_factory.mktemp("local") / "ds"
+    write_synth(local, INFO, EXAMPLES, shard_positions=100)
+    return snapshot(local)
+
+
+@pytest.fixture
+def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """logitcache's retry without its sleeps (the attempts are what is under test)."""
+    monkeypatch.setattr(storage, "time", SimpleNamespace(sleep=lambda s: None))
+
+
+def objects(s3: FlakyS3, prefix: str) -> list[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3.storage_options(direct=True))
+    return sorted(p.removeprefix(f"bucket/{prefix}/") for p in fs.find(f"bucket/{prefix}"))
+
+
+def test_transient_failures_lose_and_duplicate_nothing(s3, reference, tmp_path, no_backoff) -> None:
+    from logitcache.train.stream import LogitStream
+
+    s3.policy = transient_policy  # every object: its first 2-3 requests fail, one way or another
+    # botocore's own retries (and their seconds of backoff) off: s3fs and logitcache recover.
+    so = s3.storage_options(botocore_attempts=1)
+    url = "s3://bucket/flaky"
+    write_synth(url, INFO, EXAMPLES, shard_positions=100, storage_options=so)
+    injected = s3.injected()
+    assert injected["500-after"] > 0 and injected["reset"] > 0 and injected["503"] > 0
+
+    cache = tmp_path / "cache"
+    assert snapshot(url, storage_options=so, cache_dir=cache) == reference  # bit for bit
+    report = verify_dataset(url, storage_options=so)
+    assert report.ok and not report.warnings and report.examples == len(EXAMPLES)
+    shards = [s["file"] for s in json.loads(s3_read(s3, "flaky/manifest.json"))["shards"]]
+    # A PUT applied but reported failed was simply repeated: no stray or extra objects.
+    assert objects(s3, "flaky") == sorted(["manifest.json", "_parts/w0.json", *shards])
+    assert committed_ids(url, so) == {e.id for e in EXAMPLES}
+
+    # The trainer's stream reads it once each, from the local copies now in the cache.
+    gets = Counter(m for m, k, *_ in s3.requests if k.endswith(".arrow"))["GET"]
+    stream = LogitStream(url, seed=0, shuffle_buffer=8, storage_options=so, cache_dir=cache)
+    ids = [item.example.id for item in stream.items(0, 1)]
+    assert sorted(ids) == sorted(e.id for e in EXAMPLES)
+    assert Counter(m for m, k, *_ in s3.requests if k.endswith(".arrow"))["GET"] == gets
+
+
+def s3_read(s3: FlakyS3, key: str) -> bytes:
+    import s3fs
+
+    return s3fs.S3FileSystem(**s3.storage_options(direct=True)).cat_file(f"bucket/{key}")
+
+
+def test_logitcache_retries_on_its_own(s3, reference, no_backoff) -> None:
+    # botocore retries switched off: each request is one attempt, so only logitcache retries.
+    so = s3.storage_options(botocore_attempts=1)
+    s3.policy = lambda method, key, n: "pass"
+    write_synth("s3://bucket/own", INFO, EXAMPLES, shard_positions=100, storage_options=so)
+    s3.policy = lambda m, key, n: (
+        "500" if m == "GET" and key.endswith(".arrow") and n <= 3 else "pass"
+    )
+    assert snapshot("s3://bucket/own", storage_options=so) == reference
+    tries = Counter(k for m, k, *_ in s3.requests if m == "GET" and k.startswith("bucket/own/sh"))
+    assert set(tries.values()) == {4}  # three failures, then success, for every shard
+
+
+def test_a_persistent_failure_names_the_object(s3, no_backoff) -> None:
+    so = s3.storage_options(botocore_attempts=1)
+    s3.policy = lambda method, key, n: "pass"
+    write_synth("s3://bucket/down", INFO, EXAMPLES, shard_positions=100, storage_options=so)
+    bad = "bucket/down/shard-w0-000001.arrow"
+    s3.policy = lambda method, key, n: "500" if method == "GET" and key == bad else "pass"
+    with pytest.raises(OSError, match=rf"reading s3://{bad}: failed 5 times .*check the network"):
+        list(open_dataset("s3://bucket/down", storage_options=so).iter_batches())
+    assert sum(1 for m, k, *_ in s3.requests if m == "GET" and k == bad) >= 5
+    report_error = None
+    try:
+        verify_dataset("s3://bucket/down", storage_options=so)
+    except OSError as e:
+        report_error = str(e)
+    assert report_error is not None and bad in report_error
+
+
+def test_capture_to_s3_through_failures(
+    s3, tmp_path: Path, tiny_teacher_dir: Path, no_backoff
+) -> None:
+    from logitcache.cache.capture import capture
+    from logitcache.cache.capture_config import (
+        CaptureConfig,
+        InputConfig,
+        RunConfig,
+        TargetConfig,
+        TeacherConfig,
+    )
+    from logitcache.tools.reliability import write_prompts
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 12)
+    s3.policy = transient_policy
+    so = s3.storage_options(botocore_attempts=1)
+
+    def cfg(out: str) -> CaptureConfig:
+        return CaptureConfig(
+            input=InputConfig(prompts=(str(prompts),)),
+            teacher=TeacherConfig(path=str(tiny_teacher_dir), device="cpu"),
+            run=RunConfig(out=out, max_batch_tokens=256, shard_positions=64, progress=False),
+            targets=TargetConfig(k=4, codec="f32"),
+        )
+
+    summary = capture(cfg("s3://bucket/captured"), storage_options=so)
+    assert summary.finalized and summary.dataset_examples == 12
+    capture(cfg(str(tmp_path / "local")))
+    remote = open_dataset("s3://bucket/captured", storage_options=so, verify=True)
+    got = {e.id: e for e in remote.iter_examples()}
+    want = {e.id: e for e in open_dataset(tmp_path / "local").iter_examples()}
+    assert sorted(got) == sorted(want) and len(got) == 12
+    for i, e in want.items():
+        assert (got[i].response_ids == e.response_ids).all()
+        assert (got[i].targets.ids == e.targets.ids).all()
+    assert verify_dataset("s3://bucket/captured", storage_options=so).ok
+    assert s3.injected()["500-after"] > 0

@@ -1,0 +1,710 @@
+"""Issue 5's fidelity study: which stored targets reach online full-KD quality at the fewest bytes.
+
+Same teacher, same student initialisation, same data, order and number of steps for every
+configuration; only the training signal differs:
+
+* ``online``: full-vocabulary forward KL with the teacher running in the loop (the reference);
+* ``hard``: cross-entropy on the same tokens (``loss.alpha 0``);
+* ``topk``: offline top-k for several k, with the tail as a bucket or renormalized away, and
+  each log-prob codec;
+* ``sampled``: offline RS-KD targets, N draws per position.
+
+The teacher runs once over the training text; every offline dataset is derived from that pass
+with the capture's own functions (``cache.targets``), written with :class:`DatasetWriter` and
+trained on with ``train(Config)``, so bytes/position are real shard bytes and codec error is
+in the loop. Quality is measured on held-out text against the teacher's *full* distribution:
+mean KL(teacher ‖ student) per position, cross-entropy of the true next token, and top-1
+agreement. A configuration "reaches online quality" when its held-out KL is at most
+``(1 + tolerance)`` times the online run's.
+
+    python -m logitcache.tools.fidelity                 # SmolLM2 on KJV text, ~30 min, 2 cores
+    python -m logitcache.tools.fidelity --quick         # fewer variants and steps, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from logitcache.cache.codecs import Codec
+from logitcache.cache.format import DatasetInfo, Example, TargetSpec, TopK
+
+if TYPE_CHECKING:
+    import torch
+
+    from logitcache.train.config import Config
+
+Kind = Literal["online", "hard", "topk", "sampled"]
+TailMode = Literal["bucket", "renorm"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One training signal of the study."""
+
+    kind: Kind
+    k: int = 0
+    n: int = 0
+    codec: Codec = "u8"
+    tail: TailMode = "bucket"
+    seed: int = 0
+    """Data-order seed (train.seed); a second seed estimates run-to-run noise."""
+
+    @property
+    def name(self) -> str:
+        base = {
+            "online": "online full KD",
+            "hard": "hard labels (CE)",
+            "topk": f"top-{self.k} {self.tail} {self.codec}",
+            "sampled": f"sampled n={self.n}",
+        }[self.kind]
+        return base if self.seed == 0 else f"{base} (seed {self.seed})"
+
+    @property
+    def dataset(self) -> TargetSpec:
+        """The stored targets this variant trains on (hard and online read the n=1 set for the
+        data order only: hard labels weight its KD term 0, online ignores it)."""
+        if self.kind == "topk":
+            return TargetSpec("topk", k=self.k, codec=self.codec)
+        return TargetSpec("sampled", n=self.n if self.kind == "sampled" else 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Training settings shared by every variant."""
+
+    steps: int
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 2
+    sample_seed: int = 0
+    """Seed of the sampled targets' counter-based draws (as `logitcache build --seed`)."""
+
+
+@dataclass
+class Row:
+    """One measured variant."""
+
+    variant: Variant
+    bytes_per_position: float | None
+    """Shard bytes / positions of its training set; None when nothing is stored (online)."""
+    kl: float
+    ce: float
+    top1: float
+    step_s: float
+    """Median seconds per optimizer step (the first step excluded)."""
+    unique_ids: float | None = None
+    """Mean distinct ids per position (sampled targets)."""
+
+
+def default_variants(
+    ks: list[int],
+    draws: list[int],
+    codecs: list[Codec],
+    codec_k: int,
+    noise_seeds: list[int],
+    tails: tuple[TailMode, ...] = ("bucket", "renorm"),
+    hard: bool = True,
+    seed: int = 0,
+) -> list[Variant]:
+    """Online (the reference) and hard first, then top-k × tail (u8), the other codecs at
+    ``codec_k``, sampled N, all at data-order ``seed``; then online at each noise seed."""
+    out = [Variant("online")] + ([Variant("hard")] if hard else [])
+    out += [Variant("topk", k=k, tail=t) for k in ks for t in tails]
+    out += [Variant("topk", k=codec_k, codec=c) for c in codecs if c != "u8"]
+    out += [Variant("sampled", n=n) for n in draws]
+    out = [replace(v, seed=seed) for v in out]
+    return out + [Variant("online", seed=s) for s in noise_seeds]
+
+
+# --------------------------------------------------------------------------- models and data
+
+
+def make_student(teacher_dir: str | Path, layers: list[int], out: str | Path) -> Path:
+    """A student of the teacher's ``layers`` (in order), embeddings, final norm and lm_head."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = len(layers)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in layers]
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if ".layers." not in key:
+            state[key] = value
+            continue
+        head, rest = key.split(".layers.", 1)
+        index, tail = rest.split(".", 1)
+        if int(index) in layers:
+            state[f"{head}.layers.{layers.index(int(index))}.{tail}"] = value
+    student.load_state_dict(state, strict=True)
+    student.save_pretrained(out)
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+    return Path(out)
+
+
+def kjv_tokens(tokenizer: Any, count: int, length: int) -> np.ndarray:
+    """(count, length) token ids of KJV passages spread over the whole book."""
+    from .corpus import kjv_passages
+
+    texts = kjv_passages(count, min_chars=length * 6)
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"][:length] for t in texts]
+    return np.array(rows, dtype=np.int64)
+
+
+def split_held_out(tokens: np.ndarray, held_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held-out): every (len/held_out)-th sequence is held out, so both span the book."""
+    step = max(len(tokens) // held_out, 1)
+    mask = np.zeros(len(tokens), dtype=bool)
+    mask[::step][:held_out] = True
+    return tokens[~mask], tokens[mask]
+
+
+def _teacher_logits(
+    teacher: Any, tokens: np.ndarray, batch: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first row, (B, L-1, V) fp32 logits) for each batch of ``tokens``."""
+    import torch
+
+    with torch.inference_mode():
+        for i in range(0, len(tokens), batch):
+            x = torch.from_numpy(tokens[i : i + batch])
+            yield i, teacher(x).logits[:, :-1].float()
+
+
+def teacher_log_probs(teacher: Any, tokens: np.ndarray, batch: int = 8) -> torch.Tensor:
+    """(S, L-1, V) the teacher's full fp32 log-softmax at every next-token position."""
+    import torch
+
+    return torch.cat([lg.log_softmax(-1) for _, lg in _teacher_logits(teacher, tokens, batch)])
+
+
+def build_datasets(
+    teacher: Any,
+    tokens: np.ndarray,
+    specs: list[TargetSpec],
+    info: DatasetInfo,
+    root: Path,
+    settings: Settings,
+    batch: int = 8,
+) -> dict[TargetSpec, Path]:
+    """One teacher pass over ``tokens``; every spec's dataset written from it under ``root``.
+
+    Each sequence is one example: prompt = its first token, response = the rest (bench_format's
+    layout). Top-k and draws come from ``cache.targets`` exactly as the capture computes them.
+    """
+    import torch
+
+    from logitcache.cache.targets import (
+        STREAM_TARGETS,
+        example_keys,
+        log_probs,
+        row_keys,
+        sample_ids,
+        topk_targets,
+        uniforms,
+    )
+    from logitcache.cache.writer import DatasetWriter
+
+    from .bench_format import _examples, _sampled
+
+    ks = sorted({s.k for s in specs if s.kind == "topk"})
+    ns = sorted({s.n for s in specs if s.kind == "sampled"})
+    top: dict[int, list[Any]] = {k: [] for k in ks}
+    draws: dict[int, list[np.ndarray]] = {n: [] for n in ns}
+    P = tokens.shape[1] - 1
+    # Example ids as _examples names them, keyed as the capture keys them (cache/capture.py).
+    names = [f"r0-s{s}" for s in range(len(tokens))]
+    keys = torch.from_numpy(example_keys(names, settings.sample_seed))  # (S,)
+    for first, logits in _teacher_logits(teacher, tokens, batch):
+        flat = logits.reshape(-1, logits.shape[-1])  # (B·P, V)
+        for k in ks:
+            t = topk_targets(flat, k, 1.0)
+            top[k].append((t.ids.numpy(), t.logprobs.numpy(), t.tail.numpy()))
+        if ns:
+            logp = log_probs(flat, 1.0)  # (B·P, V)
+            rows = keys[first : first + len(logits)].repeat_interleave(P)
+            pos = torch.arange(P).repeat(len(logits))
+            for n in ns:
+                u = uniforms(row_keys(rows, pos, STREAM_TARGETS), n)  # (B·P, n)
+                draws[n].append(sample_ids(logp, u).numpy())
+    makers: dict[TargetSpec, Callable[[slice], Any]] = {}
+    for spec in specs:
+        if spec.kind == "topk":
+            ids, lp, tail = (np.concatenate(a) for a in zip(*top[spec.k], strict=True))
+
+            def make(
+                sl: slice, ids: np.ndarray = ids, lp: np.ndarray = lp, tail: np.ndarray = tail
+            ) -> TopK:
+                return TopK(ids[sl], lp[sl], tail[sl])
+
+            makers[spec] = make
+        else:
+            makers[spec] = _sampled(np.concatenate(draws[spec.n]))
+    out = {}
+    for spec, make in makers.items():
+        d = root / f"{spec.kind}-k{spec.k}-n{spec.n}-{spec.codec}"
+        with DatasetWriter(d, replace(info, targets=spec)) as w:
+            for ex in _examples(tokens, make):
+                w.add(ex)
+        out[spec] = d
+    return out
+
+
+def token_bytes(examples: list[Example], info: DatasetInfo) -> int:
+    """Bytes of a shard holding only the ids, prompts and responses (what hard labels need)."""
+    import pyarrow as pa
+
+    schema = pa.schema(list(info.schema())[:3])
+    table = pa.table(
+        {
+            "id": [e.id for e in examples],
+            "prompt_ids": [e.prompt_ids.tolist() for e in examples],
+            "response_ids": [e.response_ids.tolist() for e in examples],
+        },
+        schema=schema,
+    )
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table, max_chunksize=1024)
+    return sink.getvalue().size
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _config(v: Variant, data: Path, student: Path, out: Path, s: Settings) -> Config:
+    from logitcache.train.config import (
+        Config,
+        DataConfig,
+        LogConfig,
+        LossConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+    )
+
+    cfg = Config(
+        data=DataConfig(train=str(data), batch_size=s.batch_size, max_seq_len=4096),
+        model=ModelConfig(path=str(student)),
+        loss=LossConfig(alpha=0.0 if v.kind == "hard" else 1.0, tail=v.tail),
+        optim=OptimConfig(lr=s.lr, warmup_steps=s.warmup_steps),
+        train=TrainConfig(output=str(out), steps=s.steps, seed=v.seed, device="cpu"),
+        log=LogConfig(progress=False),
+    )
+    problems = cfg.validate()
+    if problems:
+        raise ValueError("; ".join(problems))
+    return cfg
+
+
+def train_offline(
+    v: Variant, data: Path, student: Path, out: Path, s: Settings
+) -> tuple[Any, float]:
+    """The project trainer on a stored dataset: (trained model, median step seconds)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.train.trainer import FINAL_NAME, read_metrics, train
+
+    train(_config(v, data, student, out, s))
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    model = AutoModelForCausalLM.from_pretrained(out / FINAL_NAME, dtype=torch.float32)
+    return model, _median_step([r["tokens"] / r["tokens_per_s"] for r in steps])
+
+
+def train_online(
+    v: Variant, data: Path, student: Path, teacher: Any, out: Path, s: Settings
+) -> tuple[Any, float]:
+    """Full-vocabulary forward KL with ``teacher`` in the loop, replicating the trainer's
+    student, optimizer, schedule, clipping and data order (read from ``data``; its targets are
+    ignored). Returns (trained model, median step seconds)."""
+    import torch
+
+    from logitcache.cache.reader import open_dataset
+    from logitcache.train.student import Dist, DistillStudent, load_student
+    from logitcache.train.trainer import lr_at, make_loader
+
+    cfg = _config(v, data, student, out, s)
+    info = open_dataset(data).info
+    dist = Dist(0, 1, torch.device("cpu"))
+    model = load_student(cfg, info)
+    hidden_of = DistillStudent(model, cfg, info.targets.kind).hidden
+    head = model.get_output_embeddings()
+    o = cfg.optim
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+        foreach=False,
+    )
+    batches = iter(make_loader(cfg, str(data), info, dist, train=True, pad_id=0))
+    model.train()
+    times = []
+    for step in range(s.steps):
+        t0 = time.perf_counter()
+        b = next(batches)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg, s.steps)
+        with torch.inference_mode():
+            t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            log_p = t_logits.flatten(0, 1).index_select(0, b.positions).float().log_softmax(-1)
+        log_p = log_p.clone()  # (N, V), out of inference mode so autograd may read it
+        log_q = head(hidden_of(b.input_ids, b.attention_mask, b.positions)).float().log_softmax(-1)
+        kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none")
+        kl.sum(-1).mean().backward()  # mean over positions of KL(p ‖ q), as the trainer's KD
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return model, _median_step(times)
+
+
+def _median_step(times: list[float]) -> float:
+    return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def evaluate_student(
+    model: Any, tokens: np.ndarray, teacher_lp: torch.Tensor, batch: int = 8
+) -> dict[str, float]:
+    """Mean per position of KL(teacher ‖ student) over the full vocabulary, CE of the true next
+    token and top-1 agreement with the teacher, on held-out ``tokens`` (S, L)."""
+    import torch
+
+    sums = np.zeros(3)
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(tokens), batch):
+            x = torch.from_numpy(tokens[i : i + batch])
+            log_q = model(x).logits[:, :-1].float().log_softmax(-1)  # (B, L-1, V)
+            log_p = teacher_lp[i : i + batch]
+            kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none")
+            sums[0] += float(kl.sum(-1).double().sum())
+            sums[1] -= float(log_q.gather(-1, x[:, 1:, None]).double().sum())
+            sums[2] += float((log_q.argmax(-1) == log_p.argmax(-1)).sum())
+    n = tokens.shape[0] * (tokens.shape[1] - 1)
+    return {"kl": float(sums[0] / n), "ce": float(sums[1] / n), "top1": float(sums[2] / n)}
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def run_study(
+    teacher_dir: str | Path,
+    student_dir: str | Path,
+    train_tokens: np.ndarray,
+    eval_tokens: np.ndarray,
+    variants: list[Variant],
+    settings: Settings,
+    workdir: str | Path,
+    log: Callable[[str], None] = print,
+) -> tuple[list[Row], dict[str, float]]:
+    """Train every variant and measure it; returns (rows, the untrained student's metrics)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from logitcache.cache.reader import open_dataset
+    from logitcache.cache.tokenizer import tokenizer_fingerprint
+
+    from .bench_format import _examples
+
+    work = Path(workdir)
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    info = DatasetInfo(
+        vocab_size=teacher.config.vocab_size,
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+        targets=TargetSpec("sampled", n=1),
+        teacher={"name_or_path": str(teacher_dir)},
+        capture={"temperature": 1.0, "mode": "score"},
+    )
+    t0 = time.perf_counter()
+    specs = list(dict.fromkeys(v.dataset for v in variants))
+    data = build_datasets(teacher, train_tokens, specs, info, work / "data", settings)
+    eval_lp = teacher_log_probs(teacher, eval_tokens)
+    log(
+        f"teacher pass over {len(train_tokens)} + {len(eval_tokens)} sequences: {time.perf_counter() - t0:.0f} s"
+    )
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    initial = evaluate_student(student, eval_tokens, eval_lp)
+    del student
+    log(
+        f"untrained student: KL {initial['kl']:.4f}  CE {initial['ce']:.4f}  top-1 {initial['top1']:.3f}"
+    )
+    hard_bytes = token_bytes(_examples(train_tokens, lambda sl: None), info)
+    rows = []
+    for v in variants:
+        t0 = time.perf_counter()
+        ds = data[v.dataset]
+        out = work / "runs" / v.name.replace(" ", "_").replace("(", "").replace(")", "")
+        if v.kind == "online":
+            model, step_s = train_online(v, ds, Path(student_dir), teacher, out, settings)
+        else:
+            model, step_s = train_offline(v, ds, Path(student_dir), out, settings)
+        m = evaluate_student(model, eval_tokens, eval_lp)
+        del model
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "final", ignore_errors=True)
+        manifest = open_dataset(ds).manifest
+        nbytes: float | None = manifest.num_bytes / manifest.num_positions
+        if v.kind == "online":
+            nbytes = None
+        elif v.kind == "hard":
+            nbytes = hard_bytes / manifest.num_positions
+        unique = None
+        if v.kind == "sampled":
+            unique = float(
+                np.mean(
+                    [len(b.sample_ids) / b.num_positions for b in open_dataset(ds).iter_batches()]
+                )
+            )
+        rows.append(Row(v, nbytes, m["kl"], m["ce"], m["top1"], step_s, unique))
+        log(
+            f"{v.name:<28} KL {m['kl']:.4f}  CE {m['ce']:.4f}  top-1 {m['top1']:.3f}  "
+            f"step {step_s:.2f} s  ({time.perf_counter() - t0:.0f} s)"
+        )
+    return rows, initial
+
+
+def reference(rows: list[Row]) -> Row:
+    """The first online full-KD run: the others compare with it at its data-order seed."""
+    return next(r for r in rows if r.variant.kind == "online")
+
+
+def winner(rows: list[Row], tolerance: float = 0.01) -> Row | None:
+    """The stored configuration with held-out KL ≤ (1 + tolerance) × online's (same seed), at
+    the fewest bytes/position; None when no stored configuration gets there."""
+    ref = reference(rows)
+    ok = [
+        r
+        for r in rows
+        if r.variant.kind in ("topk", "sampled")
+        and r.variant.seed == ref.variant.seed
+        and r.kl <= ref.kl * (1.0 + tolerance)
+    ]
+    return min(ok, key=lambda r: (r.bytes_per_position, r.kl), default=None)
+
+
+def table(rows: list[Row], tolerance: float = 0.01) -> str:
+    """The results as a Markdown table."""
+    ref = reference(rows)
+    lines = [
+        "| configuration | B/position | held-out KL | KL ÷ online | CE | top-1 | step s | within 1%? |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b = "— (teacher in loop)" if r.bytes_per_position is None else f"{r.bytes_per_position:.1f}"
+        if r.unique_ids is not None:
+            b += f" (u={r.unique_ids:.1f})"
+        ok = "ref" if r is ref else ("yes" if r.kl <= ref.kl * (1 + tolerance) else "no")
+        lines.append(
+            f"| {r.variant.name} | {b} | {r.kl:.4f} | {r.kl / ref.kl:.3f} | {r.ce:.4f} | "
+            f"{r.top1:.3f} | {r.step_s:.2f} | {ok} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(
+    rows: list[Row], initial: dict[str, float], png: str | Path, tolerance: float = 0.01
+) -> None:
+    """Held-out KL and CE against bytes/position (log x); online as a line with its tolerance
+    band, online at other seeds dashed (the run-to-run noise), hard labels noted if off-scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = reference(rows)
+    same = [
+        r for r in rows if r.variant.seed == ref.variant.seed and r.bytes_per_position is not None
+    ]
+    topk = [r for r in same if r.variant.kind == "topk"]
+    codec_k = {r.variant.k for r in topk if r.variant.codec != "u8"}
+    series: dict[str, tuple[str, list[Row]]] = {
+        "top-k, tail bucket (u8)": ("o", [r for r in topk if r.variant.tail == "bucket" and r.variant.codec == "u8"]),
+        "top-k, renormalized (u8)": ("s", [r for r in topk if r.variant.tail == "renorm"]),
+        "top-k codecs, bucket": ("D", [r for r in topk if r.variant.k in codec_k and r.variant.tail == "bucket"]),
+        "sampled N": ("^", [r for r in same if r.variant.kind == "sampled"]),
+        "hard labels": ("x", [r for r in same if r.variant.kind == "hard"]),
+    }  # fmt: skip
+    others = [r for r in rows if r.variant.kind == "online" and r is not ref]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key in zip(axes, ("kl", "ce"), strict=True):
+        y = getattr(ref, key)
+        shown = [getattr(r, key) for r in same if r.variant.kind != "hard"]
+        shown += [y] + [getattr(r, key) for r in others]
+        lo, hi = min(shown), max(shown)
+        lo, hi = lo - 0.05 * (hi - lo + 1e-3), hi + 0.08 * (hi - lo + 1e-3)
+        for label, (marker, rs) in series.items():
+            rs = sorted(rs, key=lambda r: r.bytes_per_position or 0.0)
+            xs, ys = [r.bytes_per_position for r in rs], [getattr(r, key) for r in rs]
+            ax.plot(xs, ys, marker=marker, label=label, alpha=0.85)
+            for r, x_, y_ in zip(rs, xs, ys, strict=True):
+                v = r.variant
+                codec_tag = "" if v.codec == "u8" else v.codec  # its k is marked already
+                tag = {"topk": f"k={v.k}" if label.endswith("(u8)") else codec_tag,
+                       "sampled": f"N={v.n}", "hard": "hard"}[v.kind]  # fmt: skip
+                if y_ > hi:  # off-scale: say where it is
+                    tag, y_ = f"hard labels: {getattr(r, key):.2f} ↑", hi
+                ax.annotate(tag, (x_, min(y_, hi)), fontsize=7, xytext=(3, -9 if y_ >= hi else 3),
+                            textcoords="offset points")  # fmt: skip
+        ax.axhline(y, color="k", lw=1, label=f"online full KD (seed {ref.variant.seed})")
+        ax.axhspan(y, y * (1 + tolerance), color="k", alpha=0.12, label=f"online + {tolerance:.0%}")
+        for r in others:
+            ax.axhline(getattr(r, key), color="k", lw=1, ls="--",
+                       label=f"online full KD, seed {r.variant.seed}")  # fmt: skip
+        ax.axvline(16, color="g", ls=":", lw=1, label="goal: 16 B")
+        ax.axvline(36, color="r", ls=":", lw=1, label="RS-KD: ~36 B")
+        ax.set_xscale("log")
+        ax.set_ylim(lo, hi)
+        ax.set(xlabel="bytes / position (zstd shards, tokens included)",
+               ylabel=f"held-out {key.upper()} (nats)")  # fmt: skip
+    axes[0].set_title("KL(teacher ‖ student) over the full vocabulary")
+    axes[1].set_title("cross-entropy of the true next token")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
+    fig.suptitle(
+        "Same student, data order and steps for every point "
+        f"(untrained student: KL {initial['kl']:.2f}, CE {initial['ce']:.2f})",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def load_rows(path: str | Path) -> tuple[list[Row], dict[str, float]]:
+    """Rows and the untrained student's metrics from a ``--json`` file."""
+    obj = json.loads(Path(path).read_text())
+    rows = []
+    for d in obj["rows"]:
+        fields = {k: v for k, v in d.items() if k not in ("variant", "name")}
+        rows.append(Row(Variant(**d["variant"]), **fields))
+    return rows, obj["initial"]
+
+
+QUICK = {
+    "train_seqs": 64,
+    "eval_seqs": 16,
+    "ks": "8",
+    "draws": "16",
+    "codecs": "u8",
+    "noise_seeds": "",
+}
+"""What --quick changes: one top-k and one sampled size, no codec sweep, no noise seed."""
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--teacher", help="HF model folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--student-layers", default="0,10,20,29", help="teacher layers kept")
+    ap.add_argument("--train-seqs", type=int, default=192, help="training sequences")
+    ap.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences")
+    ap.add_argument("--length", type=int, default=64, help="tokens per sequence")
+    ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    ap.add_argument("--steps", type=int, default=0, help="optimizer steps; 0 = one epoch")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    ap.add_argument("--ks", default="8,32,64", help="top-k sizes (u8, both tails)")
+    ap.add_argument("--draws", default="8,16,32,64", help="sampled-target sizes N")
+    ap.add_argument("--tails", default="bucket,renorm", help="top-k tail modes")
+    ap.add_argument("--hard", action=argparse.BooleanOptionalAction, default=True,
+                    help="include the hard-label run")  # fmt: skip
+    ap.add_argument("--codecs", default="f32,f16,u16,u8", help="codecs compared at --codec-k")
+    ap.add_argument("--codec-k", type=int, default=8, help="k of the codec comparison")
+    ap.add_argument("--seed", type=int, default=0, help="data-order seed of every run")
+    ap.add_argument("--noise-seeds", default="1", help="extra data-order seeds of online KD")
+    ap.add_argument("--tolerance", type=float, default=0.01, help="relative KL margin")
+    ap.add_argument("--quick", action="store_true", help=f"smaller study: {QUICK}")
+    ap.add_argument("--workdir", help="datasets and runs go here (default: a temp dir)")
+    ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--plot", default="docs/fidelity.png", help="PNG of quality vs bytes")
+    ap.add_argument("--replot", metavar="JSON", help="only redraw table and plot from --json")
+    args = ap.parse_args(argv)
+    if args.replot:
+        rows, initial = load_rows(args.replot)
+        print(table(rows, args.tolerance))
+        plot(rows, initial, args.plot, args.tolerance)
+        return
+    if args.quick:
+        vars(args).update(QUICK)
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .teachers import ensure_smollm2
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    teacher = args.teacher or str(ensure_smollm2())
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="fidelity-"))
+    tok = AutoTokenizer.from_pretrained(teacher)
+    tokens = kjv_tokens(tok, args.train_seqs + args.eval_seqs, args.length)
+    train_tokens, eval_tokens = split_held_out(tokens, args.eval_seqs)
+    steps = args.steps or math.ceil(len(train_tokens) / args.batch_size)
+    settings = Settings(steps=steps, batch_size=args.batch_size, lr=args.lr)
+    student = make_student(teacher, _ints(args.student_layers), work / "student")
+    variants = default_variants(
+        _ints(args.ks), _ints(args.draws), args.codecs.split(","), args.codec_k,
+        _ints(args.noise_seeds), tuple(args.tails.split(",")), args.hard, args.seed,
+    )  # fmt: skip
+    print(
+        f"teacher {teacher}; student: its layers {args.student_layers}; "
+        f"{len(train_tokens)} train + {len(eval_tokens)} held-out KJV sequences of "
+        f"{args.length} tokens; {steps} steps of {args.batch_size}; lr {args.lr}; "
+        f"{len(variants)} runs; workdir {work}"
+    )
+    rows, initial = run_study(teacher, student, train_tokens, eval_tokens, variants, settings, work)
+    print()
+    print(table(rows, args.tolerance))
+    ref, best = reference(rows), winner(rows, args.tolerance)
+    for r in rows:
+        if r.variant.kind == "online" and r is not ref:
+            print(
+                f"online KL, seed {r.variant.seed} vs {ref.variant.seed}: "
+                f"{(r.kl - ref.kl) / ref.kl:+.2%}"
+            )
+    if best is None:
+        print(f"no stored configuration is within {args.tolerance:.0%} of online full KD")
+    else:
+        print(
+            f"winner: {best.variant.name}, {best.bytes_per_position:.1f} B/position, "
+            f"KL ÷ online {best.kl / ref.kl:.4f}"
+        )
+    if args.json:
+        rows_json = [{**asdict(r), "name": r.variant.name} for r in rows]
+        Path(args.json).write_text(json.dumps({"initial": initial, "rows": rows_json}, indent=1))
+    if args.plot:
+        plot(rows, initial, args.plot, args.tolerance)
+        print(f"plot: {args.plot}")
+    print(f"total {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
