@@ -164,11 +164,13 @@ class DatasetWriter:
                 ) from None
 
     def _clean_own_temp_files(self) -> None:
+        # Leftovers of a crash mid-write: shard files in the folder, journals in _parts/.
         if self.loc.is_local:
             prefix = self._tmp_prefix()
-            for name in self.loc.listdir():
-                if name.startswith(prefix):
-                    self.loc.remove(name)
+            for folder in ((), (PARTS_DIR,)):
+                for name in self.loc.listdir(*folder):
+                    if name.startswith(prefix):
+                        self.loc.remove(*folder, name)
 
     def _tmp_prefix(self) -> str:
         return f".tmp-{self.writer_id}-"
@@ -232,7 +234,12 @@ class DatasetWriter:
         self._write_journal()
 
     def _write_journal(self) -> None:
-        self.loc.write_atomic(self.journal.dumps(), PARTS_DIR, part_name(self.writer_id))
+        self.loc.write_atomic(
+            self.journal.dumps(),
+            PARTS_DIR,
+            part_name(self.writer_id),
+            tmp_prefix=self._tmp_prefix(),
+        )
 
     def _wait(self, raise_errors: bool = True) -> None:
         pending, self._pending = self._pending, []

@@ -328,13 +328,14 @@ def cmd_flips(args: argparse.Namespace) -> None:
                 continue
             info = synth_info(kind, codec=codec)
             ds = root / f"{kind}-{codec}"
-            write_synth(ds, info, synth_examples(info, 40, seed=args.seed), shard_positions=150)
+            examples = synth_examples(info, args.examples, seed=args.seed)
+            write_synth(ds, info, examples, shard_positions=args.shard_positions)
             reference = snapshot(ds)
             if not args.manifest_only:
                 shard_sweep(
                     ds, reference, args, rng, every_footer_bit=first and args.all_footer_bits
                 )
-            if first:
+            if first and args.manifest_flips:
                 manifest_sweep(
                     ds, reference, args.manifest_flips, np.random.default_rng([args.seed, 1])
                 )
@@ -935,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", type=int, default=3, help="shards flipped per dataset")
     p.add_argument("--manifest-flips", type=int, default=1000)
     p.add_argument("--manifest-only", action="store_true", help="only the manifest.json sweep")
+    p.add_argument("--examples", type=int, default=40, help="examples per dataset")
+    p.add_argument("--shard-positions", type=int, default=150, help="positions per shard")
     p.add_argument(
         "--all-footer-bits",
         action="store_true",
