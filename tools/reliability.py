@@ -2,7 +2,7 @@
 
 Each subcommand prints the figures that docs/RELIABILITY.md quotes:
 
-    python -m logitcache.tools.reliability flips          # single-bit flips: verify vs plain read
+    python -m logitcache.tools.reliability flips --all-footer-bits  # bit flips: verify vs plain
     python -m logitcache.tools.reliability s3             # S3 (moto) behind a fault-injecting proxy
     python -m logitcache.tools.reliability capture-crash  # SIGKILL `logitcache build`, rerun it
     python -m logitcache.tools.reliability train-crash    # SIGKILL `logitcache train`, --resume
@@ -10,6 +10,7 @@ Each subcommand prints the figures that docs/RELIABILITY.md quotes:
 
 Everything runs locally (moto serves S3 on 127.0.0.1; the models are tools/tiny.py's) and
 nothing is downloaded. torch is imported only by the subcommands that capture, train or stream.
+tests/reliability/ imports the helpers (synthetic datasets, bit flips, ``FlakyS3``, crash runs).
 """
 
 from __future__ import annotations
@@ -212,10 +213,7 @@ def flip_trial(
             by_reader = "caught" if shard in str(e) and "sha256" in str(e) else "other error"
         out = {"shard": shard, "bit": bit, "verify": by_verify, "verified_read": by_reader}
         if plain:
-
-            def go() -> str:
-                return read_outcome(ds, reference, verify=False)
-
+            go = lambda: read_outcome(ds, reference, verify=False)  # noqa: E731
             out["plain"] = in_child(go) if fork else go()
     return out
 
@@ -254,7 +252,7 @@ def manifest_field_at(data: bytes, byte: int) -> str:
         parent = pattern.match(line)
         if parent is not None:
             path.insert(0, parent.group(2) + ("[]" if line.rstrip().endswith("[") else ""))
-    return f"{'.'.join(path).replace('[].', '[].')} ({part})"
+    return f"{'.'.join(path)} ({part})"
 
 
 def shard_sweep(
@@ -400,8 +398,10 @@ class FlakyS3:
     def make_bucket(self, name: str) -> None:
         c = http.client.HTTPConnection("127.0.0.1", self.moto_port, timeout=30)
         c.request("PUT", f"/{name}")
-        assert c.getresponse().status == 200
+        status = c.getresponse().status
         c.close()
+        if status != 200:
+            raise RuntimeError(f"moto refused to create bucket {name!r} (HTTP {status})")
 
     def injected(self) -> Counter[str]:
         return Counter(a for *_, a in self.requests if a != "pass")
@@ -562,16 +562,19 @@ def cmd_s3(args: argparse.Namespace) -> None:
         if not args.persistent and attempts is None:
             continue
 
-        def always(method: str, key: str, n: int, action: str = action) -> str:
-            return action if method == "GET" and key.endswith("shard-w0-000001.arrow") else "pass"
+        url = f"s3://bucket/down-{action}-{attempts}"  # moto's state is per process
+        bad = f"{url.removeprefix('s3://')}/shard-w0-000001.arrow"
+
+        def always(method: str, key: str, n: int, bad: str = bad, action: str = action) -> str:
+            return action if method == "GET" and key == bad else "pass"
 
         with FlakyS3(always) as flaky:
             flaky.make_bucket("bucket")
             so = flaky.storage_options(botocore_attempts=attempts)
-            write_synth("s3://bucket/ds", info, examples, shard_positions=100, storage_options=so)
+            write_synth(url, info, examples, shard_positions=100, storage_options=so)
             t0 = time.perf_counter()
             try:
-                snapshot("s3://bucket/ds", storage_options=so)
+                snapshot(url, storage_options=so)
                 message = "no error"
             except OSError as e:
                 message = f"{type(e).__name__}: {e}"
@@ -579,7 +582,7 @@ def cmd_s3(args: argparse.Namespace) -> None:
             layers = (
                 "botocore (legacy, default) + s3fs + logitcache"
                 if attempts is None
-                else ("logitcache only (botocore total_max_attempts=1)")
+                else "botocore retries off (total_max_attempts=1): s3fs + logitcache"
             )
             print(
                 f"  shard-w0-000001 GET always fails with {action} [{layers}]: error after "
@@ -898,19 +901,52 @@ def cmd_train_crash(args: argparse.Namespace) -> None:
         for trial in range(args.trials):
             out = root / f"trial{trial}"
             cmd = train_command(data, student, out, steps, every)
-            at = int(rng.integers(every + 1, steps))
-            run_killed(cmd, lambda at=at, out=out: logged_steps(out) >= at)
-            redone = logged_steps(out)
+            # A checkpoint is written right after the metrics of every `every`-th step: kill at
+            # a random moment up to 0.1 s (a step or two) after step `at` is logged.
+            at, delay = int(rng.integers(every, steps - 2)), float(rng.uniform(0, 0.1))
+            seen: list[float] = []
+
+            def due(at: int = at, delay: float = delay, out: Path = out, seen=seen) -> bool:
+                if not seen and logged_steps(out) >= at:
+                    seen.append(time.perf_counter())
+                return bool(seen) and time.perf_counter() - seen[0] >= delay
+
+            killed, _ = run_killed(cmd, due)
+            logged = logged_steps(out)
+            partial = len(list((out / "checkpoints").glob(".tmp-step-*")))
+            ckpts = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
             run_to_end([*cmd, "--resume"])
             got = train_losses(out)
             same += got == reference
+            killed_at = (
+                f"SIGKILL {delay:.2f} s after step {at} was logged"
+                if killed
+                else ("finished before the kill")
+            )
             print(
-                f"  trial {trial}: SIGKILL once {at} steps were logged ({redone} logged at the "
-                f"kill) -> --resume: {len(got)} steps, identical to the uninterrupted run in "
-                f"{sum(a == b for a, b in zip(got, reference, strict=False))} of {steps}: "
-                f"{'bit for bit' if got == reference else 'DIFFERENT'}"
+                f"  trial {trial}: {killed_at} ({logged} "
+                f"logged, checkpoints {ckpts[-1] if ckpts else None}, {partial} half-written) -> "
+                f"--resume: {len(got)} steps, "
+                f"{sum(a == b for a, b in zip(got, reference, strict=False))} of {steps} "
+                f"identical: {'bit for bit' if got == reference else 'DIFFERENT'}"
             )
         print(f"{same} of {args.trials} resumed runs reproduce the uninterrupted losses exactly")
+        # Killed while its second checkpoint is being assembled (a temporary folder exists).
+        out = root / "mid-checkpoint"
+        cmd = train_command(data, student, out, steps, every)
+        ckpt_dir = out / "checkpoints"
+        killed, _ = run_killed(
+            cmd, lambda: any(ckpt_dir.glob(".tmp-step-*")) and any(ckpt_dir.glob("step-*"))
+        )
+        partial = sorted(p.name for p in ckpt_dir.glob(".tmp-step-*"))
+        ckpts = sorted(p.name for p in ckpt_dir.glob("step-*"))
+        run_to_end([*cmd, "--resume"])
+        print(
+            f"  killed while writing a checkpoint ({killed=}; half-written {partial}, complete "
+            f"{ckpts}) -> --resume: "
+            f"{'bit for bit' if train_losses(out) == reference else 'DIFFERENT'}; afterwards "
+            f"still there: {sorted(p.name for p in ckpt_dir.glob('.tmp-step-*'))}"
+        )
         # Killed before its first checkpoint: what does the user see?
         out = root / "early"
         cmd = train_command(data, student, out, steps, every)
@@ -957,9 +993,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-kills", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train-crash", help="SIGKILL `logitcache train` and --resume it")
-    p.add_argument("--trials", type=int, default=5)
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--checkpoint-every", type=int, default=4)
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--checkpoint-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("rss", help="peak RSS streaming 1×, 10×, 100× the shuffle buffer")
     p.add_argument("--buffer", type=int, default=1024)

@@ -60,6 +60,12 @@ def objects(s3: FlakyS3, prefix: str) -> list[str]:
     return sorted(p.removeprefix(f"bucket/{prefix}/") for p in fs.find(f"bucket/{prefix}"))
 
 
+def s3_read(s3: FlakyS3, key: str) -> bytes:
+    import s3fs
+
+    return s3fs.S3FileSystem(**s3.storage_options(direct=True)).cat_file(f"bucket/{key}")
+
+
 def test_transient_failures_lose_and_duplicate_nothing(s3, reference, tmp_path, no_backoff) -> None:
     from logitcache.train.stream import LogitStream
 
@@ -86,12 +92,6 @@ def test_transient_failures_lose_and_duplicate_nothing(s3, reference, tmp_path, 
     ids = [item.example.id for item in stream.items(0, 1)]
     assert sorted(ids) == sorted(e.id for e in EXAMPLES)
     assert Counter(m for m, k, *_ in s3.requests if k.endswith(".arrow"))["GET"] == gets
-
-
-def s3_read(s3: FlakyS3, key: str) -> bytes:
-    import s3fs
-
-    return s3fs.S3FileSystem(**s3.storage_options(direct=True)).cat_file(f"bucket/{key}")
 
 
 def test_logitcache_retries_on_its_own(s3, reference, no_backoff) -> None:
