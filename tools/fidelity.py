@@ -17,8 +17,11 @@ mean KL(teacher ‖ student) per position, cross-entropy of the true next token,
 agreement. A configuration "reaches online quality" when its held-out KL is at most
 ``(1 + tolerance)`` times the online run's.
 
-    python -m logitcache.tools.fidelity                 # SmolLM2 on KJV text, ~30 min, 2 cores
-    python -m logitcache.tools.fidelity --quick         # fewer variants and steps, a few minutes
+    python -m logitcache.tools.fidelity          # SmolLM2 on KJV: 16 runs, ~1 h on 2 shared cores
+    python -m logitcache.tools.fidelity --quick  # 5 runs on fewer sequences
+    python -m logitcache.tools.fidelity --replot results.json   # table and plot only
+
+Results and how to read them: docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -338,7 +341,7 @@ def train_online(
     import torch
 
     from logitcache.cache.reader import open_dataset
-    from logitcache.train.student import Dist, DistillStudent, load_student
+    from logitcache.train.student import Dist, DistillStudent, load_student, load_tokenizer
     from logitcache.train.trainer import lr_at, make_loader
 
     cfg = _config(v, data, student, out, s)
@@ -359,7 +362,8 @@ def train_online(
         eps=o.eps,
         foreach=False,
     )
-    batches = iter(make_loader(cfg, str(data), info, dist, train=True, pad_id=0))
+    pad_id = load_tokenizer(cfg).pad_token_id or 0  # as the trainer pads
+    batches = iter(make_loader(cfg, str(data), info, dist, train=True, pad_id=pad_id))
     model.train()
     times = []
     for step in range(s.steps):
