@@ -80,8 +80,8 @@ class LossConfig:
     """Student temperature; the KD term is scaled by its square."""
     tail: Literal["bucket", "renorm"] = "bucket"
     """Top-k tail: bucket (K+1 buckets with the stored tail mass) or renorm (forward_kl)."""
-    chunk_size: int = 1024
-    """Loss positions per lm_head chunk; memory grows with chunk_size × vocab."""
+    chunk_size: int = 0
+    """Loss positions per lm_head chunk (memory ∝ chunk_size × vocab); 0: about 2^25 logits."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ class Config:
             ("data.shuffle_buffer", d.shuffle_buffer, 1),
             ("data.max_seq_len", d.max_seq_len, 2),
             ("data.prefetch", d.prefetch, 1),
-            ("loss.chunk_size", lo.chunk_size, 1),
+            ("loss.chunk_size", lo.chunk_size, 0),
             ("optim.grad_accum", o.grad_accum, 1),
             ("log.keep_checkpoints", lg.keep_checkpoints, 1),
         ]:

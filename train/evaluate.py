@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .batching import Batch, select_rows
-from .losses import SampledTargets, TopKTargets, ce_loss, kd_loss
+from .losses import SampledTargets, TopKTargets, auto_chunk_size, ce_loss, kd_loss
 
 HiddenFn = Callable[[Batch], torch.Tensor]
 """Batch → (N, H) final hidden states at its loss positions."""
@@ -40,7 +40,7 @@ def evaluate(
     *,
     device: torch.device,
     tail: str = "bucket",
-    chunk_size: int = 1024,
+    chunk_size: int = 0,
     max_batches: int = 0,
     all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
@@ -51,6 +51,7 @@ def evaluate(
             break
         batch = batch.to(device)
         hidden = hidden_fn(batch)  # (N, H)
+        chunk_size = chunk_size or auto_chunk_size(lm_head.weight.shape[0])
         for start in range(0, batch.num_positions, chunk_size):
             rows = torch.arange(start, min(start + chunk_size, batch.num_positions), device=device)
             logits = lm_head(hidden[rows]).float()  # (n, V)

@@ -202,5 +202,5 @@ def check_lm_head(
             f"lm_head_bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)"
         )
     if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        problems.append(f"chunk_size={chunk_size!r} must be a positive int")
+        problems.append(f"chunk_size={chunk_size!r} must be a positive int, or 0 for auto")
     return problems

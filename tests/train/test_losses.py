@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from logitcache.train.losses import (
     SampledTargets,
     TopKTargets,
+    auto_chunk_size,
     ce_loss,
     chunked_distill_loss,
     distill_loss,
@@ -403,6 +404,62 @@ def test_chunked_equals_dense_loss_and_grads(case: dict, chunk_size: int, bias: 
         torch.testing.assert_close(gg, ww, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_gradients_follow_the_graph_around_the_loss() -> None:
+    # The chunked loss computes its gradients in the forward pass; backward must still scale
+    # them by the incoming gradient and add them to other uses of a tied lm_head weight.
+    n, v, h = 9, 40, 8
+    teacher, _ = make_logits(n=n, v=v, seed=3)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, v, (n,), generator=g)
+    weight = (0.3 * torch.randn(v, h, generator=g)).requires_grad_(True)
+    labels, mask = torch.randint(0, v, (n,), generator=g), make_mask(n, seed=2)
+    targets = topk_targets(teacher, k=5)
+
+    def total(loss_fn) -> torch.Tensor:
+        hidden = torch.tanh(weight[tokens] * 1.5)  # tied: the embedding is the lm_head
+        return 3.0 * loss_fn(hidden).total + weight.square().sum()
+
+    def dense(hidden: torch.Tensor):
+        return distill_loss(hidden @ weight.T, targets, labels, mask, alpha=0.4)
+
+    def chunked(hidden: torch.Tensor):
+        return chunked_distill_loss(hidden, weight, targets, labels, mask, alpha=0.4, chunk_size=4)
+
+    (want,) = torch.autograd.grad(total(dense), weight)
+    (got,) = torch.autograd.grad(total(chunked), weight)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_chunk_size_bounds_the_chunk_logits() -> None:
+    assert auto_chunk_size(32_000) == 1_048
+    assert auto_chunk_size(131_072) == 256
+    assert auto_chunk_size(2**30) == 1
+    teacher, _ = make_logits(n=7, v=32)
+    hidden, weight = torch.randn(7, 8), torch.randn(32, 8)
+    labels, mask = torch.randint(0, 32, (7,)), make_mask(7)
+    targets = topk_targets(teacher, k=4)
+    auto = chunked_distill_loss(hidden, weight, targets, labels, mask, alpha=0.5)
+    dense = distill_loss(hidden @ weight.T, targets, labels, mask, alpha=0.5)
+    torch.testing.assert_close(auto.total, dense.total)
+
+
+def test_chunked_bf16_gradients_keep_their_dtypes() -> None:
+    n, v, h = 6, 32, 8
+    teacher, _ = make_logits(n=n, v=v)
+    hidden = torch.randn(n, h).bfloat16().requires_grad_(True)
+    weight = torch.randn(v, h).bfloat16().requires_grad_(True)
+    labels, mask = torch.randint(0, v, (n,)), make_mask(n)
+    targets = topk_targets(teacher, k=4)
+    out = chunked_distill_loss(hidden, weight, targets, labels, mask, alpha=0.5, chunk_size=4)
+    out.total.backward()
+    assert out.total.dtype == torch.float32
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    want = distill_loss(
+        hidden.detach().float() @ weight.detach().float().T, targets, labels, mask, alpha=0.5
+    )
+    torch.testing.assert_close(out.total, want.total.detach(), rtol=2e-2, atol=2e-2)
+
+
 def test_chunked_reports_parts_and_runs_without_grad() -> None:
     n, v, h = 10, 32, 8
     teacher, _ = make_logits(n=n, v=v)
@@ -494,8 +551,8 @@ def test_chunked_errors_name_the_lm_head_problem() -> None:
     hidden, weight = torch.randn(6, 8), torch.randn(20, 8)
     with pytest.raises(ValueError, match=r"lm_head_weight has shape \(20, 4\) but hidden has H=8"):
         chunked_distill_loss(hidden, weight[:, :4], targets, labels, mask, alpha=0.5)
-    with pytest.raises(ValueError, match=r"chunk_size=0 must be a positive int"):
-        chunked_distill_loss(hidden, weight, targets, labels, mask, alpha=0.5, chunk_size=0)
+    with pytest.raises(ValueError, match=r"chunk_size=-1 must be a positive int"):
+        chunked_distill_loss(hidden, weight, targets, labels, mask, alpha=0.5, chunk_size=-1)
     with pytest.raises(ValueError, match=r"lm_head_bias has shape \(19,\), expected \(20,\)"):
         chunked_distill_loss(
             hidden, weight, targets, labels, mask, alpha=0.5, lm_head_bias=torch.zeros(19)
