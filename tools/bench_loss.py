@@ -14,7 +14,7 @@ CPU workers run with MALLOC_MMAP_THRESHOLD_=1 MiB so that resident memory tracks
 and every worker makes one tiny warm-up call first so one-time imports are not counted.
 Time is the fastest of ``--repeats`` runs; on a shared machine it is the noisier number.
 The chunked peak cannot fall much below chunk_size / N of the dense one, plus one more
-(V, H) gradient buffer (autograd accumulates the per-chunk lm_head gradients).
+(V, H) gradient buffer (the per-chunk lm_head gradients are summed into it in the forward).
 """
 
 from __future__ import annotations
@@ -30,7 +30,12 @@ from pathlib import Path
 
 import torch
 
-from logitcache.train.losses import TopKTargets, chunked_distill_loss, distill_loss
+from logitcache.train.losses import (
+    TopKTargets,
+    auto_chunk_size,
+    chunked_distill_loss,
+    distill_loss,
+)
 
 _MIB = 2**20
 
@@ -98,8 +103,7 @@ def _worker(args: argparse.Namespace) -> None:
         out.total.backward()
         return out.total.item()
 
-    # A tiny warm-up keeps one-time costs out of the numbers: the first checkpointed call
-    # imports torch._dynamo (about 2 s and 100 MiB on CPU).
+    # A tiny warm-up keeps one-time costs (lazy imports, allocator set-up) out of the numbers.
     step(*_inputs(8, 64, 8, 4, device))
     inputs = _inputs(args.positions, args.vocab, args.hidden, args.topk, device)
     gc.collect()
@@ -156,8 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         "--chunk-size",
         type=int,
         nargs="+",
-        default=[1024, 512],
-        help="chunked variants to run (the library default is 1024)",
+        default=[0, 1024],
+        help="chunked variants to run; 0 is the library default, auto_chunk_size(V)",
     )
     parser.add_argument("--repeats", type=int, default=1, help="timed runs; fastest is kept")
     parser.add_argument(
@@ -176,17 +180,18 @@ def main(argv: list[str] | None = None) -> None:
         f"H={args.hidden} K={args.topk} divergence={args.divergence} "
         f"(distill loss + backward to hidden and lm_head; fastest of {args.repeats} run(s))"
     )
-    header = f"{'V':>8} {'variant':>14} {'peak MiB':>10} {'seconds':>8} {'loss':>12}"
+    header = f"{'V':>8} {'variant':>18} {'peak MiB':>10} {'seconds':>8} {'loss':>12}"
     rows, ratios = [header], []
     for vocab in args.vocab:
         dense = _run_variant(args, "dense", vocab, 0)
         results = {"dense": dense}
         for chunk_size in args.chunk_size:
-            results[f"chunked@{chunk_size}"] = _run_variant(args, "chunked", vocab, chunk_size)
+            name = f"chunked@{chunk_size or f'auto {auto_chunk_size(vocab)}'}"
+            results[name] = _run_variant(args, "chunked", vocab, chunk_size)
         for name, r in results.items():
             flag = "" if r["trusted"] else "  (peak not observable: lower bound)"
             rows.append(
-                f"{vocab:>8} {name:>14} {r['peak_bytes'] / _MIB:>10.0f} "
+                f"{vocab:>8} {name:>18} {r['peak_bytes'] / _MIB:>10.0f} "
                 f"{r['seconds']:>8.2f} {r['loss']:>12.6f}{flag}"
             )
             if name != "dense":

@@ -281,10 +281,13 @@ class _ChunkedLoss(torch.autograd.Function):
             del logits, raw, share
             if grads[0] is not None:
                 grads[0][part] = g @ weight  # (n, H)
-            if grads[1] is not None:
-                grads[1].add_(g.t() @ h)  # (V, H)
+            if grads[1] is not None and g.dtype == h.dtype == torch.float32:
+                grads[1].addmm_(g.t(), h)  # (V, H), no temporary
+            elif grads[1] is not None:
+                grads[1].add_(g.t() @ h)  # (V, H) in the matmul's dtype, summed in fp32
             if grads[2] is not None:
                 grads[2].add_(g.sum(0))  # (V,)
+            del g  # before the next chunk's logits exist
         ctx.grads = grads
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         kd_sum, ce_sum = sums.unbind()
