@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--response", type=int, default=192)
     p.add_argument("--k", type=int, default=64)
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=0, help="loss.chunk_size (0: auto)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--loader-examples", type=int, default=2000)
     args = p.parse_args(argv)

@@ -1,4 +1,5 @@
-"""`torchrun --nproc-per-node 2` on CPU (gloo): each epoch, every example exactly once."""
+"""`torchrun --nproc-per-node 2` on CPU (gloo): each epoch, every example exactly once, and
+an interrupted run resumes onto the uninterrupted run's losses."""
 
 from __future__ import annotations
 
@@ -12,27 +13,31 @@ from logitcache.train.trainer import read_metrics
 from tests.train.helpers import capture_dataset
 
 
-def test_two_process_ddp_sees_every_example_once_per_epoch(
-    tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path
-) -> None:
-    ds = capture_dataset(tiny_teacher_dir, tmp_path / "ds", count=40, shard_positions=120)
-    out = tmp_path / "run"
+def torchrun_train(ds: Path, student: Path, out: Path, *extra: str) -> None:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "logitcache.tools.cli", "train",
         "--data.train", str(ds),
         "--data.eval", str(ds),
-        "--model.path", str(tiny_student_dir),
+        "--model.path", str(student),
         "--train.output", str(out),
         "--data.batch_size", "4",
         "--data.shuffle_buffer", "8",
         "--train.steps", "7",
-        "--log.example_ids", "true",
         "--log.progress", "false",
+        *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_process_ddp_sees_every_example_once_per_epoch(
+    tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    ds = capture_dataset(tiny_teacher_dir, tmp_path / "ds", count=40, shard_positions=120)
+    out = tmp_path / "run"
+    torchrun_train(ds, tiny_student_dir, out, "--log.example_ids", "true")
 
     seen: dict[int, list[str]] = {}
     for rank in (0, 1):
@@ -48,3 +53,23 @@ def test_two_process_ddp_sees_every_example_once_per_epoch(
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/kl" in r]
     assert evals[0]["eval/positions"] == sum(r["positions"] for r in steps[:5])  # whole set, once
     assert (out / "final" / "config.json").exists()
+
+
+def test_two_process_ddp_resume_reproduces_the_uninterrupted_losses(
+    tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    ds = capture_dataset(tiny_teacher_dir, tmp_path / "ds", count=40, shard_positions=120)
+    every = ("--log.checkpoint_every", "3", "--log.eval_every", "3")
+    torchrun_train(ds, tiny_student_dir, tmp_path / "a", *every)
+    # Stopped after step 5, mid-epoch (an epoch is 5 steps of 8); the checkpoint is step 3.
+    torchrun_train(ds, tiny_student_dir, tmp_path / "b", *every, "--train.stop_after", "5")
+    assert not (tmp_path / "b" / "final").exists()
+    torchrun_train(ds, tiny_student_dir, tmp_path / "b", *every, "--resume")
+    keys = ("step", "loss", "kd", "ce", "grad_norm", "lr", "positions", "epoch", "eval/kl")
+
+    def losses(run: str) -> list[dict]:
+        records = read_metrics(tmp_path / run / "metrics.jsonl")
+        return [{k: r[k] for k in keys if k in r} for r in records]
+
+    assert [r["step"] for r in losses("a") if "loss" in r] == list(range(1, 8))
+    assert losses("a") == losses("b")  # bit for bit, across both ranks' all-reduces
