@@ -171,6 +171,7 @@ def dataset_info(
         k=t.k if t.kind == "topk" else 0,
         n=t.n if t.kind == "sampled" else 0,
         codec=t.codec,
+        sampling=t.sampling if t.kind == "sampled" else "multinomial",
     )
     capture = {
         "temperature": t.temperature,

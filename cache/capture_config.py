@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .codecs import CODECS, Codec
-from .format import MAX_SAMPLE_DRAWS
+from .format import MAX_SAMPLE_DRAWS, SAMPLINGS, Sampling
 
 Mode = Literal["score", "generate"]
 TargetKind = Literal["topk", "sampled"]
@@ -71,6 +71,8 @@ class TargetConfig:
     """--k: ids per position for top-k targets."""
     n: int = 50
     """--n: draws per position for sampled targets (≤ 255)."""
+    sampling: Sampling = "multinomial"
+    """--sampling: systematic (low-variance, unbiased) or multinomial (independent) draws."""
     codec: Codec = "u8"
     """--codec: storage of top-k log-probs (f32, f16, u8, u16; see docs/FORMAT.md)."""
     temperature: float = 1.0
@@ -143,6 +145,8 @@ class CaptureConfig:
             p.append(f"--n is {t.n}; sampled targets need 1 ≤ n ≤ {MAX_SAMPLE_DRAWS}")
         if t.codec not in CODECS:
             p.append(f"--codec is {t.codec!r}; expected one of {', '.join(CODECS)}")
+        if t.sampling not in SAMPLINGS:
+            p.append(f"--sampling is {t.sampling!r}; expected one of {', '.join(SAMPLINGS)}")
         if not t.temperature > 0:
             p.append(f"--temperature is {t.temperature}; expected > 0 (1.0: the teacher as is)")
         if g.max_new_tokens < 1:

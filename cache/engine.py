@@ -269,7 +269,7 @@ def _targets(
             parts.append({"ids": t.ids, "logprobs": t.logprobs, "tail": t.tail})
         else:
             logp = log_probs(logits[sl], spec.temperature)
-            u = uniforms(row_keys(keys[sl], positions[sl], STREAM_TARGETS), spec.n)
+            u = uniforms(row_keys(keys[sl], positions[sl], STREAM_TARGETS), spec.n, spec.sampling)
             parts.append({"draws": sample_ids(logp, u)})
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     if spec.kind == "sampled":
@@ -358,7 +358,7 @@ class _StepTargets:
         else:
             logp = log_probs(scores, self.spec.temperature)
             pos = torch.full_like(self.keys, step)
-            u = uniforms(row_keys(self.keys, pos, STREAM_TARGETS), self.spec.n)
+            u = uniforms(row_keys(self.keys, pos, STREAM_TARGETS), self.spec.n, self.spec.sampling)
             self.steps.append({"draws": sample_ids(logp, u)})
         return scores
 

@@ -30,6 +30,8 @@ META_PREFIX = "logitcache."
 MAX_SAMPLE_DRAWS = 255  # counts and unique-id counts are stored as uint8
 
 TargetKind = Literal["topk", "sampled"]
+Sampling = Literal["systematic", "multinomial"]
+SAMPLINGS: tuple[str, ...] = ("systematic", "multinomial")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class TargetSpec:
     """Draws per position for sampled targets (≤ 255)."""
     codec: Codec = "u8"
     """Codec of top-k log-probs and the tail mass (unused for sampled targets)."""
+    sampling: Sampling = "multinomial"
+    """How sampled targets' N draws were made: "multinomial" (independent) or "systematic"
+    (one uniform per position, N evenly spaced points on the teacher's CDF). Both give
+    unbiased counts; systematic counts are within 1 of N·p for every id (lower variance)."""
 
     def validate(self) -> list[str]:
         """Every problem with this spec, as messages naming the field and the fix."""
@@ -56,6 +62,10 @@ class TargetSpec:
             problems.append(f"targets.n is {self.n}; sampled targets need 1 ≤ n ≤ 255")
         if self.codec not in CODECS:
             problems.append(f"targets.codec is {self.codec!r}; expected one of {list(CODECS)}")
+        if self.sampling not in SAMPLINGS:
+            problems.append(
+                f"targets.sampling is {self.sampling!r}; expected one of {list(SAMPLINGS)}"
+            )
         return problems
 
 

@@ -61,8 +61,19 @@ def row_keys(ex_keys: torch.Tensor, positions: torch.Tensor, stream: int) -> tor
     return mix32(mix32(ex_keys ^ stream) ^ mix32(positions + 0x9E3779B9))
 
 
-def uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """(R, n) float32 uniforms in (0, 1), one row per key, column j from counter j."""
+def uniforms(keys: torch.Tensor, n: int, sampling: str = "multinomial") -> torch.Tensor:
+    """(R, n) float32 uniforms in (0, 1), one row per key.
+
+    ``"multinomial"``: column j from counter j, all independent. ``"systematic"``: one uniform
+    u per row and the points (j + u) / n: each is uniform on its own n-th of (0, 1), so every
+    draw still has the teacher's distribution (unbiased counts), while an id of probability p
+    is drawn floor(n·p) or ceil(n·p) times instead of Binomial(n, p).
+    """
+    if sampling == "systematic":
+        offset = uniforms(keys, 1)  # (R, 1)
+        return (torch.arange(n, device=keys.device, dtype=torch.float32) + offset) / n
+    if sampling != "multinomial":
+        raise ValueError(f"sampling={sampling!r}; expected 'systematic' or 'multinomial'")
     cols = mix32(torch.arange(1, n + 1, device=keys.device, dtype=torch.int64) * 0x2545F491)
     h = mix32(keys[:, None] ^ cols[None, :])  # (R, n)
     return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
@@ -151,13 +162,19 @@ def unique_counts(draws: torch.Tensor) -> SampledTensors:
 
 
 def sampled_targets(
-    logits: torch.Tensor, n: int, temperature: float, keys: torch.Tensor
+    logits: torch.Tensor,
+    n: int,
+    temperature: float,
+    keys: torch.Tensor,
+    sampling: str = "multinomial",
 ) -> SampledTensors:
     """N draws per row of (P, V) logits from ``log_softmax(logits / T)``, as unique ids + counts.
 
-    ``keys`` (P,) are the rows' counter keys (see :func:`row_keys`).
+    ``keys`` (P,) are the rows' counter keys (see :func:`row_keys`); ``sampling`` as in
+    :func:`uniforms`.
     """
-    return unique_counts(sample_ids(log_probs(logits, temperature), uniforms(keys, n)))
+    u = uniforms(keys, n, sampling)
+    return unique_counts(sample_ids(log_probs(logits, temperature), u))
 
 
 def chunk_rows(vocab_size: int, budget_elements: int = 1 << 27) -> int:

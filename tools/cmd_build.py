@@ -26,6 +26,7 @@ from logitcache.cache.capture_config import (
     TeacherConfig,
 )
 from logitcache.cache.codecs import CODECS
+from logitcache.cache.format import SAMPLINGS
 
 HELP = "capture teacher targets over full-context prompts into a logit dataset"
 
@@ -122,6 +123,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--n", type=int, default=d_tg.n, help=f"sampled draws per position, ≤ 255 ({d_tg.n})"
     )
     g.add_argument(
+        "--sampling",
+        choices=list(SAMPLINGS),
+        default=d_tg.sampling,
+        help=f"how sampled targets are drawn: systematic (lower variance) or multinomial "
+        f"({d_tg.sampling})",
+    )
+    g.add_argument(
         "--codec",
         choices=list(CODECS),
         default=d_tg.codec,
@@ -201,6 +209,7 @@ def config_from_args(args: argparse.Namespace) -> CaptureConfig:
             kind=args.kind,
             k=args.k,
             n=args.n,
+            sampling=args.sampling,
             codec=args.codec,
             temperature=args.temperature,
         ),

@@ -61,6 +61,8 @@ class Variant:
     n: int = 0
     codec: Codec = "u8"
     tail: TailMode = "bucket"
+    sampling: str = "multinomial"
+    """How sampled targets were drawn (see cache.targets.uniforms)."""
     seed: int = 0
     """Data-order seed (train.seed); a second seed estimates run-to-run noise."""
 
@@ -70,7 +72,8 @@ class Variant:
             "online": "online full KD",
             "hard": "hard labels (CE)",
             "topk": f"top-{self.k} {self.tail} {self.codec}",
-            "sampled": f"sampled n={self.n}",
+            "sampled": f"sampled n={self.n}"
+            + (" systematic" if self.sampling == "systematic" else ""),
         }[self.kind]
         return base if self.seed == 0 else f"{base} (seed {self.seed})"
 
@@ -80,7 +83,9 @@ class Variant:
         data order only: hard labels weight its KD term 0, online ignores it)."""
         if self.kind == "topk":
             return TargetSpec("topk", k=self.k, codec=self.codec)
-        return TargetSpec("sampled", n=self.n if self.kind == "sampled" else 1)
+        if self.kind == "sampled":
+            return TargetSpec("sampled", n=self.n, sampling=self.sampling)
+        return TargetSpec("sampled", n=1)
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ def default_variants(
     codec_k: int,
     noise_seeds: list[int],
     tails: tuple[TailMode, ...] = ("bucket", "renorm"),
+    samplings: tuple[str, ...] = ("multinomial", "systematic"),
     hard: bool = True,
     seed: int = 0,
 ) -> list[Variant]:
@@ -126,7 +132,7 @@ def default_variants(
     out = [Variant("online")] + ([Variant("hard")] if hard else [])
     out += [Variant("topk", k=k, tail=t) for k in ks for t in tails]
     out += [Variant("topk", k=codec_k, codec=c) for c in codecs if c != "u8"]
-    out += [Variant("sampled", n=n) for n in draws]
+    out += [Variant("sampled", n=n, sampling=m) for m in samplings for n in draws]
     out = [replace(v, seed=seed) for v in out]
     return out + [Variant("online", seed=s) for s in noise_seeds]
 
@@ -228,9 +234,9 @@ def build_datasets(
     from .bench_format import _examples, _sampled
 
     ks = sorted({s.k for s in specs if s.kind == "topk"})
-    ns = sorted({s.n for s in specs if s.kind == "sampled"})
+    ns = sorted({(s.n, s.sampling) for s in specs if s.kind == "sampled"})
     top: dict[int, list[Any]] = {k: [] for k in ks}
-    draws: dict[int, list[np.ndarray]] = {n: [] for n in ns}
+    draws: dict[tuple[int, str], list[np.ndarray]] = {n: [] for n in ns}
     P = tokens.shape[1] - 1
     # Example ids as _examples names them, keyed as the capture keys them (cache/capture.py).
     names = [f"r0-s{s}" for s in range(len(tokens))]
@@ -244,9 +250,9 @@ def build_datasets(
             logp = log_probs(flat, 1.0)  # (B·P, V)
             rows = keys[first : first + len(logits)].repeat_interleave(P)
             pos = torch.arange(P).repeat(len(logits))
-            for n in ns:
-                u = uniforms(row_keys(rows, pos, STREAM_TARGETS), n)  # (B·P, n)
-                draws[n].append(sample_ids(logp, u).numpy())
+            for n, sampling in ns:
+                u = uniforms(row_keys(rows, pos, STREAM_TARGETS), n, sampling)  # (B·P, n)
+                draws[n, sampling].append(sample_ids(logp, u).numpy())
     makers: dict[TargetSpec, Callable[[slice], Any]] = {}
     for spec in specs:
         if spec.kind == "topk":
@@ -259,10 +265,10 @@ def build_datasets(
 
             makers[spec] = make
         else:
-            makers[spec] = _sampled(np.concatenate(draws[spec.n]))
+            makers[spec] = _sampled(np.concatenate(draws[spec.n, spec.sampling]))
     out = {}
     for spec, make in makers.items():
-        d = root / f"{spec.kind}-k{spec.k}-n{spec.n}-{spec.codec}"
+        d = root / f"{spec.kind}-k{spec.k}-n{spec.n}-{spec.codec}-{spec.sampling}"
         with DatasetWriter(d, replace(info, targets=spec)) as w:
             for ex in _examples(tokens, make):
                 w.add(ex)
@@ -638,6 +644,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ks", default="8,32,64", help="top-k sizes (u8, both tails)")
     ap.add_argument("--draws", default="8,16,32,64", help="sampled-target sizes N")
     ap.add_argument("--tails", default="bucket,renorm", help="top-k tail modes")
+    ap.add_argument("--samplings", default="multinomial,systematic", help="sampled draw schemes")
     ap.add_argument("--hard", action=argparse.BooleanOptionalAction, default=True,
                     help="include the hard-label run")  # fmt: skip
     ap.add_argument("--codecs", default="f32,f16,u16,u8", help="codecs compared at --codec-k")
@@ -676,7 +683,8 @@ def main(argv: list[str] | None = None) -> None:
     student = make_student(teacher, _ints(args.student_layers), work / "student")
     variants = default_variants(
         _ints(args.ks), _ints(args.draws), args.codecs.split(","), args.codec_k,
-        _ints(args.noise_seeds), tuple(args.tails.split(",")), args.hard, args.seed,
+        _ints(args.noise_seeds), tuple(args.tails.split(",")), tuple(args.samplings.split(",")),
+        args.hard, args.seed,
     )  # fmt: skip
     print(
         f"teacher {teacher}; student: its layers {args.student_layers}; "

@@ -196,8 +196,9 @@ def test_u8_codec_within_its_bound(tmp_path, tiny_teacher_dir, ctx_file, model, 
         assert set(ex.targets.ids[0].tolist()) == set(ref[0].topk(8).indices.tolist())
 
 
+@pytest.mark.parametrize("sampling", ["multinomial", "systematic"])
 def test_sampled_counts_sum_to_n_and_follow_the_teacher(
-    tmp_path, tiny_teacher_dir, ctx_file, model, tok
+    tmp_path, tiny_teacher_dir, ctx_file, model, tok, sampling
 ) -> None:
     recs = records(8)
     n = 255
@@ -206,9 +207,10 @@ def test_sampled_counts_sum_to_n_and_follow_the_teacher(
         tiny_teacher_dir,
         tmp_path / "ds",
         context=ctx_file,
-        targets=dict(kind="sampled", n=n),
+        targets=dict(kind="sampled", n=n, sampling=sampling),
     )
     capture(cfg)
+    assert open_dataset(tmp_path / "ds").info.targets.sampling == sampling
     emp, ref_p = [], []
     for rec_id, ex in by_id(tmp_path / "ds").items():
         t = ex.targets
@@ -221,6 +223,8 @@ def test_sampled_counts_sum_to_n_and_follow_the_teacher(
             assert counts.sum() == n and np.all(np.diff(ids) > 0)
             dense = np.zeros(ref.shape[1])
             dense[ids] = counts / n
+            if sampling == "systematic":  # every id drawn floor(n·p) or ceil(n·p) times
+                assert np.abs(dense - ref[j].numpy()).max() * n < 1 + 1e-3
             emp.append(dense)
             ref_p.append(ref[j].numpy())
     emp_a, ref_a = np.array(emp), np.array(ref_p)

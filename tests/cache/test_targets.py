@@ -74,6 +74,26 @@ def test_inverse_cdf_draws_follow_the_distribution_and_skip_zero_mass() -> None:
     torch.testing.assert_close(freq, p[0].double(), atol=0.01, rtol=0)
 
 
+def test_systematic_draws_are_unbiased_and_within_one_of_n_p() -> None:
+    p = torch.tensor([0.46, 0.3, 0.002, 0.138, 0.1, 0.0])
+    rows, n = 20000, 16
+    logp = p.log().expand(rows, -1)
+    keys = row_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.int64), 7)
+    u = uniforms(keys, n, "systematic")  # (rows, n)
+    assert u.min() > 0 and u.max() < 1
+    assert torch.all((u * n).floor() == torch.arange(n))  # one point in each n-th of (0, 1)
+    draws = sample_ids(logp, u)
+    counts = torch.nn.functional.one_hot(draws, 6).sum(1).double()  # (rows, 6)
+    # Unbiased: the mean count is n·p (standard error below 0.004 here).
+    torch.testing.assert_close(counts.mean(0), n * p.double(), atol=0.02, rtol=0)
+    # Low variance: every count is floor(n·p) or ceil(n·p), where independent draws spread.
+    assert torch.all((counts - n * p.double()).abs() < 1)
+    independent = torch.nn.functional.one_hot(sample_ids(logp, uniforms(keys, n)), 6).sum(1)
+    assert (independent.double() - n * p.double()).abs().max() >= 3
+    with pytest.raises(ValueError, match=r"sampling='stratified'; expected 'systematic'"):
+        uniforms(keys, n, "stratified")
+
+
 def test_unique_counts() -> None:
     draws = torch.tensor([[5, 3, 5, 5], [1, 1, 1, 1], [9, 2, 7, 4]])
     s = unique_counts(draws)
