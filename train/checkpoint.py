@@ -106,7 +106,9 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     done = sorted(p for p in folder.iterdir() if CHECKPOINT_RE.match(p.name))
-    for old in done[:-keep]:
+    # Older checkpoints beyond `keep`, and temp folders of runs killed mid-checkpoint.
+    stale = [p for p in folder.iterdir() if p.name.startswith(".tmp-step-")]
+    for old in done[:-keep] + stale:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

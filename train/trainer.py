@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -162,16 +163,19 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     metrics_path = out / METRICS_NAME
     ids_path = out / f"examples-rank{dist.rank}.jsonl"
     ckpt = latest_checkpoint(out) if resume else None
-    if resume and ckpt is None:
+    started = any((out / name).exists() for name in (METRICS_NAME, CONFIG_NAME, "checkpoints"))
+    if resume and not started:
         raise InputError(
-            f"--resume: no checkpoint in {out / 'checkpoints'}; drop --resume to start, or "
-            "point train.output at the interrupted run"
+            f"--resume: train.output={str(out)!r} holds no run to resume; drop --resume to "
+            "start, or point train.output at the interrupted run"
         )
-    if not resume and (metrics_path.exists() or (out / "checkpoints").exists()):
+    if not resume and started:
         raise InputError(
             f"train.output={str(out)!r} already holds a run; pass --resume to continue it, or "
             "choose another train.output (or delete the folder)"
         )
+    # Interrupted before its first checkpoint: nothing to restore, so it starts over.
+    restart = resume and ckpt is None
 
     # Everything that can be refused is refused before the student is built.
     train_ds = open_dataset(cfg.data.train, verify=False, cache_dir=cfg.data.cache_dir)
@@ -232,12 +236,18 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         if dist.device.type == "cuda" and f"cuda.rank{dist.rank}" in rng:
             torch.cuda.set_rng_state(rng[f"cuda.rank{dist.rank}"], dist.device)
     if dist.main:
+        if restart:
+            print(
+                f"--resume: no checkpoint in {out / 'checkpoints'} yet (the run stopped before "
+                f"its first one); starting over from step 0",
+                file=sys.stderr,
+            )
         out.mkdir(parents=True, exist_ok=True)
         cfg.dump(out / CONFIG_NAME)
-        if ckpt is not None:
-            _truncate_jsonl(metrics_path, step)
-    if ckpt is not None and cfg.log.example_ids:
-        _truncate_jsonl(ids_path, step)
+        if resume:
+            _truncate_jsonl(metrics_path, step if ckpt else -1)
+    if resume and cfg.log.example_ids:
+        _truncate_jsonl(ids_path, step if ckpt else -1)
 
     bf16 = cfg.train.precision == "bf16" or (
         cfg.train.precision == "auto" and dist.device.type == "cuda"

@@ -173,11 +173,32 @@ def test_sampled_targets_token_budget_fresh_student_bf16_and_checkpointing(
     assert all(r["tokens"] <= 96 for r in rows)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path, capsys
+) -> None:
+    common = dict(train__steps=4, data__batch_size=3, log__checkpoint_every=100)
+    straight = train(config(datasets, tiny_student_dir, tmp_path / "a", **common))
+    cut = train(config(datasets, tiny_student_dir, tmp_path / "b", train__stop_after=2, **common))
+    assert cut["step"] == 2 and not (tmp_path / "b" / "checkpoints").exists()
+    # A killed run leaves a checkpoint's temp folder behind; the next checkpoint removes it.
+    stale = tmp_path / "b" / "checkpoints" / ".tmp-step-00000001-99999"
+    stale.mkdir(parents=True)
+    capsys.readouterr()
+    resumed = train(config(datasets, tiny_student_dir, tmp_path / "b", **common), resume=True)
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert straight["finished"] and resumed["finished"]
+    assert not stale.exists()
+    keys = ("step", "loss", "grad_norm", "eval/kl")
+    a = [{k: r[k] for k in keys if k in r} for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
+    b = [{k: r[k] for k in keys if k in r} for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert a == b
+
+
 def test_resume_and_output_guards(
     datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
-    with pytest.raises(InputError, match=r"--resume: no checkpoint in .*drop --resume"):
+    with pytest.raises(InputError, match=r"--resume: train.output=.* holds no run .*drop --resume"):
         train(config(datasets, tiny_student_dir, out, train__steps=2), resume=True)
     train(config(datasets, tiny_student_dir, out, train__steps=2, data__eval="none"))
     with pytest.raises(InputError, match=r"already holds a run; pass --resume"):
