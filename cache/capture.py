@@ -293,7 +293,7 @@ def _capture(
     loc = Location(run.out, storage_options)
     check_resume(loc, info)
     if part == 0:
-        loc.write_atomic(cfg.dumps(), CONFIG_NAME)
+        loc.write_atomic(cfg.dumps(), CONFIG_NAME, tmp_prefix=".tmp.config-", sole_writer=True)
     done = committed_ids(run.out, storage_options) if loc.exists() else set()
     pending = [e for e in kept if e.id not in done]
 

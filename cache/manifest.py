@@ -237,5 +237,5 @@ def finalize(loc: Location) -> Manifest:
             merged.extra = merge_extra(merged.extra, m.extra)
     elif base is not None:
         merged.extra = base.extra
-    loc.write_atomic(merged.dumps(), MANIFEST_NAME)
+    loc.write_atomic(merged.dumps(), MANIFEST_NAME, tmp_prefix=".tmp.manifest-", sole_writer=True)
     return merged

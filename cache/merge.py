@@ -68,7 +68,7 @@ def merge_datasets(
                 "examples": m.num_examples,
             }
         )
-    dst.write_atomic(merged.dumps(), MANIFEST_NAME)
+    dst.write_atomic(merged.dumps(), MANIFEST_NAME, tmp_prefix=".tmp.manifest-", sole_writer=True)
     return merged
 
 

@@ -67,19 +67,30 @@ class Location:
         if self.is_local:
             os.makedirs(self.path(*names), exist_ok=True)
 
-    def write_atomic(self, data: bytes, *names: str, tmp_prefix: str = ".tmp-") -> None:
-        """Replace the file at ``names`` with ``data``, all or nothing."""
+    def write_atomic(
+        self, data: bytes, *names: str, tmp_prefix: str = ".tmp-", sole_writer: bool = False
+    ) -> None:
+        """Replace the file at ``names`` with ``data``, all or nothing.
+
+        Locally the data goes to a temp file named ``tmp_prefix…`` that is renamed over the
+        target. ``sole_writer=True`` says no other process writes with this prefix (the
+        manifest, the capture config), so temp files a killed earlier write left are removed.
+        """
         target = self.path(*names)
         if self.is_local:
             folder = os.path.dirname(target)
             os.makedirs(folder, exist_ok=True)
+            if sole_writer:
+                for name in os.listdir(folder):
+                    if name.startswith(tmp_prefix):
+                        os.unlink(os.path.join(folder, name))
             fd, tmp = tempfile.mkstemp(prefix=tmp_prefix, dir=folder)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
-                os.chmod(tmp, 0o644)
+                os.chmod(tmp, _file_mode())  # mkstemp makes 0o600; files follow the umask
                 os.replace(tmp, target)
             except BaseException:
                 if os.path.exists(tmp):
@@ -91,6 +102,20 @@ class Location:
 
     def __str__(self) -> str:
         return self.url
+
+
+def _file_mode() -> int:
+    """Mode of a file created by open() under this process's umask (usually 0o644).
+
+    Linux reports the umask in /proc without changing it; elsewhere it is set and restored.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync_dir(folder: str) -> None:

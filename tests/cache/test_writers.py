@@ -74,3 +74,16 @@ def test_journal_per_writer(tmp_path):
             w.add(ex)
         w.close(finalize_dataset=False)
     assert sorted(p.name for p in (tmp_path / "ds" / PARTS_DIR).iterdir()) == ["r0.json", "r1.json"]
+
+
+def test_finalize_removes_the_temp_file_of_a_killed_finalize(tmp_path):
+    _rank(tmp_path / "ds", 0)
+    # A finalize killed between writing its temp file and renaming it leaves the temp behind;
+    # a writer's in-flight shard temp (another process, still running) must stay.
+    killed = tmp_path / "ds" / ".tmp.manifest-k1ll3d"
+    killed.write_bytes(b'{"half": ')
+    writing = tmp_path / "ds" / ".tmp-r00001-abc"
+    writing.write_bytes(b"shard bytes in flight")
+    finalize(Location(tmp_path / "ds"))
+    assert not killed.exists() and writing.exists()
+    assert open_dataset(tmp_path / "ds", verify=True).num_examples == 20
