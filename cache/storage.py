@@ -25,7 +25,8 @@ class Location:
     def __init__(self, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None):
         url = os.fspath(url)
         self.url = url
-        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        options = with_default_retries(url, storage_options or {})
+        self.fs, root = fsspec.core.url_to_fs(url, **options)
         self.root = root.rstrip("/") or root
         self.is_local = isinstance(self.fs, LocalFileSystem)
 
@@ -130,6 +131,24 @@ def _fsync_dir(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def with_default_retries(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """S3 options with botocore's own retries off unless the caller configured them.
+
+    Three retry layers multiply: botocore (5 attempts), s3fs (5 on throttling) and
+    :func:`retry` (5) made a dead endpoint answering 503 take 125 requests and three minutes
+    to report (docs/RELIABILITY.md). Without botocore's layer it is 25 requests in seconds,
+    and every transient failure is still retried.
+    """
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol not in ("s3", "s3a"):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    if "retries" in config:
+        return options
+    config["retries"] = {"total_max_attempts": 1, "mode": "standard"}
+    return {**options, "config_kwargs": config}
 
 
 def retry(

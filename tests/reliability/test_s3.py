@@ -124,6 +124,24 @@ def test_a_persistent_failure_names_the_object(s3, no_backoff) -> None:
     assert report_error is not None and bad in report_error
 
 
+def test_a_dead_endpoint_is_reported_after_logitcache_retries_alone(s3, no_backoff) -> None:
+    # Default options: logitcache turns botocore's retry layer off, so a persistent 500 costs
+    # 5 requests (logitcache's attempts), not 25 (botocore × logitcache).
+    so = s3.storage_options()
+    assert "config_kwargs" not in so
+    s3.policy = lambda method, key, n: "pass"
+    write_synth("s3://bucket/dead", INFO, EXAMPLES, shard_positions=100, storage_options=so)
+    bad = "bucket/dead/shard-w0-000001.arrow"
+    s3.policy = lambda method, key, n: "500" if method == "GET" and key == bad else "pass"
+    with pytest.raises(OSError, match=rf"reading s3://{bad}: failed 5 times"):
+        list(open_dataset("s3://bucket/dead", storage_options=so).iter_batches())
+    assert sum(1 for m, k, *_ in s3.requests if m == "GET" and k == bad) == 5
+    # A caller's own botocore retry setting is left alone.
+    mine = {"config_kwargs": {"retries": {"max_attempts": 9}}}
+    assert storage.with_default_retries("s3://b/x", mine) == mine
+    assert storage.with_default_retries("/local/x", {}) == {}
+
+
 def test_capture_to_s3_through_failures(
     s3, tmp_path: Path, tiny_teacher_dir: Path, no_backoff
 ) -> None:
