@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logitcache.tools.reliability import (
+from logitcache.tools.reliability.crashes import (
     build_command,
     capture_state,
     compare_capture,

@@ -20,14 +20,8 @@ pytest.importorskip("s3fs")
 from logitcache.cache import storage
 from logitcache.cache.reader import committed_ids, open_dataset
 from logitcache.cache.verify import verify_dataset
-from logitcache.tools.reliability import (
-    FlakyS3,
-    snapshot,
-    synth_examples,
-    synth_info,
-    transient_policy,
-    write_synth,
-)
+from logitcache.tools.reliability.s3 import FlakyS3, transient_policy
+from logitcache.tools.reliability.synth import snapshot, synth_examples, synth_info, write_synth
 
 INFO = synth_info("topk", k=8)
 EXAMPLES = synth_examples(INFO, 40, seed=7)
@@ -153,7 +147,7 @@ def test_capture_to_s3_through_failures(
         TargetConfig,
         TeacherConfig,
     )
-    from logitcache.tools.reliability import write_prompts
+    from logitcache.tools.reliability.crashes import write_prompts
 
     prompts = write_prompts(tmp_path / "p.jsonl", 12)
     s3.policy = transient_policy

@@ -1,0 +1,91 @@
+"""Reliability trials (GitHub issue 6): corruption, flaky object storage, crashes, memory.
+
+Each subcommand prints the figures that docs/RELIABILITY.md quotes:
+
+    python -m logitcache.tools.reliability flips --all-footer-bits  # bit flips: verify vs plain
+    python -m logitcache.tools.reliability s3             # S3 (moto) behind a fault-injecting proxy
+    python -m logitcache.tools.reliability capture-crash  # SIGKILL `logitcache build`, rerun it
+    python -m logitcache.tools.reliability train-crash    # SIGKILL `logitcache train`, --resume
+    python -m logitcache.tools.reliability rss            # peak RSS streaming 1×/10×/100× buffer
+
+Everything runs locally (moto serves S3 on 127.0.0.1; the models are tools/tiny.py's) and
+nothing is downloaded. torch is imported only by the subcommands that capture, train or stream.
+tests/reliability/ imports the helpers (synthetic datasets, bit flips, ``FlakyS3``, crash runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .crashes import cmd_capture_crash, cmd_train_crash
+from .flips import cmd_flips
+from .memory import _rss_child, cmd_rss
+from .s3 import cmd_s3
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m logitcache.tools.reliability", description=__doc__.split("\n")[0]
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("flips", help="single-bit flips in shards and manifest")
+    p.add_argument("--flips", type=int, default=300, help="random flips per shard")
+    p.add_argument("--shards", type=int, default=3, help="shards flipped per dataset")
+    p.add_argument("--manifest-flips", type=int, default=1000)
+    p.add_argument("--manifest-only", action="store_true", help="only the manifest.json sweep")
+    p.add_argument("--examples", type=int, default=40, help="examples per dataset")
+    p.add_argument("--shard-positions", type=int, default=150, help="positions per shard")
+    p.add_argument(
+        "--all-footer-bits",
+        action="store_true",
+        help="flip every bit of one top-k shard's footer (about 10,000 flips, minutes)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("s3", help="S3 (moto) behind a fault-injecting proxy")
+    p.add_argument(
+        "--no-persistent",
+        dest="persistent",
+        action="store_false",
+        help="skip the persistent-failure runs with botocore's legacy retries (minutes)",
+    )
+    p = sub.add_parser("capture-crash", help="SIGKILL `logitcache build` and rerun it")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--prompts", type=int, default=1200)
+    p.add_argument("--max-kills", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train-crash", help="SIGKILL `logitcache train` and --resume it")
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--checkpoint-every", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("rss", help="peak RSS streaming 1×, 10×, 100× the shuffle buffer")
+    p.add_argument("--buffer", type=int, default=1024)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--shard-positions", type=int, default=1 << 16)
+    p = sub.add_parser("_rss")
+    p.add_argument("url")
+    p.add_argument("buffer", type=int)
+    p.add_argument("--no-iterate", dest="iterate", action="store_false")
+    args = ap.parse_args(argv)
+    if args.cmd == "_rss":
+        _rss_child(args.url, args.buffer, args.iterate)
+        return 0
+    t0 = time.perf_counter()
+    {
+        "flips": cmd_flips,
+        "s3": cmd_s3,
+        "capture-crash": cmd_capture_crash,
+        "train-crash": cmd_train_crash,
+        "rss": cmd_rss,
+    }[args.cmd](args)
+    print(f"({args.cmd}: {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
