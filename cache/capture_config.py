@@ -65,11 +65,12 @@ class TargetConfig:
 
     mode: Mode = "score"
     """--mode: score a given response (teacher forcing) or let the teacher generate it."""
-    kind: TargetKind = "topk"
-    """--targets: top-k log-probs with tail mass, or N sampled ids with counts."""
+    kind: TargetKind = "sampled"
+    """--targets: N sampled ids with counts (default: top-64's quality at ~1/7 of its bytes in
+    docs/RESULTS.md), or top-k log-probs with tail mass (needed for reverse KL and JSD)."""
     k: int = 64
     """--k: ids per position for top-k targets."""
-    n: int = 50
+    n: int = 16
     """--n: draws per position for sampled targets (≤ 255)."""
     sampling: Sampling = "multinomial"
     """--sampling: systematic (low-variance, unbiased) or multinomial (independent) draws."""

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             run=RunConfig(
                 out=str(tmp / "ds"), max_batch_tokens=args.max_batch_tokens, progress=False
             ),
-            targets=TargetConfig(k=args.k, codec=args.codec),
+            targets=TargetConfig(kind="topk", k=args.k, codec=args.codec),
         )
         teacher = load_teacher(cfg.teacher, torch.device("cpu"))
         renderer = ViewRenderer(teacher.tokenizer, "chat", Context.load(ctx_file), folder)

@@ -26,6 +26,7 @@ from logitcache.cache.capture_config import (
     TeacherConfig,
 )
 from logitcache.cache.codecs import CODECS
+from logitcache.cache.errors import InputError
 from logitcache.cache.format import SAMPLINGS
 
 HELP = "capture teacher targets over full-context prompts into a logit dataset"
@@ -115,25 +116,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--targets",
         dest="kind",
         choices=["topk", "sampled"],
-        default=d_tg.kind,
-        help="top-k log-probs with tail mass, or N sampled ids with counts",
+        default=None,
+        help=f"N sampled ids with counts, or top-k log-probs with tail mass ({d_tg.kind}; "
+        "--k or --codec alone imply topk)",
     )
-    g.add_argument("--k", type=int, default=d_tg.k, help=f"top-k ids per position ({d_tg.k})")
+    g.add_argument("--k", type=int, default=None, help=f"top-k ids per position ({d_tg.k})")
     g.add_argument(
-        "--n", type=int, default=d_tg.n, help=f"sampled draws per position, ≤ 255 ({d_tg.n})"
+        "--n", type=int, default=None, help=f"sampled draws per position, ≤ 255 ({d_tg.n})"
     )
     g.add_argument(
         "--sampling",
         choices=list(SAMPLINGS),
-        default=d_tg.sampling,
+        default=None,
         help=f"how sampled targets are drawn: systematic (lower variance) or multinomial "
         f"({d_tg.sampling})",
     )
     g.add_argument(
         "--codec",
         choices=list(CODECS),
-        default=d_tg.codec,
-        help="storage of top-k log-probs (docs/FORMAT.md)",
+        default=None,
+        help=f"storage of top-k log-probs, docs/FORMAT.md ({d_tg.codec})",
     )
     g.add_argument(
         "--temperature",
@@ -187,7 +189,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def target_kind(args: argparse.Namespace) -> str:
+    """--targets, or the kind the other target flags imply; an error names a contradiction."""
+    topk_flags = [f for f, v in (("--k", args.k), ("--codec", args.codec)) if v is not None]
+    sampled_flags = [f for f, v in (("--n", args.n), ("--sampling", args.sampling)) if v]
+    kind = args.kind or ("topk" if topk_flags and not sampled_flags else None)
+    kind = kind or ("sampled" if sampled_flags and not topk_flags else TargetConfig().kind)
+    wrong = sampled_flags if kind == "topk" else topk_flags
+    if wrong:
+        raise InputError(
+            f"{' and '.join(wrong)} do not apply to {kind} targets; drop them, or pass "
+            f"--targets {'sampled' if kind == 'topk' else 'topk'}"
+        )
+    return kind
+
+
 def config_from_args(args: argparse.Namespace) -> CaptureConfig:
+    d = TargetConfig()
     return CaptureConfig(
         input=InputConfig(
             prompts=tuple(args.prompts),
@@ -206,11 +224,11 @@ def config_from_args(args: argparse.Namespace) -> CaptureConfig:
         ),
         targets=TargetConfig(
             mode=args.mode,
-            kind=args.kind,
-            k=args.k,
-            n=args.n,
-            sampling=args.sampling,
-            codec=args.codec,
+            kind=target_kind(args),
+            k=d.k if args.k is None else args.k,
+            n=d.n if args.n is None else args.n,
+            sampling=args.sampling or d.sampling,
+            codec=args.codec or d.codec,
             temperature=args.temperature,
         ),
         generate=GenerateConfig(

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from logitcache.cache.errors import IncompatibleError, InputError
+from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
 
 from .batching import Batch, Batcher
@@ -183,14 +183,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg)
     tok_path = cfg.model.tokenizer or cfg.model.path or ""
     check_fingerprint(info, tokenizer, cfg.data.train, tok_path)
+    eval_info = info
     if cfg.data.eval is not None:
         eval_info = open_dataset(cfg.data.eval).info
         check_fingerprint(eval_info, tokenizer, cfg.data.eval, tok_path)
-        if eval_info.targets.kind != info.targets.kind:
-            raise IncompatibleError(
-                f"data.eval={cfg.data.eval!r} holds {eval_info.targets.kind} targets but "
-                f"data.train holds {info.targets.kind}; evaluate on a dataset captured the same way"
-            )
     if info.targets.kind == "sampled" and cfg.loss.divergence != "forward_kl":
         raise InputError(
             f"loss.divergence={cfg.loss.divergence} cannot be estimated from sampled targets "
@@ -260,7 +256,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         if cfg.data.eval is None:
             return
         model.eval()
-        eval_loader = make_loader(cfg, cfg.data.eval, info, dist, train=False, pad_id=pad_id)
+        eval_loader = make_loader(cfg, cfg.data.eval, eval_info, dist, train=False, pad_id=pad_id)
         with autocast():
             result = evaluate(
                 eval_loader,

@@ -56,7 +56,8 @@ def make_cfg(
         run=RunConfig(
             out=str(out), **{"max_batch_tokens": 256, "progress": False, **groups.get("run", {})}
         ),
-        targets=TargetConfig(**groups.get("targets", {})),
+        # Top-k unless a test asks otherwise (the library's default is sampled).
+        targets=TargetConfig(**{"kind": "topk", **groups.get("targets", {})}),
         generate=GenerateConfig(**groups.get("generate", {})),
     )
 
@@ -573,6 +574,7 @@ def test_cli_build(tmp_path, tiny_teacher_dir, ctx_file, capsys) -> None:
     assert "captured 4 examples" in printed and "bytes/position" in printed
     saved = CaptureConfig.from_json(json.loads((out / CONFIG_NAME).read_text()))
     assert saved.targets.k == 8 and saved.input.context == ctx_file
+    assert saved.targets.kind == "topk"  # --k alone implies top-k targets
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher"]["config_hash"].startswith("sha256:")
     assert manifest["capture"]["templates"]["teacher"]["context"] == CONTEXT
@@ -666,3 +668,33 @@ def test_fsspec_urls_in_and_out(tiny_teacher_dir) -> None:
     finally:
         for path in ("/capture_in", "/capture_out"):
             fs.rm(path, recursive=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "kind", "error"),
+    [
+        ([], "sampled", None),  # the default: sampled, n=16
+        (["--k", "32"], "topk", None),
+        (["--codec", "f16"], "topk", None),
+        (["--n", "8", "--sampling", "systematic"], "sampled", None),
+        (["--targets", "topk"], "topk", None),
+        (["--k", "8", "--n", "8"], None, r"--k do not apply to sampled targets"),
+        (["--targets", "topk", "--n", "8"], None, r"--n do not apply to topk targets"),
+    ],
+)
+def test_cli_target_flags_imply_the_kind(flags, kind, error) -> None:
+    import argparse
+
+    from logitcache.tools.cmd_build import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(["--teacher", "t", "--prompts", "p.jsonl", "--out", "o", *flags])
+    if error:
+        with pytest.raises(InputError, match=error):
+            config_from_args(args)
+        return
+    t = config_from_args(args).targets
+    assert t.kind == kind
+    if flags == []:
+        assert (t.n, t.sampling) == (16, "multinomial")

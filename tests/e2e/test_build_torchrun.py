@@ -68,7 +68,7 @@ def test_two_ranks_equal_one(tmp_path: Path, tiny_teacher_dir: Path) -> None:
                 max_batch_tokens=flags["max_batch_tokens"],
                 progress=False,
             ),
-            targets=TargetConfig(mode="generate", k=8),
+            targets=TargetConfig(mode="generate", kind="topk", k=8),
             generate=GenerateConfig(max_new_tokens=8),
         )
     )

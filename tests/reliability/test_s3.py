@@ -158,7 +158,7 @@ def test_capture_to_s3_through_failures(
             input=InputConfig(prompts=(str(prompts),)),
             teacher=TeacherConfig(path=str(tiny_teacher_dir), device="cpu"),
             run=RunConfig(out=out, max_batch_tokens=256, shard_positions=64, progress=False),
-            targets=TargetConfig(k=4, codec="f32"),
+            targets=TargetConfig(kind="topk", k=4, codec="f32"),
         )
 
     summary = capture(cfg("s3://bucket/captured"), storage_options=so)
