@@ -123,7 +123,7 @@ def default_variants(
     codec_k: int,
     noise_seeds: list[int],
     tails: tuple[TailMode, ...] = ("bucket", "renorm"),
-    samplings: tuple[str, ...] = ("multinomial", "systematic"),
+    samplings: tuple[str, ...] = ("multinomial",),
     hard: bool = True,
     seed: int = 0,
 ) -> list[Variant]:
@@ -555,7 +555,8 @@ def plot(
         "top-k, tail bucket (u8)": ("o", [r for r in topk if r.variant.tail == "bucket" and r.variant.codec == "u8"]),
         "top-k, renormalized (u8)": ("s", [r for r in topk if r.variant.tail == "renorm"]),
         "top-k codecs, bucket": ("D", [r for r in topk if r.variant.k in codec_k and r.variant.tail == "bucket"]),
-        "sampled N": ("^", [r for r in same if r.variant.kind == "sampled"]),
+        "sampled N": ("^", [r for r in same if r.variant.kind == "sampled" and r.variant.sampling != "systematic"]),
+        "sampled N, systematic": ("v", [r for r in same if r.variant.kind == "sampled" and r.variant.sampling == "systematic"]),
         "hard labels": ("x", [r for r in same if r.variant.kind == "hard"]),
     }  # fmt: skip
     others = [r for r in rows if r.variant.kind == "online" and r is not ref]
@@ -644,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ks", default="8,32,64", help="top-k sizes (u8, both tails)")
     ap.add_argument("--draws", default="8,16,32,64", help="sampled-target sizes N")
     ap.add_argument("--tails", default="bucket,renorm", help="top-k tail modes")
-    ap.add_argument("--samplings", default="multinomial,systematic", help="sampled draw schemes")
+    ap.add_argument("--samplings", default="multinomial", help="sampled draw schemes (, separated)")
     ap.add_argument("--hard", action=argparse.BooleanOptionalAction, default=True,
                     help="include the hard-label run")  # fmt: skip
     ap.add_argument("--codecs", default="f32,f16,u16,u8", help="codecs compared at --codec-k")

@@ -30,6 +30,7 @@ def test_study_runs_every_variant(
         Variant("topk", k=8, codec="u8"),
         Variant("topk", k=8, tail="renorm"),
         Variant("sampled", n=4),
+        Variant("sampled", n=4, sampling="systematic"),
         Variant("topk", k=384, codec="f32"),  # k = vocab: the offline twin of online KD
     ]
     rows, initial = run_study(
@@ -53,6 +54,7 @@ def test_study_runs_every_variant(
     # Tokens alone take fewer bytes than tokens plus targets.
     assert by["hard labels (CE)"].bytes_per_position < by["top-8 bucket u8"].bytes_per_position
     assert by["sampled n=4"].unique_ids is not None
+    assert by["sampled n=4 systematic"].unique_ids is not None
     assert "| top-8 renorm u8 |" in table(rows)
     plot(rows, initial, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
