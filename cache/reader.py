@@ -162,11 +162,14 @@ class ShardReader:
         *,
         verify: bool = False,
         cache_dir: str | Path | None = None,
+        data: bytes | None = None,
     ):
+        """``data``: the shard's bytes when the caller already holds them (not fetched again)."""
         self.entry = entry
         self.info = info
         self.where = f"shard {entry.file} of {loc}"
-        data = _fetch(loc, entry, cache_dir, self.where)
+        if data is None:
+            data = _fetch(loc, entry, cache_dir, self.where)
         if len(data) != entry.bytes:
             raise ShardError(
                 f"{self.where}: {len(data)} bytes on storage but the manifest says {entry.bytes}: "

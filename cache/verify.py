@@ -109,7 +109,7 @@ def _verify_shard(
         bad("sha256", entry.sha256, digest)
         return 0, 0  # decoding corrupt bytes would only add noise to the report
     try:
-        reader = ShardReader(loc, entry, info)
+        reader = ShardReader(loc, entry, info, data=data)  # the bytes just hashed
         batches = [reader.record_batch(i) for i in range(reader.num_batches)]
     except LogitCacheError as e:
         bad("arrow", "a readable shard matching the manifest", e)

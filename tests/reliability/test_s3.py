@@ -118,6 +118,17 @@ def test_a_persistent_failure_names_the_object(s3, no_backoff) -> None:
     assert report_error is not None and bad in report_error
 
 
+def test_verify_downloads_each_shard_once(s3, no_backoff) -> None:
+    so = s3.storage_options()
+    s3.policy = lambda method, key, n: "pass"
+    write_synth("s3://bucket/once", INFO, EXAMPLES, shard_positions=100, storage_options=so)
+    before = len(s3.requests)
+    report = verify_dataset("s3://bucket/once", storage_options=so)
+    assert report.ok and report.shards >= 2
+    gets = Counter(k for m, k, *_ in s3.requests[before:] if m == "GET" and k.endswith(".arrow"))
+    assert len(gets) == report.shards and set(gets.values()) == {1}
+
+
 def test_a_dead_endpoint_is_reported_after_logitcache_retries_alone(s3, no_backoff) -> None:
     # Default options: logitcache turns botocore's retry layer off, so a persistent 500 costs
     # 5 requests (logitcache's attempts), not 25 (botocore × logitcache).
