@@ -207,15 +207,12 @@ def chunked_distill_loss(
     opts = _Options(divergence, beta, temperature, tail)
 
     keep = mask.nonzero().squeeze(1)  # (M,)
-    kept = (
-        hidden.index_select(0, keep),  # (M, H)
-        _take_rows(targets, keep),
-        labels.index_select(0, keep),  # (M,)
-    )
+    hidden_kept = hidden.index_select(0, keep)  # (M, H)
+    rows = (_take_rows(targets, keep), labels.index_select(0, keep))  # M rows each
     count = _count(mask)
     scale = (alpha / count, (1.0 - alpha) / count)  # d total / d (kd_sum, ce_sum)
     total, kd_sum, ce_sum = _ChunkedLoss.apply(
-        *kept[:1], lm_head_weight, lm_head_bias, kept[1:], scale, opts, chunk_size
+        hidden_kept, lm_head_weight, lm_head_bias, rows, scale, opts, chunk_size
     )
     return DistillLoss(total, kd_sum / count, ce_sum / count, mask.sum().detach())
 
