@@ -192,9 +192,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def target_kind(args: argparse.Namespace) -> str:
     """--targets, or the kind the other target flags imply; an error names a contradiction."""
     topk_flags = [f for f, v in (("--k", args.k), ("--codec", args.codec)) if v is not None]
-    sampled_flags = [f for f, v in (("--n", args.n), ("--sampling", args.sampling)) if v]
-    kind = args.kind or ("topk" if topk_flags and not sampled_flags else None)
-    kind = kind or ("sampled" if sampled_flags and not topk_flags else TargetConfig().kind)
+    sampled_flags = [
+        f for f, v in (("--n", args.n), ("--sampling", args.sampling)) if v is not None
+    ]
+    if args.kind:
+        kind = args.kind
+    elif topk_flags and not sampled_flags:
+        kind = "topk"
+    elif sampled_flags and not topk_flags:
+        kind = "sampled"
+    else:  # neither, or both (refused below)
+        kind = TargetConfig().kind
     wrong = sampled_flags if kind == "topk" else topk_flags
     if wrong:
         raise InputError(
