@@ -13,12 +13,15 @@ import numpy as np
 import pytest
 
 from logitcache.tools.reliability.crashes import (
+    after_shards,
     build_command,
     capture_state,
     compare_capture,
     logged_steps,
     run_killed,
+    run_rank_killed,
     run_to_end,
+    torchrun_build_command,
     train_command,
     train_losses,
     write_prompts,
@@ -55,6 +58,25 @@ def test_killed_capture_rerun_holds_every_example_once(tmp_path: Path, tiny_teac
         assert c["examples"] == 300 and c["duplicates"] == 0 and c["missing"] == [], (left, c)
         assert c["mismatched"] == [] and c["max_logprob_diff"] <= 1e-4, (left, c)
         assert c["verify_ok"] and c["warnings"] == [], (left, c)
+
+
+def test_one_killed_torchrun_rank_then_rerun_holds_every_example_once(
+    tmp_path: Path, tiny_teacher_dir
+) -> None:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 300)
+    reference = tmp_path / "reference"
+    run_to_end(build_command(tiny_teacher_dir, prompts, reference))  # one process
+    out = tmp_path / "two-ranks"
+    cmd = torchrun_build_command(tiny_teacher_dir, prompts, out)
+    # Rank 1 dies after rank 0 and it together committed some shards; torchrun stops rank 0.
+    killed, code = run_rank_killed(cmd, 1, after_shards(out, 6, 0.0))
+    assert killed and code != 0
+    assert not (out / "manifest.json").exists()  # nobody finalized the broken run
+    run_to_end(cmd)  # the same command again
+    c = compare_capture(out, reference)
+    assert c["examples"] == 300 and c["duplicates"] == 0 and c["missing"] == [], c
+    assert c["mismatched"] == [] and c["max_logprob_diff"] <= 1e-4, c
+    assert c["verify_ok"] and c["warnings"] == [] and c["leftover_tmp"] == [], c
 
 
 def test_killed_training_resumes_to_the_same_losses(

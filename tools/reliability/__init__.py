@@ -5,6 +5,7 @@ Each subcommand prints the figures that docs/RELIABILITY.md quotes:
     python -m logitcache.tools.reliability flips --all-footer-bits  # bit flips: verify vs plain
     python -m logitcache.tools.reliability s3             # S3 (moto) behind a fault-injecting proxy
     python -m logitcache.tools.reliability capture-crash  # SIGKILL `logitcache build`, rerun it
+    python -m logitcache.tools.reliability torchrun-crash # the same, one of 2 torchrun ranks
     python -m logitcache.tools.reliability train-crash    # SIGKILL `logitcache train`, --resume
     python -m logitcache.tools.reliability rss            # peak RSS streaming 1×/10×/100× buffer
 

@@ -5,6 +5,7 @@ Each subcommand prints the figures that docs/RELIABILITY.md quotes:
     python -m logitcache.tools.reliability flips --all-footer-bits  # bit flips: verify vs plain
     python -m logitcache.tools.reliability s3             # S3 (moto) behind a fault-injecting proxy
     python -m logitcache.tools.reliability capture-crash  # SIGKILL `logitcache build`, rerun it
+    python -m logitcache.tools.reliability torchrun-crash # the same, one of 2 torchrun ranks
     python -m logitcache.tools.reliability train-crash    # SIGKILL `logitcache train`, --resume
     python -m logitcache.tools.reliability rss            # peak RSS streaming 1×/10×/100× buffer
 
@@ -19,7 +20,7 @@ import argparse
 import sys
 import time
 
-from .crashes import cmd_capture_crash, cmd_train_crash
+from .crashes import cmd_capture_crash, cmd_torchrun_crash, cmd_train_crash
 from .flips import cmd_flips
 from .memory import _rss_child, cmd_rss
 from .s3 import cmd_s3
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=1200)
     p.add_argument("--max-kills", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "torchrun-crash", help="SIGKILL one rank of a 2-rank torchrun capture and rerun it"
+    )
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--prompts", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("train-crash", help="SIGKILL `logitcache train` and --resume it")
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--steps", type=int, default=40)
@@ -80,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "flips": cmd_flips,
         "s3": cmd_s3,
         "capture-crash": cmd_capture_crash,
+        "torchrun-crash": cmd_torchrun_crash,
         "train-crash": cmd_train_crash,
         "rss": cmd_rss,
     }[args.cmd](args)

@@ -213,6 +213,123 @@ def cmd_capture_crash(args: argparse.Namespace) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def torchrun_build_command(teacher: Path, prompts: Path, out: Path, ranks: int = 2) -> list[str]:
+    """The same capture under ``torchrun --nproc-per-node ranks`` (gloo on CPU)."""
+    cmd = build_command(teacher, prompts, out)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, "--nproc-per-node", str(ranks), *cmd[1:]]
+
+
+def worker_pids(agent: int) -> dict[int, int]:
+    """{rank: pid} of the workers a torchrun agent started (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = {}, list(children.get(agent, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+        if (
+            rank is not None
+            and b"logitcache.tools.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ):
+            found[rank] = pid
+    return found
+
+
+def run_rank_killed(
+    cmd: list[str], rank: int, kill_when: Callable[[], bool], timeout: float = 300
+) -> tuple[bool, int]:
+    """Start a torchrun ``cmd``; SIGKILL only the worker of ``rank`` once ``kill_when()``
+    holds, then let torchrun notice and stop the others. (killed?, torchrun's exit code)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(
+        cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    killed = False
+    try:
+        while p.poll() is None and time.perf_counter() - t0 < timeout:
+            if not killed and kill_when():
+                pid = worker_pids(p.pid).get(rank)
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+            time.sleep(0.005)
+        _, err = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    if not killed and p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{err.decode()[-3000:]}")
+    return killed, p.returncode
+
+
+def cmd_torchrun_crash(args: argparse.Namespace) -> None:
+    rng = np.random.default_rng(args.seed)
+    root = Path(tempfile.mkdtemp(prefix="lc-trcrash-"))
+    try:
+        teacher, _ = tiny_models(root)
+        prompts = write_prompts(root / "prompts.jsonl", args.prompts)
+        ref = root / "reference"
+        total = run_to_end(build_command(teacher, prompts, ref))  # one process
+        m = json.loads((ref / "manifest.json").read_text())
+        shards = len(m["shards"])
+        print(
+            f"reference (one process): {m['num_examples']} examples, {shards} shards, "
+            f"{total:.1f} s. Each trial runs the capture on 2 torchrun ranks, SIGKILLs one "
+            f"rank's worker 0-50 ms after a random number (0-{shards}) of shard files exist, "
+            "then reruns the same torchrun command to the end"
+        )
+        bad = 0
+        for trial in range(args.trials):
+            out = root / f"trial{trial}"
+            rank = int(rng.integers(0, 2))
+            count, delay = int(rng.integers(0, shards + 1)), float(rng.uniform(0, 0.05))
+            cmd = torchrun_build_command(teacher, prompts, out)
+            killed, code = run_rank_killed(cmd, rank, after_shards(out, count, delay))
+            files = len(list(out.glob("shard-*.arrow")))
+            state = (
+                f"rank {rank} killed after shard {count} (torchrun exit {code}, {files} shard "
+                f"files)"
+                if killed
+                else "finished before the kill"
+            )
+            run_to_end(cmd)
+            c = compare_capture(out, ref)
+            ok = (
+                c["verify_ok"]
+                and not c["warnings"]
+                and not c["duplicates"]
+                and not c["missing"]
+                and not c["mismatched"]
+                and c["max_logprob_diff"] <= 1e-4
+                and c["examples"] == m["num_examples"]
+            )
+            bad += not ok
+            print(
+                f"  trial {trial:2d}: {state} -> rerun: {c['examples']} examples, "
+                f"{c['duplicates']} duplicated, {len(c['missing'])} missing, "
+                f"{len(c['mismatched'])} with other ids/tokens, max |Δ log p| "
+                f"{c['max_logprob_diff']:.1e}, verify {'ok' if c['verify_ok'] else 'FAILED'}, "
+                f"{len(c['leftover_tmp'])} temp files left"
+                f"{'' if ok else '  <-- FAILED ' + json.dumps(c)[:500]}"
+            )
+            shutil.rmtree(out)
+        print(f"{args.trials - bad} of {args.trials} trials match the uninterrupted run")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 TRAIN_KEYS = ("step", "loss", "kd", "ce", "grad_norm", "lr", "positions", "tokens", "epoch")
 
 
