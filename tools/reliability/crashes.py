@@ -287,14 +287,14 @@ def cmd_torchrun_crash(args: argparse.Namespace) -> None:
         print(
             f"reference (one process): {m['num_examples']} examples, {shards} shards, "
             f"{total:.1f} s. Each trial runs the capture on 2 torchrun ranks, SIGKILLs one "
-            f"rank's worker 0-50 ms after a random number (0-{shards}) of shard files exist, "
-            "then reruns the same torchrun command to the end"
+            f"rank's worker 0-50 ms after a random number (0-{shards * 9 // 10 - 1}) of shard "
+            "files (both ranks') exist, then reruns the same torchrun command to the end"
         )
         bad = 0
         for trial in range(args.trials):
             out = root / f"trial{trial}"
             rank = int(rng.integers(0, 2))
-            count, delay = int(rng.integers(0, shards + 1)), float(rng.uniform(0, 0.05))
+            count, delay = int(rng.integers(0, shards * 9 // 10)), float(rng.uniform(0, 0.05))
             cmd = torchrun_build_command(teacher, prompts, out)
             killed, code = run_rank_killed(cmd, rank, after_shards(out, count, delay))
             files = len(list(out.glob("shard-*.arrow")))
