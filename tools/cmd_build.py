@@ -206,7 +206,8 @@ def target_kind(args: argparse.Namespace) -> str:
     wrong = sampled_flags if kind == "topk" else topk_flags
     if wrong:
         raise InputError(
-            f"{' and '.join(wrong)} do not apply to {kind} targets; drop them, or pass "
+            f"{' and '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {kind} "
+            f"targets; drop {'it' if len(wrong) == 1 else 'them'}, or pass "
             f"--targets {'sampled' if kind == 'topk' else 'topk'}"
         )
     return kind

@@ -25,7 +25,7 @@ def describe(ds: LogitDataset) -> str:
     targets = (
         f"top-{t.k} ids + log-probs ({t.codec}) + tail mass"
         if t.kind == "topk"
-        else f"{t.n} sampled draws per position (ids + counts)"
+        else f"{t.n} {t.sampling} sampled draws per position (ids + counts)"
     )
     cap = info.capture
     lines = [

@@ -678,8 +678,8 @@ def test_fsspec_urls_in_and_out(tiny_teacher_dir) -> None:
         (["--codec", "f16"], "topk", None),
         (["--n", "8", "--sampling", "systematic"], "sampled", None),
         (["--targets", "topk"], "topk", None),
-        (["--k", "8", "--n", "8"], None, r"--k do not apply to sampled targets"),
-        (["--targets", "topk", "--n", "8"], None, r"--n do not apply to topk targets"),
+        (["--k", "8", "--n", "8"], None, r"--k does not apply to sampled targets"),
+        (["--targets", "topk", "--n", "8"], None, r"--n does not apply to topk targets"),
     ],
 )
 def test_cli_target_flags_imply_the_kind(flags, kind, error) -> None:

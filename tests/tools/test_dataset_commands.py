@@ -76,7 +76,7 @@ def test_inspect_and_stats(tmp_path, capsys):
 def test_inspect_sampled(tmp_path, capsys):
     ds = _dataset(tmp_path / "ds", kind="sampled", n=12)
     assert main(["inspect", str(ds), "-n", "1"]) == 0
-    assert "12 sampled draws per position" in capsys.readouterr().out
+    assert "12 multinomial sampled draws per position" in capsys.readouterr().out
 
 
 def test_merge(tmp_path, capsys):
