@@ -62,7 +62,7 @@ def row_keys(ex_keys: torch.Tensor, positions: torch.Tensor, stream: int) -> tor
 
 
 def uniforms(keys: torch.Tensor, n: int, sampling: str = "multinomial") -> torch.Tensor:
-    """(R, n) float32 uniforms in (0, 1), one row per key.
+    """(R, n) float64 uniforms in (0, 1), one row per key.
 
     ``"multinomial"``: column j from counter j, all independent. ``"systematic"``: one uniform
     u per row and the points (j + u) / n: each is uniform on its own n-th of (0, 1), so every
@@ -71,12 +71,18 @@ def uniforms(keys: torch.Tensor, n: int, sampling: str = "multinomial") -> torch
     """
     if sampling == "systematic":
         offset = uniforms(keys, 1)  # (R, 1)
-        return (torch.arange(n, device=keys.device, dtype=torch.float32) + offset) / n
+        return (torch.arange(n, device=keys.device, dtype=torch.float64) + offset) / n
     if sampling != "multinomial":
         raise ValueError(f"sampling={sampling!r}; expected 'systematic' or 'multinomial'")
     cols = mix32(torch.arange(1, n + 1, device=keys.device, dtype=torch.int64) * 0x2545F491)
-    h = mix32(keys[:, None] ^ cols[None, :])  # (R, n)
-    return ((h >> 8).to(torch.float32) + 0.5) / float(1 << 24)
+    return unit_interval(mix32(keys[:, None] ^ cols[None, :]))  # (R, n)
+
+
+def unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes → float64 in (0, 1): the top 24 bits, centred in their cell. In float32
+    the largest cell would round to exactly 1.0, and an inverse-CDF draw at 1.0 picks the last
+    id whatever its probability."""
+    return ((h >> 8).to(torch.float64) + 0.5) / float(1 << 24)
 
 
 # --------------------------------------------------------------------------- targets

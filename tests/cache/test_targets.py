@@ -16,6 +16,7 @@ from logitcache.cache.targets import (
     topk_targets,
     uniforms,
     unique_counts,
+    unit_interval,
 )
 
 
@@ -43,6 +44,14 @@ def test_uniforms_are_uniform_and_keyed() -> None:
     assert torch.equal(uniforms(keys, 64), u)  # a function of the keys only
     other = uniforms(row_keys(torch.arange(4000), torch.ones(4000, dtype=torch.int64), 1), 64)
     assert (other == u).float().mean() < 0.001
+
+
+def test_the_largest_hash_maps_below_one() -> None:
+    u = unit_interval(torch.tensor([0, 0xFFFFFFFF], dtype=torch.int64))
+    assert u.dtype == torch.float64 and u[0] > 0 and u[1] < 1
+    # A draw at the top of the unit interval still respects a zero-mass last id.
+    logp = torch.tensor([[0.5, 0.5, 0.0]]).log()
+    assert sample_ids(logp, u[1:].reshape(1, 1)).item() == 1
 
 
 def test_topk_tail_is_the_rest_of_the_mass() -> None:
