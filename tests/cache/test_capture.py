@@ -514,10 +514,13 @@ def test_invalid_settings_are_reported_together(tmp_path, tiny_teacher_dir) -> N
         "p.jsonl",
         tiny_teacher_dir,
         tmp_path / "ds",
-        targets=dict(kind="sampled", n=300, temperature=0),
+        targets=dict(kind="sampled", n=300, temperature=0, sampling="stratified"),
         run=dict(num_shards=2, shard_index=2),
     )
-    with pytest.raises(InputError, match=r"(?s)--n is 300.*--temperature is 0.*--shard-index is 2"):
+    with pytest.raises(
+        InputError,
+        match=r"(?s)--n is 300.*--sampling is 'stratified'.*--temperature is 0.*--shard-index is 2",
+    ):
         capture(cfg)
 
 

@@ -101,6 +101,12 @@ def test_manifest_path_escaping_folder(dataset, bad):
         open_dataset(dataset)
 
 
+def test_unknown_sampling_scheme_in_manifest(dataset):
+    _edit_manifest(dataset, lambda m: m["targets"].update(sampling="stratified"))
+    with pytest.raises(ManifestError, match=r"targets.sampling is 'stratified'; expected one of"):
+        open_dataset(dataset)
+
+
 def test_manifest_not_json(dataset):
     (dataset / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match=r"manifest.json: not valid JSON"):
