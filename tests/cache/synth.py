@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from logitcache.cache.codecs import tail_logmass
-from logitcache.cache.format import DatasetInfo, Example, Sampled, TargetSpec, TopK
+from logitcache.cache.format import DatasetInfo, Example, Sampled, TopK
+from logitcache.tools.reliability.synth import synth_info
 
-
-def make_info(
-    kind: str = "topk",
-    *,
-    k: int = 8,
-    n: int = 16,
-    codec: str = "u8",
-    vocab: int = 1000,
-    teacher: str = "tiny-teacher",
-) -> DatasetInfo:
-    return DatasetInfo(
-        vocab_size=vocab,
-        tokenizer_fingerprint="sha256:" + "ab" * 32,
-        targets=TargetSpec(
-            kind, k=k if kind == "topk" else 0, n=n if kind == "sampled" else 0, codec=codec
-        ),  # type: ignore[arg-type]
-        teacher={"name_or_path": teacher, "revision": None, "config_hash": "0" * 8},
-        capture={"temperature": 1.0, "mode": "score"},
-    )
+make_info = partial(synth_info, teacher="tiny-teacher")
+"""The reliability trials' synthetic dataset description, under the test teacher's name."""
 
 
 def full_logprobs(rng: np.random.Generator, positions: int, vocab: int) -> np.ndarray:

@@ -101,12 +101,19 @@ def test_logitcache_retries_on_its_own(s3, reference, no_backoff) -> None:
     assert set(tries.values()) == {4}  # three failures, then success, for every shard
 
 
+def with_one_dead_shard(s3: FlakyS3, name: str, so: dict) -> str:
+    """Write the dataset to s3://bucket/<name>, then fail every GET of its second shard with
+    a 500; returns that shard's key."""
+    s3.policy = lambda method, key, n: "pass"
+    write_synth(f"s3://bucket/{name}", INFO, EXAMPLES, shard_positions=100, storage_options=so)
+    bad = f"bucket/{name}/shard-w0-000001.arrow"
+    s3.policy = lambda method, key, n: "500" if method == "GET" and key == bad else "pass"
+    return bad
+
+
 def test_a_persistent_failure_names_the_object(s3, no_backoff) -> None:
     so = s3.storage_options(botocore_attempts=1)
-    s3.policy = lambda method, key, n: "pass"
-    write_synth("s3://bucket/down", INFO, EXAMPLES, shard_positions=100, storage_options=so)
-    bad = "bucket/down/shard-w0-000001.arrow"
-    s3.policy = lambda method, key, n: "500" if method == "GET" and key == bad else "pass"
+    bad = with_one_dead_shard(s3, "down", so)
     with pytest.raises(OSError, match=rf"reading s3://{bad}: failed 5 times .*check the network"):
         list(open_dataset("s3://bucket/down", storage_options=so).iter_batches())
     assert sum(1 for m, k, *_ in s3.requests if m == "GET" and k == bad) >= 5
@@ -134,10 +141,7 @@ def test_a_dead_endpoint_is_reported_after_logitcache_retries_alone(s3, no_backo
     # 5 requests (logitcache's attempts), not 25 (botocore × logitcache).
     so = s3.storage_options()
     assert "config_kwargs" not in so
-    s3.policy = lambda method, key, n: "pass"
-    write_synth("s3://bucket/dead", INFO, EXAMPLES, shard_positions=100, storage_options=so)
-    bad = "bucket/dead/shard-w0-000001.arrow"
-    s3.policy = lambda method, key, n: "500" if method == "GET" and key == bad else "pass"
+    bad = with_one_dead_shard(s3, "dead", so)
     with pytest.raises(OSError, match=rf"reading s3://{bad}: failed 5 times"):
         list(open_dataset("s3://bucket/dead", storage_options=so).iter_batches())
     assert sum(1 for m, k, *_ in s3.requests if m == "GET" and k == bad) == 5

@@ -1,18 +1,5 @@
-"""Reliability trials (GitHub issue 6): corruption, flaky object storage, crashes, memory.
-
-Each subcommand prints the figures that docs/RELIABILITY.md quotes:
-
-    python -m logitcache.tools.reliability flips --all-footer-bits  # bit flips: verify vs plain
-    python -m logitcache.tools.reliability s3             # S3 (moto) behind a fault-injecting proxy
-    python -m logitcache.tools.reliability capture-crash  # SIGKILL `logitcache build`, rerun it
-    python -m logitcache.tools.reliability torchrun-crash # the same, one of 2 torchrun ranks
-    python -m logitcache.tools.reliability train-crash    # SIGKILL `logitcache train`, --resume
-    python -m logitcache.tools.reliability rss            # peak RSS streaming 1×/10×/100× buffer
-
-Everything runs locally (moto serves S3 on 127.0.0.1; the models are tools/tiny.py's) and
-nothing is downloaded. torch is imported only by the subcommands that capture, train or stream.
-tests/reliability/ imports the helpers (synthetic datasets, bit flips, ``FlakyS3``, crash runs).
-"""
+"""The command line of the reliability trials; the subcommands are listed in the package's
+docstring (``logitcache.tools.reliability``) and by ``--help``."""
 
 from __future__ import annotations
 
@@ -20,6 +7,7 @@ import argparse
 import sys
 import time
 
+from .. import reliability
 from .crashes import cmd_capture_crash, cmd_torchrun_crash, cmd_train_crash
 from .flips import cmd_flips
 from .memory import _rss_child, cmd_rss
@@ -30,7 +18,8 @@ from .s3 import cmd_s3
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m logitcache.tools.reliability", description=__doc__.split("\n")[0]
+        prog="python -m logitcache.tools.reliability",
+        description=(reliability.__doc__ or "").split("\n")[0],
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("flips", help="single-bit flips in shards and manifest")

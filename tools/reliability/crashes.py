@@ -160,6 +160,30 @@ def after_shards(out: Path, count: int, delay: float) -> Callable[[], bool]:
     return due
 
 
+def report_rerun(trial: int, state: str, out: Path, ref: Path, examples: int) -> bool:
+    """Compare a rerun capture with the uninterrupted one, print the trial's line; True if it
+    holds every example exactly once with the reference's targets."""
+    c = compare_capture(out, ref)
+    ok = (
+        c["verify_ok"]
+        and not c["warnings"]
+        and not c["duplicates"]
+        and not c["missing"]
+        and not c["mismatched"]
+        and c["max_logprob_diff"] <= 1e-4
+        and c["examples"] == examples
+    )
+    print(
+        f"  trial {trial:2d}: {state} -> rerun: {c['examples']} examples, "
+        f"{c['duplicates']} duplicated, {len(c['missing'])} missing, "
+        f"{len(c['mismatched'])} with other ids/tokens, max |Δ log p| "
+        f"{c['max_logprob_diff']:.1e}, verify {'ok' if c['verify_ok'] else 'FAILED'}, "
+        f"{len(c['warnings'])} warnings, {len(c['leftover_tmp'])} temp files left"
+        f"{'' if ok else '  <-- FAILED ' + json.dumps(c)[:500]}"
+    )
+    return ok
+
+
 def cmd_capture_crash(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed)
     root = Path(tempfile.mkdtemp(prefix="lc-capcrash-"))
@@ -188,25 +212,7 @@ def cmd_capture_crash(args: argparse.Namespace) -> None:
                     f"kill after shard {count}: {capture_state(out)}" if killed else "not killed"
                 )
             run_to_end(build_command(teacher, prompts, out))
-            c = compare_capture(out, ref)
-            ok = (
-                c["verify_ok"]
-                and not c["warnings"]
-                and not c["duplicates"]
-                and not c["missing"]
-                and not c["mismatched"]
-                and c["max_logprob_diff"] <= 1e-4
-                and c["examples"] == m["num_examples"]
-            )
-            bad += not ok
-            print(
-                f"  trial {trial:2d}: {'; '.join(states)} -> rerun: {c['examples']} examples, "
-                f"{c['duplicates']} duplicated, {len(c['missing'])} missing, "
-                f"{len(c['mismatched'])} with other ids/tokens, max |Δ log p| "
-                f"{c['max_logprob_diff']:.1e}, verify {'ok' if c['verify_ok'] else 'FAILED'}, "
-                f"{len(c['warnings'])} warnings, {len(c['leftover_tmp'])} temp files left"
-                f"{'' if ok else '  <-- FAILED ' + json.dumps(c)[:500]}"
-            )
+            bad += not report_rerun(trial, "; ".join(states), out, ref, m["num_examples"])
             shutil.rmtree(out)
         print(f"{args.trials - bad} of {args.trials} trials match the uninterrupted run")
     finally:
@@ -305,25 +311,7 @@ def cmd_torchrun_crash(args: argparse.Namespace) -> None:
                 else "finished before the kill"
             )
             run_to_end(cmd)
-            c = compare_capture(out, ref)
-            ok = (
-                c["verify_ok"]
-                and not c["warnings"]
-                and not c["duplicates"]
-                and not c["missing"]
-                and not c["mismatched"]
-                and c["max_logprob_diff"] <= 1e-4
-                and c["examples"] == m["num_examples"]
-            )
-            bad += not ok
-            print(
-                f"  trial {trial:2d}: {state} -> rerun: {c['examples']} examples, "
-                f"{c['duplicates']} duplicated, {len(c['missing'])} missing, "
-                f"{len(c['mismatched'])} with other ids/tokens, max |Δ log p| "
-                f"{c['max_logprob_diff']:.1e}, verify {'ok' if c['verify_ok'] else 'FAILED'}, "
-                f"{len(c['leftover_tmp'])} temp files left"
-                f"{'' if ok else '  <-- FAILED ' + json.dumps(c)[:500]}"
-            )
+            bad += not report_rerun(trial, state, out, ref, m["num_examples"])
             shutil.rmtree(out)
         print(f"{args.trials - bad} of {args.trials} trials match the uninterrupted run")
     finally:

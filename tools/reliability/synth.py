@@ -15,15 +15,22 @@ from logitcache.cache.writer import DatasetWriter
 
 
 def synth_info(
-    kind: str = "topk", *, k: int = 8, n: int = 16, codec: str = "u8", vocab: int = 1000
+    kind: str = "topk",
+    *,
+    k: int = 8,
+    n: int = 16,
+    codec: str = "u8",
+    vocab: int = 1000,
+    teacher: str = "synthetic",
 ) -> DatasetInfo:
+    """The description of a synthetic dataset (also the test suite's, tests/cache/synth.py)."""
     return DatasetInfo(
         vocab_size=vocab,
         tokenizer_fingerprint="sha256:" + "ab" * 32,
         targets=TargetSpec(
             kind, k=k if kind == "topk" else 0, n=n if kind == "sampled" else 0, codec=codec
         ),  # type: ignore[arg-type]
-        teacher={"name_or_path": "synthetic", "revision": None, "config_hash": "0" * 8},
+        teacher={"name_or_path": teacher, "revision": None, "config_hash": "0" * 8},
         capture={"temperature": 1.0, "mode": "score"},
     )
 
