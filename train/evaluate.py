@@ -46,12 +46,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean ``kl``, ``ce``, ``top1`` over every loss position of ``batches``."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # kl, ce, top1, positions
+    chunk_size = chunk_size or auto_chunk_size(lm_head.weight.shape[0])
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         batch = batch.to(device)
         hidden = hidden_fn(batch)  # (N, H)
-        chunk_size = chunk_size or auto_chunk_size(lm_head.weight.shape[0])
         for start in range(0, batch.num_positions, chunk_size):
             rows = torch.arange(start, min(start + chunk_size, batch.num_positions), device=device)
             logits = lm_head(hidden[rows]).float()  # (n, V)
