@@ -39,17 +39,34 @@ class TargetSpec:
     """What the teacher's per-position targets are and how they are stored."""
 
     kind: TargetKind
-    """"topk": the k most likely ids with log-probs and the tail mass; "sampled": N draws."""
+    """"topk": the k most likely ids with log-probs and the tail mass (plus, with n > 0, n
+    draws from the tail); "sampled": N draws from the whole distribution."""
     k: int = 0
     """Ids per position for top-k targets."""
     n: int = 0
-    """Draws per position for sampled targets (≤ 255)."""
+    """Draws per position (≤ 255): from the whole distribution for sampled targets; for top-k
+    targets, from the teacher's distribution outside the top k (0 = none, the tail is only its
+    mass). Top-k plus tail draws is an unbiased estimate of the full distribution whose only
+    noise is in the tail."""
     codec: Codec = "u8"
     """Codec of top-k log-probs and the tail mass (unused for sampled targets)."""
     sampling: Sampling = "multinomial"
-    """How sampled targets' N draws were made: "multinomial" (independent) or "systematic"
-    (one uniform per position, N evenly spaced points on the teacher's CDF). Both give
-    unbiased counts; systematic counts are within 1 of N·p for every id (lower variance)."""
+    """How the N draws were made: "multinomial" (independent) or "systematic" (one uniform per
+    position, N evenly spaced points on the CDF). Both give unbiased counts; systematic counts
+    are within 1 of N·p for every id (lower variance)."""
+
+    @property
+    def has_draws(self) -> bool:
+        """Whether shards hold the sample columns: sampled targets, or top-k with tail draws."""
+        return self.kind == "sampled" or self.n > 0
+
+    @property
+    def label(self) -> str:
+        """Short human name: "top-16 u8", "top-16 u8 + 16 tail draws", "sampled n=16"."""
+        if self.kind == "sampled":
+            return f"sampled n={self.n}" + (" systematic" if self.sampling == "systematic" else "")
+        tail = f" + {self.n} tail draws" if self.n else ""
+        return f"top-{self.k} {self.codec}{tail}"
 
     def validate(self) -> list[str]:
         """Every problem with this spec, as messages naming the field and the fix."""
@@ -60,6 +77,8 @@ class TargetSpec:
             problems.append(f"targets.k is {self.k}; top-k targets need k ≥ 1")
         if self.kind == "sampled" and not 1 <= self.n <= MAX_SAMPLE_DRAWS:
             problems.append(f"targets.n is {self.n}; sampled targets need 1 ≤ n ≤ 255")
+        if self.kind == "topk" and not 0 <= self.n <= MAX_SAMPLE_DRAWS:
+            problems.append(f"targets.n is {self.n}; top-k tail draws need 0 ≤ n ≤ 255")
         if self.codec not in CODECS:
             problems.append(f"targets.codec is {self.codec!r}; expected one of {list(CODECS)}")
         if self.sampling not in SAMPLINGS:
@@ -156,7 +175,7 @@ def shard_schema(info: DatasetInfo) -> pa.Schema:
             pa.field("topk_logprobs", pa.list_(val), nullable=False),
             pa.field("tail_logmass", pa.list_(val), nullable=False),
         ]
-    else:
+    if t.has_draws:
         fields += [
             pa.field(n, pa.list_(pa.uint8()), nullable=False)
             for n in id_plane_names("sample", info.id_bytes)
@@ -198,6 +217,10 @@ class TopK:
     """(P, k) float log-probs under the teacher's full-vocabulary softmax."""
     tail_logmass: np.ndarray
     """(P,) float log(1 − Σ exp(logprobs)); -inf when the top-k hold all the mass."""
+    tail_draws: Sampled | None = None
+    """Draws from the teacher's distribution outside the top k (datasets with targets.n > 0):
+    each drawn id weighs exp(tail_logmass) · count / n. A position whose tail mass is zero has
+    no draws."""
 
 
 @dataclass

@@ -53,7 +53,8 @@ class DecodedBatch:
     tail_logmass: np.ndarray | None = None
     """(P,) float32 log of the mass outside the top-k."""
     sample_ids: np.ndarray | None = None
-    """(U,) int32 drawn ids, ascending within each position."""
+    """(U,) int32 drawn ids, ascending within each position (top-k datasets with tail draws:
+    the tail's draws)."""
     sample_counts: np.ndarray | None = None
     """(U,) uint8 draws of each id."""
     sample_offsets: np.ndarray | None = None
@@ -70,21 +71,24 @@ class DecodedBatch:
         """Row ``i`` as an :class:`Example` (copies nothing but small slices)."""
         p0, p1 = self.prompt_offsets[i], self.prompt_offsets[i + 1]
         r0, r1 = self.response_offsets[i], self.response_offsets[i + 1]
-        targets: TopK | Sampled
-        if self.topk_ids is not None:
-            assert self.topk_logprobs is not None and self.tail_logmass is not None
-            targets = TopK(
-                self.topk_ids[r0:r1], self.topk_logprobs[r0:r1], self.tail_logmass[r0:r1]
-            )
-        else:
-            assert self.sample_offsets is not None and self.sample_ids is not None
-            assert self.sample_counts is not None
+        draws = None
+        if self.sample_offsets is not None:
+            assert self.sample_ids is not None and self.sample_counts is not None
             u0, u1 = self.sample_offsets[r0], self.sample_offsets[r1]
-            targets = Sampled(
+            draws = Sampled(
                 self.sample_ids[u0:u1],
                 self.sample_counts[u0:u1],
                 np.diff(self.sample_offsets[r0 : r1 + 1]),
             )
+        targets: TopK | Sampled
+        if self.topk_ids is not None:
+            assert self.topk_logprobs is not None and self.tail_logmass is not None
+            targets = TopK(
+                self.topk_ids[r0:r1], self.topk_logprobs[r0:r1], self.tail_logmass[r0:r1], draws
+            )
+        else:
+            assert draws is not None
+            targets = draws
         return Example(self.ids[i], self.prompt_ids[p0:p1], self.response_ids[r0:r1], targets)
 
 
@@ -142,7 +146,7 @@ def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
             out.topk_logprobs = logp[codes]
             out.topk_logprobs -= log_total[:, None]
             out.tail_logmass = logp[tail] - log_total
-    else:
+    if spec.has_draws:
         nunique = _flat(batch.column("sample_nunique"))[0].astype(np.int64)
         planes = [_flat(batch.column(n))[0] for n in id_plane_names("sample", info.id_bytes)]
         out.sample_ids = decode_id_planes(planes, nunique)
@@ -332,11 +336,10 @@ class LogitDataset:
         return self.num_examples
 
     def __repr__(self) -> str:
-        t = self.info.targets
-        what = f"top-{t.k} {t.codec}" if t.kind == "topk" else f"sampled n={t.n}"
         return (
             f"LogitDataset({self.loc}, {self.num_examples} examples, "
-            f"{self.num_positions} positions, {len(self.shards)} shards, {what})"
+            f"{self.num_positions} positions, {len(self.shards)} shards, "
+            f"{self.info.targets.label})"
         )
 
 

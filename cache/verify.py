@@ -150,7 +150,7 @@ def _verify_batch(rb: pa.RecordBatch, info: DatasetInfo, batch: str, bad: Any) -
         for name in [*id_plane_names("topk", info.id_bytes), "topk_logprobs"]:
             lengths(name, n_pos * spec.k)
         lengths("tail_logmass", n_pos)
-    else:
+    if spec.has_draws:
         lengths("sample_nunique", n_pos)
         nunique, _ = _flat(rb.column("sample_nunique"))
         u_per_row = _segment_sums(nunique, roff)
@@ -161,20 +161,23 @@ def _verify_batch(rb: pa.RecordBatch, info: DatasetInfo, batch: str, bad: Any) -
             per_pos = _segment_sums(
                 counts, np.concatenate([[0], np.cumsum(nunique, dtype=np.int64)])
             )
-            if not np.all(per_pos == spec.n):
-                p = int(np.argmax(per_pos != spec.n))
+            # Top-k tail draws: a position whose tail holds no mass has none.
+            ok = (per_pos == spec.n) | ((per_pos == 0) & (spec.kind == "topk"))
+            if not np.all(ok):
+                p = int(np.argmax(~ok))
                 bad(
                     f"{batch} sample_counts",
-                    f"{spec.n} draws at every position",
+                    f"{spec.n} draws at every position"
+                    + (" (or 0 where the tail is empty)" if spec.kind == "topk" else ""),
                     f"{per_pos[p]} at position {p}",
                 )
     try:
         from .reader import decode_batch
 
         dec = decode_batch(rb, info)
-        ids = dec.topk_ids if dec.topk_ids is not None else dec.sample_ids
-        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= info.vocab_size):
-            bad(f"{batch} target ids", f"in [0, {info.vocab_size})", f"[{ids.min()}, {ids.max()}]")
+        for what, ids in (("top-k ids", dec.topk_ids), ("sampled ids", dec.sample_ids)):
+            if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= info.vocab_size):
+                bad(f"{batch} {what}", f"in [0, {info.vocab_size})", f"[{ids.min()}, {ids.max()}]")
     except (ValueError, IndexError) as e:
         bad(f"{batch} targets", "decodable", e)
     return rb.num_rows, int(n_pos.sum())

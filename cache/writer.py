@@ -202,22 +202,32 @@ class DatasetWriter:
                     f"got {t.ids.shape}, {t.logprobs.shape}, {t.tail_logmass.shape}"
                 )
             ids = t.ids
+            if spec.n and t.tail_draws is None:
+                raise ValueError(
+                    f"{where}: the dataset stores top-{spec.k} with {spec.n} tail draws per "
+                    "position, but the example's TopK has no tail_draws"
+                )
+            if not spec.n and t.tail_draws is not None:
+                raise ValueError(
+                    f"{where}: the example's TopK has tail_draws but the dataset stores none "
+                    "(targets.n is 0)"
+                )
+            draws = t.tail_draws
         else:
             if not isinstance(t, Sampled):
                 raise ValueError(
                     f"{where}: the dataset stores sampled targets, got {type(t).__name__}"
                 )
-            if (
-                t.nunique.shape != (P,)
-                or t.ids.shape != t.counts.shape
-                or t.nunique.sum() != len(t.ids)
-            ):
-                raise ValueError(
-                    f"{where}: sampled targets need nunique of shape ({P},) summing to len(ids)"
-                )
-            ids = t.ids
-        if ids.size and (ids.min() < 0 or ids.max() >= self.info.vocab_size):
-            raise ValueError(f"{where}: target ids outside [0, {self.info.vocab_size})")
+            ids, draws = t.ids, t
+        if draws is not None and (
+            draws.nunique.shape != (P,)
+            or draws.ids.shape != draws.counts.shape
+            or draws.nunique.sum() != len(draws.ids)
+        ):
+            raise ValueError(f"{where}: draws need nunique of shape ({P},) summing to len(ids)")
+        for arr in [ids] if draws is None or draws.ids is ids else [ids, draws.ids]:
+            if arr.size and (arr.min() < 0 or arr.max() >= self.info.vocab_size):
+                raise ValueError(f"{where}: target ids outside [0, {self.info.vocab_size})")
 
     def _commit(self, rows: list[Example], seq: int) -> None:
         data, positions = encode_shard(self.info, rows, self.batch_rows, self.schema)
@@ -304,15 +314,16 @@ def encode_columns(info: DatasetInfo, rows: list[Example]) -> dict[str, pa.Array
             encode_logprobs(lps.reshape(-1), spec.codec), n_pos * k, val_type
         )
         cols["tail_logmass"] = _list_array(encode_logprobs(tail, spec.codec), n_pos, val_type)
-    else:
-        nunique = _concat([r.targets.nunique for r in rows], np.int64)
-        ids = _concat([r.targets.ids for r in rows], np.int64)
-        counts = _concat([r.targets.counts for r in rows], np.int64)
+    if spec.has_draws:
+        draws = [r.targets.tail_draws if spec.kind == "topk" else r.targets for r in rows]
+        nunique = _concat([d.nunique for d in draws], np.int64)
+        ids = _concat([d.ids for d in draws], np.int64)
+        counts = _concat([d.counts for d in draws], np.int64)
         if nunique.size and nunique.max() > spec.n:
             raise ValueError(
                 f"a position holds {nunique.max()} unique ids but only n={spec.n} draws"
             )
-        per_row_u = np.array([len(r.targets.ids) for r in rows], dtype=np.int64)
+        per_row_u = np.array([len(d.ids) for d in draws], dtype=np.int64)
         order = np.lexsort((ids, np.repeat(np.arange(len(nunique)), nunique)))
         ids, counts = ids[order], counts[order]
         planes = encode_id_planes(ids, nunique, info.id_bytes)

@@ -24,6 +24,7 @@ def describe(ds: LogitDataset) -> str:
     t = info.targets
     targets = (
         f"top-{t.k} ids + log-probs ({t.codec}) + tail mass"
+        + (f" + {t.n} {t.sampling} draws from the tail (ids + counts)" if t.n else "")
         if t.kind == "topk"
         else f"{t.n} {t.sampling} sampled draws per position (ids + counts)"
     )

@@ -124,12 +124,17 @@ class _Shuffle:
 
 def _copy_example(ex: Example) -> Example:
     """A standalone copy, so a buffered example does not keep its whole record batch alive."""
+
+    def draws(d: Sampled) -> Sampled:
+        return Sampled(d.ids.copy(), d.counts.copy(), d.nunique.copy())
+
     t = ex.targets
     targets: TopK | Sampled
     if isinstance(t, TopK):
-        targets = TopK(t.ids.copy(), t.logprobs.copy(), t.tail_logmass.copy())
+        tail = None if t.tail_draws is None else draws(t.tail_draws)
+        targets = TopK(t.ids.copy(), t.logprobs.copy(), t.tail_logmass.copy(), tail)
     else:
-        targets = Sampled(t.ids.copy(), t.counts.copy(), t.nunique.copy())
+        targets = draws(t)
     return Example(ex.id, ex.prompt_ids.copy(), ex.response_ids.copy(), targets)
 
 

@@ -20,6 +20,24 @@ def full_logprobs(rng: np.random.Generator, positions: int, vocab: int) -> np.nd
     return logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
 
 
+def draw(rng: np.random.Generator, weights: np.ndarray, n: int) -> Sampled:
+    """``n`` draws per row of (P, V) non-negative ``weights`` (normalised per row), as unique
+    ids and counts; a row of zeros gets no draws."""
+    ids_l, counts_l, nun = [], [], []
+    for w in weights:
+        total = w.sum()
+        u, c = (np.unique(rng.choice(len(w), size=n, p=w / total), return_counts=True)
+                if total > 0 else (np.zeros(0, np.int64), np.zeros(0, np.int64)))  # fmt: skip
+        ids_l.append(u)
+        counts_l.append(c)
+        nun.append(len(u))
+    return Sampled(
+        np.concatenate(ids_l) if ids_l else np.zeros(0, np.int64),
+        np.concatenate(counts_l) if counts_l else np.zeros(0, np.int64),
+        np.array(nun, dtype=np.int64),
+    )
+
+
 def make_examples(
     info: DatasetInfo, count: int, seed: int = 0, max_len: int = 24, prefix: str = "ex"
 ) -> list[Example]:
@@ -33,22 +51,14 @@ def make_examples(
         if spec.kind == "topk":
             ids = np.argsort(-lp, axis=1)[:, : spec.k]
             top = np.take_along_axis(lp, ids, axis=1)
-            targets = TopK(ids, top.astype(np.float32), tail_logmass(top))
+            tail = None
+            if spec.n:
+                rest = np.exp(lp)
+                np.put_along_axis(rest, ids, 0.0, axis=1)
+                tail = draw(rng, rest, spec.n)
+            targets = TopK(ids, top.astype(np.float32), tail_logmass(top), tail)
         else:
-            ids_l, counts_l, nun = [], [], []
-            for p in range(P):
-                draws = rng.choice(
-                    info.vocab_size, size=spec.n, p=np.exp(lp[p]) / np.exp(lp[p]).sum()
-                )
-                u, c = np.unique(draws, return_counts=True)
-                ids_l.append(u)
-                counts_l.append(c)
-                nun.append(len(u))
-            targets = Sampled(
-                np.concatenate(ids_l) if ids_l else np.zeros(0, np.int64),
-                np.concatenate(counts_l) if counts_l else np.zeros(0, np.int64),
-                np.array(nun, dtype=np.int64),
-            )
+            targets = draw(rng, np.exp(lp), spec.n)
         out.append(
             Example(
                 f"{prefix}{i}",

@@ -38,11 +38,21 @@ READER = textwrap.dedent(
         table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
         for row in table.to_pylist():
             P = len(row["response_ids"])
-            prefix = "topk" if t["kind"] == "topk" else "sample"
-            planes = [np.array(row[f"{prefix}_id_b{b}"], dtype=np.int64) for b in range(nbytes)]
-            gaps = sum(p << (8 * b) for b, p in enumerate(planes))
             rec = {"prompt": row["prompt_ids"], "response": row["response_ids"]}
+
+            def gaps_of(prefix):
+                planes = [np.array(row[f"{prefix}_id_b{b}"], dtype=np.int64) for b in range(nbytes)]
+                return sum(p << (8 * b) for b, p in enumerate(planes))
+
+            if t["kind"] == "sampled" or t["n"] > 0:  # sampled, or top-k with tail draws
+                gaps = gaps_of("sample")
+                nun = row["sample_nunique"]
+                starts = np.concatenate([[0], np.cumsum(nun)]).astype(int)
+                rec["draw_ids"] = [np.cumsum(gaps[a:b]).tolist() for a, b in zip(starts[:-1], starts[1:])]
+                c = row["sample_counts"]
+                rec["counts"] = [c[a:b] for a, b in zip(starts[:-1], starts[1:])]
             if t["kind"] == "topk":
+                gaps = gaps_of("topk")
                 k = t["k"]
                 ids = np.cumsum(gaps.reshape(P, k), axis=1)
                 v = np.array(row["topk_logprobs"], dtype=np.float64).reshape(P, k)
@@ -54,12 +64,6 @@ READER = textwrap.dedent(
                     with np.errstate(divide="ignore"):
                         v, tail = np.log(p / total[:, None]), np.log(pt / total)
                 rec.update(ids=ids.tolist(), logprobs=v.tolist(), tail=tail.tolist())
-            else:
-                nun = row["sample_nunique"]
-                starts = np.concatenate([[0], np.cumsum(nun)]).astype(int)
-                rec["ids"] = [np.cumsum(gaps[a:b]).tolist() for a, b in zip(starts[:-1], starts[1:])]
-                c = row["sample_counts"]
-                rec["counts"] = [c[a:b] for a, b in zip(starts[:-1], starts[1:])]
             out[row["id"]] = rec
     json.dump(out, sys.stdout)
     """
@@ -73,10 +77,13 @@ READER = textwrap.dedent(
         ("topk", "f16", 70_000),
         ("topk", "u16", 300),
         ("sampled", "u8", 70_000),
+        ("topk+draws", "u8", 70_000),
     ],
 )
 def test_read_with_pyarrow_alone(tmp_path, kind, codec, vocab):
-    info = make_info(kind, k=6, n=10, codec=codec, vocab=vocab)
+    tail_draws = 10 if kind == "topk+draws" else 0
+    kind = kind.removesuffix("+draws")
+    info = make_info(kind, k=6, n=10, codec=codec, vocab=vocab, tail_draws=tail_draws)
     examples = make_examples(info, 8, max_len=12)
     with DatasetWriter(tmp_path / "ds", info, shard_positions=30) as w:
         for ex in examples:
@@ -102,7 +109,10 @@ def test_read_with_pyarrow_alone(tmp_path, kind, codec, vocab):
                 tol = {"f16": 0.01, "u16": 1e-3, "u8": 0.5}[codec]
                 big = want > -3  # log-space error grows for tiny p under sqrt codecs
                 assert np.allclose(np.array(rec["logprobs"])[big], want[big], atol=tol)
-        else:
-            starts = np.concatenate([[0], np.cumsum(t.nunique)])
-            assert rec["ids"] == [t.ids[a:b].tolist() for a, b in itertools.pairwise(starts)]
-            assert rec["counts"] == [t.counts[a:b].tolist() for a, b in itertools.pairwise(starts)]
+        draws = t.tail_draws if kind == "topk" else t
+        if draws is not None:
+            starts = np.concatenate([[0], np.cumsum(draws.nunique)])
+            pairs = list(itertools.pairwise(starts))
+            assert rec["draw_ids"] == [draws.ids[a:b].tolist() for a, b in pairs]
+            assert rec["counts"] == [draws.counts[a:b].tolist() for a, b in pairs]
+        assert ("draw_ids" in rec) == (draws is not None)

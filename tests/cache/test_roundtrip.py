@@ -66,6 +66,37 @@ def test_sampled_round_trip(tmp_path, vocab):
         np.testing.assert_array_equal(g.targets.counts, e.targets.counts)
 
 
+@pytest.mark.parametrize("vocab", [200, 70_000])
+def test_topk_with_tail_draws_round_trip(tmp_path, vocab):
+    info = make_info("topk", k=4, tail_draws=12, codec="f32", vocab=vocab)
+    examples = make_examples(info, 30, max_len=15)
+    ds = _write(tmp_path / "ds", info, examples, shard_positions=100)
+    assert ds.info.targets.has_draws and "+ 12 tail draws" in repr(ds)
+    for g, e in zip(ds.iter_examples(), examples, strict=True):
+        order = np.argsort(e.targets.ids, axis=1)
+        np.testing.assert_array_equal(g.targets.ids, np.take_along_axis(e.targets.ids, order, 1))
+        np.testing.assert_array_equal(g.targets.tail_logmass, e.targets.tail_logmass)
+        got, want = g.targets.tail_draws, e.targets.tail_draws
+        np.testing.assert_array_equal(got.nunique, want.nunique)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.counts, want.counts)
+        # Draws come from outside the top k.
+        starts = np.concatenate([[0], np.cumsum(got.nunique)])
+        for p, (a, b) in enumerate(itertools.pairwise(starts)):
+            assert not set(got.ids[a:b]) & set(g.targets.ids[p])
+
+
+def test_tail_draws_must_match_the_spec(tmp_path):
+    with_draws = make_info("topk", k=4, tail_draws=8)
+    ex = make_examples(with_draws, 1, max_len=6, seed=5)[0]
+    plain = make_info("topk", k=4)
+    with pytest.raises(ValueError, match="has tail_draws but the dataset stores none"):
+        _write(tmp_path / "a", plain, [ex])
+    ex.targets.tail_draws = None
+    with pytest.raises(ValueError, match=r"4 with 8 tail draws .* has no tail_draws"):
+        _write(tmp_path / "b", with_draws, [ex])
+
+
 def test_sampled_ids_sorted_by_writer(tmp_path):
     info = make_info("sampled", n=24)
     ex = make_examples(info, 1, max_len=10, seed=3)[0]

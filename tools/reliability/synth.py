@@ -22,14 +22,19 @@ def synth_info(
     codec: str = "u8",
     vocab: int = 1000,
     teacher: str = "synthetic",
+    tail_draws: int = 0,
 ) -> DatasetInfo:
-    """The description of a synthetic dataset (also the test suite's, tests/cache/synth.py)."""
+    """The description of a synthetic dataset (also the test suite's, tests/cache/synth.py):
+    ``n`` draws for sampled targets, top-``k`` with ``tail_draws`` tail draws for top-k."""
     return DatasetInfo(
         vocab_size=vocab,
         tokenizer_fingerprint="sha256:" + "ab" * 32,
         targets=TargetSpec(
-            kind, k=k if kind == "topk" else 0, n=n if kind == "sampled" else 0, codec=codec
-        ),  # type: ignore[arg-type]
+            kind,  # type: ignore[arg-type]
+            k=k if kind == "topk" else 0,
+            n=n if kind == "sampled" else tail_draws,
+            codec=codec,  # type: ignore[arg-type]
+        ),
         teacher={"name_or_path": teacher, "revision": None, "config_hash": "0" * 8},
         capture={"temperature": 1.0, "mode": "score"},
     )
