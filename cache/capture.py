@@ -169,9 +169,9 @@ def dataset_info(
     spec = TargetSpec(
         kind=t.kind,
         k=t.k if t.kind == "topk" else 0,
-        n=t.n if t.kind == "sampled" else 0,
+        n=t.n,  # sampled: draws; top-k: draws from the tail (0: none)
         codec=t.codec,
-        sampling=t.sampling if t.kind == "sampled" else "multinomial",
+        sampling=t.sampling if t.n else "multinomial",
     )
     capture = {
         "temperature": t.temperature,
@@ -182,7 +182,7 @@ def dataset_info(
         "truncation": cfg.input.truncation,
         "targets_from": "log_softmax(logits / temperature) in fp32, on the teacher's device",
         "dtype": str(teacher.model.dtype).removeprefix("torch."),
-        "seed": cfg.generate.seed if (t.kind == "sampled" or t.mode == "generate") else None,
+        "seed": cfg.generate.seed if (t.n or t.mode == "generate") else None,
     }
     # JSON-normalized so that it compares equal to what journals and shards carry.
     return DatasetInfo(

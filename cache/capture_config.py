@@ -65,13 +65,13 @@ class TargetConfig:
 
     mode: Mode = "score"
     """--mode: score a given response (teacher forcing) or let the teacher generate it."""
-    kind: TargetKind = "sampled"
-    """--targets: N sampled ids with counts (default: top-64's quality at ~1/7 of its bytes in
-    docs/RESULTS.md), or top-k log-probs with tail mass (needed for reverse KL and JSD)."""
-    k: int = 64
+    kind: TargetKind = "topk"
+    """--targets: top-k log-probs with the tail mass and N draws from the tail (the default:
+    see docs/RESULTS.md), or N draws from the whole distribution (sampled)."""
+    k: int = 32
     """--k: ids per position for top-k targets."""
     n: int = 16
-    """--n: draws per position for sampled targets (≤ 255)."""
+    """--n: draws per position (≤ 255): from the tail for top-k (0: none), or sampled."""
     sampling: Sampling = "multinomial"
     """--sampling: systematic (low-variance, unbiased) or multinomial (independent) draws."""
     codec: Codec = "u8"
@@ -144,6 +144,8 @@ class CaptureConfig:
             p.append(f"--k is {t.k}; top-k targets need k ≥ 1")
         if t.kind == "sampled" and not 1 <= t.n <= MAX_SAMPLE_DRAWS:
             p.append(f"--n is {t.n}; sampled targets need 1 ≤ n ≤ {MAX_SAMPLE_DRAWS}")
+        if t.kind == "topk" and not 0 <= t.n <= MAX_SAMPLE_DRAWS:
+            p.append(f"--n is {t.n}; top-k tail draws need 0 ≤ n ≤ {MAX_SAMPLE_DRAWS} (0: none)")
         if t.codec not in CODECS:
             p.append(f"--codec is {t.codec!r}; expected one of {', '.join(CODECS)}")
         if t.sampling not in SAMPLINGS:

@@ -228,18 +228,20 @@ class BatchResult:
         lengths = np.array([len(r) for r in self.response_ids], dtype=np.int64)
         bounds = np.concatenate([[0], np.cumsum(lengths)])
         out = []
-        if kind == "topk":
-            for i, ex in enumerate(self.examples):
-                p0, p1 = bounds[i], bounds[i + 1]
-                t = TopK(h["ids"][p0:p1], h["logprobs"][p0:p1], h["tail"][p0:p1])
-                out.append(Example(ex.id, ex.student_ids, self.response_ids[i], t))
-        else:
-            ubounds = np.concatenate([[0], np.cumsum(h["nunique"])])
-            for i, ex in enumerate(self.examples):
-                p0, p1 = bounds[i], bounds[i + 1]
+        ubounds = np.concatenate([[0], np.cumsum(h["nunique"])]) if "nunique" in h else None
+        for i, ex in enumerate(self.examples):
+            p0, p1 = bounds[i], bounds[i + 1]
+            draws = None
+            if ubounds is not None:
                 u0, u1 = ubounds[p0], ubounds[p1]
-                t = Sampled(h["ids"][u0:u1], h["counts"][u0:u1], h["nunique"][p0:p1])
-                out.append(Example(ex.id, ex.student_ids, self.response_ids[i], t))
+                draws = Sampled(h["draw_ids"][u0:u1], h["counts"][u0:u1], h["nunique"][p0:p1])
+            t: TopK | Sampled
+            if kind == "topk":
+                t = TopK(h["ids"][p0:p1], h["logprobs"][p0:p1], h["tail"][p0:p1], draws)
+            else:
+                assert draws is not None
+                t = draws
+            out.append(Example(ex.id, ex.student_ids, self.response_ids[i], t))
         return out
 
 
@@ -263,19 +265,38 @@ def _targets(
     step = chunk_rows(logits.shape[-1])
     for i in range(0, max(len(logits), 1), step):
         sl = slice(i, i + step)
-        if spec.kind == "topk":
-            # The model's logits (or our gathered copy) are ours to overwrite.
-            t = topk_targets(logits[sl], spec.k, spec.temperature, inplace=True)
-            parts.append({"ids": t.ids, "logprobs": t.logprobs, "tail": t.tail})
-        else:
-            logp = log_probs(logits[sl], spec.temperature)
-            u = uniforms(row_keys(keys[sl], positions[sl], STREAM_TARGETS), spec.n, spec.sampling)
-            parts.append({"draws": sample_ids(logp, u)})
-    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        parts.append(_row_targets(logits[sl], spec, keys[sl], positions[sl], inplace=True))
+    return _finish(spec, {k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+
+
+def _row_targets(
+    logits: torch.Tensor,
+    spec: TargetConfig,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    inplace: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Targets of (R, V) logits before draws are reduced to unique ids (see :func:`_finish`)."""
+    u = None
+    if spec.kind == "sampled" or spec.n:
+        u = uniforms(row_keys(keys, positions, STREAM_TARGETS), spec.n, spec.sampling)
     if spec.kind == "sampled":
-        s = unique_counts(out.pop("draws"))
-        out = {"ids": s.ids, "counts": s.counts, "nunique": s.nunique}
-    return out
+        assert u is not None
+        return {"draws": sample_ids(log_probs(logits, spec.temperature), u)}
+    # inplace: the model's logits (or our gathered copy) are ours to overwrite.
+    t = topk_targets(logits, spec.k, spec.temperature, inplace=inplace, tail_uniforms=u)
+    out = {"ids": t.ids, "logprobs": t.logprobs, "tail": t.tail}
+    return out if t.tail_draws is None else {**out, "draws": t.tail_draws}
+
+
+def _finish(spec: TargetConfig, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Draws (sampled, or top-k tail draws) → unique ids with counts; a top-k row whose tail
+    holds no mass keeps none."""
+    if "draws" not in out:
+        return out
+    keep = out["tail"] > float("-inf") if spec.kind == "topk" else None
+    s = unique_counts(out.pop("draws"), keep)
+    return {**out, "draw_ids": s.ids, "counts": s.counts, "nunique": s.nunique}
 
 
 # --------------------------------------------------------------------------- score mode
@@ -351,15 +372,8 @@ class _StepTargets:
         self.steps: list[dict[str, torch.Tensor]] = []
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        step = len(self.steps)
-        if self.spec.kind == "topk":
-            t = topk_targets(scores, self.spec.k, self.spec.temperature)
-            self.steps.append({"ids": t.ids, "logprobs": t.logprobs, "tail": t.tail})
-        else:
-            logp = log_probs(scores, self.spec.temperature)
-            pos = torch.full_like(self.keys, step)
-            u = uniforms(row_keys(self.keys, pos, STREAM_TARGETS), self.spec.n, self.spec.sampling)
-            self.steps.append({"draws": sample_ids(logp, u)})
+        pos = torch.full_like(self.keys, len(self.steps))
+        self.steps.append(_row_targets(scores, self.spec, self.keys, pos))
         return scores
 
 
@@ -436,10 +450,7 @@ def generate_batch(
         lengths = torch.full((B,), S, device=new.device)
     steps = record.steps[:S]  # generate may run a step past the end and undo it
     valid = torch.arange(S, device=new.device)[None, :] < lengths[:, None]  # (B, S)
-    stacked = {k: torch.stack([s[k] for s in steps], dim=1)[valid] for k in steps[0]}
-    if spec.kind == "sampled":
-        s = unique_counts(stacked.pop("draws"))
-        stacked = {"ids": s.ids, "counts": s.counts, "nunique": s.nunique}
+    stacked = _finish(spec, {k: torch.stack([s[k] for s in steps], 1)[valid] for k in steps[0]})
     host, event = _to_host(stacked, dev)
     new_np, len_np = new.cpu().numpy(), lengths.cpu().numpy()
     responses = [new_np[b, : len_np[b]].astype(np.int64) for b in range(B)]

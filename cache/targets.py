@@ -96,6 +96,9 @@ class TopKTensors:
     """(P, k) float32 log-probs."""
     tail: torch.Tensor
     """(P,) float32 log of the mass outside the top k."""
+    tail_draws: torch.Tensor | None = None
+    """(P, n) int64 ids drawn from the distribution outside the top k (renormalised there),
+    when uniforms were given; rows whose tail holds no mass hold meaningless ids."""
 
 
 @dataclass
@@ -117,9 +120,16 @@ def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def topk_targets(
-    logits: torch.Tensor, k: int, temperature: float, *, inplace: bool = False
+    logits: torch.Tensor,
+    k: int,
+    temperature: float,
+    *,
+    inplace: bool = False,
+    tail_uniforms: torch.Tensor | None = None,
 ) -> TopKTensors:
-    """Top-k ids, log-probs and tail log-mass of (P, V) logits at temperature T.
+    """Top-k ids, log-probs and tail log-mass of (P, V) logits at temperature T; with
+    ``tail_uniforms`` (P, n), also n inverse-CDF draws from the tail (the ids outside the top k,
+    renormalised), from the same exponentials that sum the tail.
 
     One exponential pass: e = exp(x - max) gives the normalizer Z and, with the top k zeroed,
     the tail mass summed directly (no 1 − Σ cancellation); the top-k log-probs are
@@ -137,32 +147,49 @@ def topk_targets(
     e = x.sub_(m).exp_()  # (P, V) = exp(x - max), in x's own storage
     log_z = e.sum(dim=-1).log()  # (P,)
     logprobs = vals - m - log_z[:, None]
+    draws = None
     if k == x.shape[-1]:
         tail = torch.full_like(log_z, float("-inf"))
+        if tail_uniforms is not None:
+            draws = torch.zeros(tail_uniforms.shape, dtype=torch.int64, device=x.device)
     else:
-        tail = e.scatter_(-1, idx, 0.0).sum(dim=-1).log() - log_z  # (P,)
-    return TopKTensors(idx.to(torch.int32), logprobs, tail)
+        e.scatter_(-1, idx, 0.0)  # (P, V) the tail's unnormalised probabilities
+        tail = e.sum(dim=-1).log() - log_z  # (P,)
+        if tail_uniforms is not None:
+            draws = _inverse_cdf(e.double().cumsum_(-1), tail_uniforms)
+    return TopKTensors(idx.to(torch.int32), logprobs, tail, draws)
+
+
+def _inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(P, n) ids where (P, V) unnormalised cumulative weights first exceed u · total."""
+    v = u.double() * cdf[:, -1:]
+    # right=True: the first id whose cumulative mass exceeds v; a zero-mass id is never drawn.
+    return torch.searchsorted(cdf, v, right=True).clamp_(max=cdf.shape[-1] - 1)
 
 
 def sample_ids(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draws: for (P, V) log-probs and (P, n) uniforms, (P, n) int64 ids."""
-    cdf = logp.double().exp().cumsum(-1)  # (P, V); fp64 so the last entries stay distinct
-    v = u.double() * cdf[:, -1:]
-    # right=True: the first id whose cumulative mass exceeds v; a zero-mass id is never drawn.
-    return torch.searchsorted(cdf, v, right=True).clamp_(max=logp.shape[-1] - 1)
+    return _inverse_cdf(logp.double().exp().cumsum(-1), u)  # fp64: the last entries differ
 
 
-def unique_counts(draws: torch.Tensor) -> SampledTensors:
-    """(P, n) drawn ids → unique ids (ascending per row), their counts, and uniques per row."""
+def unique_counts(draws: torch.Tensor, keep: torch.Tensor | None = None) -> SampledTensors:
+    """(P, n) drawn ids → unique ids (ascending per row), their counts, and uniques per row.
+
+    ``keep`` (P,) bool: rows where it is False get no ids (nunique 0), e.g. a top-k row whose
+    tail holds no mass to draw from."""
     draws = draws.sort(dim=-1).values
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    if keep is not None:
+        first &= keep[:, None]
     starts = first.reshape(-1).nonzero().squeeze(1)  # (U,) flat index of each unique id
-    # Every row starts with a "first", so run lengths never cross a row boundary.
-    end = torch.tensor([draws.numel()], device=draws.device)
+    # A kept row starts with a "first", so its runs never cross a row boundary; a dropped
+    # row's entries would extend the run before it, so they are cut at each row's end.
+    row_end = (starts // draws.shape[-1] + 1) * draws.shape[-1]
+    nxt = torch.cat([starts[1:], torch.tensor([draws.numel()], device=draws.device)])
     return SampledTensors(
         ids=draws.reshape(-1)[starts].to(torch.int32),
-        counts=torch.diff(starts, append=end).to(torch.int32),
+        counts=(torch.minimum(nxt, row_end) - starts).to(torch.int32),
         nunique=first.sum(-1).to(torch.int32),
     )
 

@@ -117,18 +117,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="kind",
         choices=["topk", "sampled"],
         default=None,
-        help=f"N sampled ids with counts, or top-k log-probs with tail mass ({d_tg.kind}; "
-        "--k or --codec alone imply topk)",
+        help=f"topk: the k most likely ids with log-probs, the tail mass and N draws from the "
+        f"tail; sampled: N draws from the whole distribution ({d_tg.kind})",
     )
     g.add_argument("--k", type=int, default=None, help=f"top-k ids per position ({d_tg.k})")
     g.add_argument(
-        "--n", type=int, default=None, help=f"sampled draws per position, ≤ 255 ({d_tg.n})"
+        "--n",
+        type=int,
+        default=None,
+        help=f"draws per position, ≤ 255: from the tail for top-k (0: none), from the whole "
+        f"distribution for sampled ({d_tg.n})",
     )
     g.add_argument(
         "--sampling",
         choices=list(SAMPLINGS),
         default=None,
-        help=f"how sampled targets are drawn: systematic (lower variance) or multinomial "
+        help=f"how the N draws are made: systematic (lower variance) or multinomial "
         f"({d_tg.sampling})",
     )
     g.add_argument(
@@ -190,25 +194,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def target_kind(args: argparse.Namespace) -> str:
-    """--targets, or the kind the other target flags imply; an error names a contradiction."""
-    topk_flags = [f for f, v in (("--k", args.k), ("--codec", args.codec)) if v is not None]
-    sampled_flags = [
-        f for f, v in (("--n", args.n), ("--sampling", args.sampling)) if v is not None
-    ]
-    if args.kind:
-        kind = args.kind
-    elif topk_flags and not sampled_flags:
-        kind = "topk"
-    elif sampled_flags and not topk_flags:
-        kind = "sampled"
-    else:  # neither, or both (refused below)
-        kind = TargetConfig().kind
-    wrong = sampled_flags if kind == "topk" else topk_flags
-    if wrong:
+    """--targets, else the default kind; an error names flags that do not apply to it."""
+    kind = args.kind or TargetConfig().kind
+    wrong = [f for f, v in (("--k", args.k), ("--codec", args.codec)) if v is not None]
+    if kind == "sampled" and wrong:
         raise InputError(
-            f"{' and '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to {kind} "
-            f"targets; drop {'it' if len(wrong) == 1 else 'them'}, or pass "
-            f"--targets {'sampled' if kind == 'topk' else 'topk'}"
+            f"{' and '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to sampled "
+            f"targets (N draws from the whole distribution); drop "
+            f"{'it' if len(wrong) == 1 else 'them'}, or use top-k targets (--targets topk, "
+            f"the default), where --n counts draws from the tail"
         )
     return kind
 

@@ -56,8 +56,8 @@ def make_cfg(
         run=RunConfig(
             out=str(out), **{"max_batch_tokens": 256, "progress": False, **groups.get("run", {})}
         ),
-        # Top-k unless a test asks otherwise (the library's default is sampled).
-        targets=TargetConfig(**{"kind": "topk", **groups.get("targets", {})}),
+        # The library's default targets (top-32 + 16 tail draws) unless a test asks otherwise.
+        targets=TargetConfig(**groups.get("targets", {})),
         generate=GenerateConfig(**groups.get("generate", {})),
     )
 
@@ -232,6 +232,39 @@ def test_sampled_counts_sum_to_n_and_follow_the_teacher(
     # Unbiased: averaged over positions, draw frequencies match the teacher's probabilities.
     assert np.abs(emp_a.mean(0) - ref_a.mean(0)).max() < 0.02
     assert np.abs((emp_a * ref_a).sum(1).mean() - (ref_a**2).sum(1).mean()) < 0.02
+
+
+def test_topk_tail_draws_come_from_the_teacher_tail(
+    tmp_path, tiny_teacher_dir, ctx_file, model, tok
+) -> None:
+    recs, k, n = records(8), 4, 255
+    cfg = make_cfg(
+        write_jsonl(tmp_path / "p.jsonl", recs),
+        tiny_teacher_dir,
+        tmp_path / "ds",
+        context=ctx_file,
+        targets=dict(k=k, n=n, codec="f32"),
+    )
+    capture(cfg)
+    assert open_dataset(tmp_path / "ds", verify=True).info.targets.n == n
+    emp, ref_p = [], []
+    for rec_id, ex in by_id(tmp_path / "ds").items():
+        t, d = ex.targets, ex.targets.tail_draws
+        rec = next(r for r in recs if r["id"] == rec_id)
+        ref = reference_logp(model, teacher_prefix(tok, rec["prompt"]), ex.response_ids).exp()
+        bounds = np.concatenate([[0], np.cumsum(d.nunique)])
+        for j in range(len(d.nunique)):
+            ids, counts = d.ids[bounds[j] : bounds[j + 1]], d.counts[bounds[j] : bounds[j + 1]]
+            assert counts.sum() == n and not set(ids.tolist()) & set(t.ids[j].tolist())
+            # Head exact, tail estimated: together one distribution over the vocabulary.
+            dense = np.zeros(ref.shape[1])
+            dense[t.ids[j]] = np.exp(t.logprobs[j])
+            dense[ids] = np.exp(t.tail_logmass[j]) * counts / n
+            assert abs(dense.sum() - 1) < 1e-5
+            emp.append(dense)
+            ref_p.append(ref[j].numpy())
+    emp_a, ref_a = np.array(emp), np.array(ref_p)
+    assert np.abs(emp_a.mean(0) - ref_a.mean(0)).max() < 0.01  # unbiased
 
 
 def test_batching_does_not_change_targets(tmp_path, tiny_teacher_dir, ctx_file) -> None:
@@ -577,7 +610,7 @@ def test_cli_build(tmp_path, tiny_teacher_dir, ctx_file, capsys) -> None:
     assert "captured 4 examples" in printed and "bytes/position" in printed
     saved = CaptureConfig.from_json(json.loads((out / CONFIG_NAME).read_text()))
     assert saved.targets.k == 8 and saved.input.context == ctx_file
-    assert saved.targets.kind == "topk"  # --k alone implies top-k targets
+    assert saved.targets.kind == "topk" and saved.targets.n == 16  # top-8 + 16 tail draws
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher"]["config_hash"].startswith("sha256:")
     assert manifest["capture"]["templates"]["teacher"]["context"] == CONTEXT
@@ -674,18 +707,21 @@ def test_fsspec_urls_in_and_out(tiny_teacher_dir) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "kind", "error"),
+    ("flags", "want", "error"),
     [
-        ([], "sampled", None),  # the default: sampled, n=16
-        (["--k", "32"], "topk", None),
-        (["--codec", "f16"], "topk", None),
-        (["--n", "8", "--sampling", "systematic"], "sampled", None),
-        (["--targets", "topk"], "topk", None),
-        (["--k", "8", "--n", "8"], None, r"--k does not apply to sampled targets"),
-        (["--targets", "topk", "--n", "8"], None, r"--n does not apply to topk targets"),
+        ([], ("topk", 32, 16), None),  # the default: top-32 + 16 tail draws
+        (["--k", "64"], ("topk", 64, 16), None),
+        (["--n", "0"], ("topk", 32, 0), None),  # plain top-k, tail as its mass only
+        (["--targets", "sampled", "--n", "8"], ("sampled", 32, 8), None),
+        (["--targets", "sampled", "--k", "8"], None, r"--k does not apply to sampled targets"),
+        (
+            ["--targets", "sampled", "--k", "8", "--codec", "f16"],
+            None,
+            r"--k and --codec do not apply to sampled targets .* --n counts draws from the tail",
+        ),
     ],
 )
-def test_cli_target_flags_imply_the_kind(flags, kind, error) -> None:
+def test_cli_target_flags(flags, want, error) -> None:
     import argparse
 
     from logitcache.tools.cmd_build import add_arguments, config_from_args
@@ -698,6 +734,5 @@ def test_cli_target_flags_imply_the_kind(flags, kind, error) -> None:
             config_from_args(args)
         return
     t = config_from_args(args).targets
-    assert t.kind == kind
-    if flags == []:
-        assert (t.n, t.sampling) == (16, "multinomial")
+    assert (t.kind, t.k, t.n) == want
+    assert t.sampling == "multinomial"

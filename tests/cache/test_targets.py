@@ -103,12 +103,40 @@ def test_systematic_draws_are_unbiased_and_within_one_of_n_p() -> None:
         uniforms(keys, n, "stratified")
 
 
+def test_topk_tail_draws_follow_the_renormalised_tail() -> None:
+    p = torch.tensor([0.5, 0.2, 0.15, 0.1, 0.04, 0.01, 0.0])
+    rows, n = 20000, 8
+    logits = p.log().expand(rows, -1).clone()
+    keys = row_keys(torch.arange(rows), torch.zeros(rows, dtype=torch.int64), 3)
+    t = topk_targets(logits, 2, 1.0, tail_uniforms=uniforms(keys, n))
+    assert t.tail_draws is not None and t.tail_draws.shape == (rows, n)
+    counts = torch.nn.functional.one_hot(t.tail_draws, 7).sum((0, 1)).double() / (rows * n)
+    # Never a top-k id or a zero-mass id; the rest in proportion (standard error < 0.002).
+    want = torch.tensor([0, 0, 0.15, 0.1, 0.04, 0.01, 0], dtype=torch.float64) / 0.3
+    torch.testing.assert_close(counts, want, atol=0.006, rtol=0)
+    torch.testing.assert_close(t.tail.exp(), torch.full((rows,), 0.3), atol=1e-6, rtol=0)
+    # Same uniforms, same draws: the keys alone decide them.
+    again = topk_targets(logits[:5].clone(), 2, 1.0, tail_uniforms=uniforms(keys[:5], n))
+    assert torch.equal(again.tail_draws, t.tail_draws[:5])
+    # k = V: no tail, and unique_counts keeps no draws for such rows.
+    full = topk_targets(logits[:3].clone(), 7, 1.0, tail_uniforms=uniforms(keys[:3], n))
+    s = unique_counts(full.tail_draws, full.tail > float("-inf"))
+    assert s.nunique.tolist() == [0, 0, 0] and len(s.ids) == 0
+
+
 def test_unique_counts() -> None:
     draws = torch.tensor([[5, 3, 5, 5], [1, 1, 1, 1], [9, 2, 7, 4]])
     s = unique_counts(draws)
     assert s.nunique.tolist() == [2, 1, 4]
     assert s.ids.tolist() == [3, 5, 1, 2, 4, 7, 9]
     assert s.counts.tolist() == [1, 3, 4, 1, 1, 1, 1]
+    # Rows not kept get no ids, and the runs of the rows around them keep their counts.
+    s = unique_counts(draws, torch.tensor([True, False, True]))
+    assert s.nunique.tolist() == [2, 0, 4]
+    assert s.ids.tolist() == [3, 5, 2, 4, 7, 9]
+    assert s.counts.tolist() == [1, 3, 1, 1, 1, 1]
+    s = unique_counts(draws, torch.tensor([False, True, False]))
+    assert (s.nunique.tolist(), s.ids.tolist(), s.counts.tolist()) == ([0, 1, 0], [1], [4])
     s = sampled_targets(torch.randn(7, 50), 40, 1.0, torch.arange(7))
     bounds = np.concatenate([[0], np.cumsum(s.nunique.numpy())])
     assert all(s.counts[bounds[i] : bounds[i + 1]].sum() == 40 for i in range(7))
