@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from logitcache.cache.format import DatasetInfo, Example, TopK
+from logitcache.cache.format import DatasetInfo, Example, Sampled, TopK
 from logitcache.train.losses import SampledTargets, TopKTargets
 
 from .stream import StreamItem
@@ -114,9 +114,19 @@ def fit_length(prompt_len: int, response_len: int, max_seq_len: int) -> tuple[in
 
 
 def collate(
-    examples: list[Example], info: DatasetInfo, *, max_seq_len: int, pad_id: int = 0
+    examples: list[Example],
+    info: DatasetInfo,
+    *,
+    max_seq_len: int,
+    pad_id: int = 0,
+    tail_draws: bool = False,
 ) -> Batch:
-    """Pad ``examples`` into one :class:`Batch` (see the module docstring for the layout)."""
+    """Pad ``examples`` into one :class:`Batch` (see the module docstring for the layout).
+
+    ``tail_draws``: a top-k dataset's tail draws are used, so the targets are
+    :class:`SampledTargets` holding the top-k ids at their probabilities and each drawn tail id
+    at ``exp(tail_logmass) · count / n``; otherwise top-k datasets give :class:`TopKTargets`.
+    """
     lengths = [fit_length(len(ex.prompt_ids), len(ex.response_ids), max_seq_len) for ex in examples]
     B, T = len(examples), max([p + r for p, r in lengths] + [1])
     input_ids = np.full((B, T), pad_id, dtype=np.int64)
@@ -141,7 +151,7 @@ def collate(
         attention_mask=torch.from_numpy(mask),
         positions=torch.from_numpy(pos.astype(np.int64)),
         labels=torch.from_numpy(labels.astype(np.int64)),
-        targets=_targets(rows, info),
+        targets=_targets(rows, info, tail_draws),
         ids=[ex.id for ex in examples],
         truncated=int(truncated),
         dropped_targets=int(dropped),
@@ -149,10 +159,14 @@ def collate(
 
 
 def _targets(
-    rows: list[tuple[Example, int, int]], info: DatasetInfo
+    rows: list[tuple[Example, int, int]], info: DatasetInfo, tail_draws: bool = False
 ) -> TopKTargets | SampledTargets:
     """Stack each row's targets ``[a, z)`` into N flat rows."""
     spec = info.targets
+    if spec.kind == "topk" and tail_draws:
+        if not spec.n:
+            raise ValueError(f"tail_draws=True, but the dataset stores {spec.label} (no draws)")
+        return _head_and_tail(rows, spec.k, spec.n)
     if spec.kind == "topk":
         k = spec.k
         tops: list[TopK] = [ex.targets for ex, _, _ in rows]  # type: ignore[misc]
@@ -165,25 +179,48 @@ def _targets(
             torch.from_numpy(lps.astype(np.float32)),  # (N, K)
             torch.from_numpy(tail.astype(np.float32)),  # (N,)
         )
-    # Sampled: position p's unique ids are a run of nunique[p] entries; pad runs to S.
+    draws = [(ex.targets, a, z) for ex, a, z in rows]
+    ids, weights = _padded_draws(draws, spec.n)  # type: ignore[arg-type]
+    return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))  # (N, S) each
+
+
+def _padded_draws(rows: list[tuple[Sampled, int, int]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S) ids and count / n weights of positions ``[a, z)`` of each row's draws, padded
+    with id 0 at weight 0 to the most distinct ids S of a position."""
+    # Position p's unique ids are a run of nunique[p] entries; pad runs to S.
     ids_l, counts_l, nun_l = [], [], []
-    for ex, a, z in rows:
-        t = ex.targets
-        assert not isinstance(t, TopK)
+    for t, a, z in rows:
         off = np.concatenate([[0], np.cumsum(t.nunique)])
         ids_l.append(t.ids[off[a] : off[z]])
         counts_l.append(t.counts[off[a] : off[z]])
         nun_l.append(t.nunique[a:z])
     nunique = _cat(nun_l, (0,)).astype(np.int64)
-    n, S = len(nunique), max(int(nunique.max(initial=0)), 1)
+    N, S = len(nunique), max(int(nunique.max(initial=0)), 1)
     flat_ids, flat_counts = _cat(ids_l, (0,)), _cat(counts_l, (0,))
-    row = np.repeat(np.arange(n), nunique)
+    row = np.repeat(np.arange(N), nunique)
     col = np.arange(len(flat_ids)) - np.repeat(np.cumsum(nunique) - nunique, nunique)
-    ids = np.zeros((n, S), dtype=np.int64)
-    weights = np.zeros((n, S), dtype=np.float32)
+    ids = np.zeros((N, S), dtype=np.int64)
+    weights = np.zeros((N, S), dtype=np.float32)
     ids[row, col] = flat_ids
-    weights[row, col] = flat_counts.astype(np.float32) / spec.n
-    return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))  # (N, S) each
+    weights[row, col] = flat_counts.astype(np.float32) / n
+    return ids, weights
+
+
+def _head_and_tail(rows: list[tuple[Example, int, int]], k: int, n: int) -> SampledTargets:
+    """Top-k with tail draws as one sparse distribution: (N, k + S) ids and weights."""
+    tops: list[TopK] = [ex.targets for ex, _, _ in rows]  # type: ignore[misc]
+    spans = [(a, z) for _, a, z in rows]
+    head_ids = _cat([t.ids[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
+    head_lp = _cat([t.logprobs[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
+    tail = _cat([t.tail_logmass[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0,))
+    draws = [(t.tail_draws, a, z) for t, (a, z) in zip(tops, spans, strict=True)]
+    tail_ids, tail_w = _padded_draws(draws, n)  # type: ignore[arg-type]
+    ids = np.concatenate([head_ids.astype(np.int64), tail_ids], axis=1)
+    weights = np.concatenate(
+        [np.exp(head_lp, dtype=np.float32), tail_w * np.exp(tail, dtype=np.float32)[:, None]],
+        axis=1,
+    )
+    return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))
 
 
 def _cat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:
@@ -203,6 +240,8 @@ class Batcher:
     batch_size: int = 0
     max_tokens: int = 0
     pad_id: int = 0
+    tail_draws: bool = False
+    """Use a top-k dataset's tail draws (see :func:`collate`)."""
 
     def __call__(self, items: Iterator[StreamItem]) -> Iterator[Batch]:
         group: list[StreamItem] = []
@@ -227,6 +266,7 @@ class Batcher:
             self.info,
             max_seq_len=self.max_seq_len,
             pad_id=self.pad_id,
+            tail_draws=self.tail_draws,
         )
         last = group[-1]
         # The epoch of the examples (the state after an epoch's last example is the next one's).

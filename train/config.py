@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from logitcache.cache.errors import InputError
+from logitcache.cache.format import TargetSpec
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,24 @@ class LossConfig:
     """JSD mixing weight in [0, 1]."""
     temperature: float = 1.0
     """Student temperature; the KD term is scaled by its square."""
-    tail: Literal["bucket", "renorm"] = "bucket"
-    """Top-k tail: bucket (K+1 buckets with the stored tail mass) or renorm (forward_kl)."""
+    tail: Literal["auto", "draws", "bucket", "renorm"] = "auto"
+    """Top-k tail: draws (stored tail draws; forward_kl), bucket (K+1 buckets), renorm, or auto (draws if stored, else bucket)."""
     chunk_size: int = 0
     """Loss positions per lm_head chunk (memory ∝ chunk_size × vocab); 0: about 2^25 logits."""
+
+    def tail_for(self, targets: TargetSpec, url: str) -> str:
+        """The tail mode training on ``targets`` (the dataset at ``url``) uses: ``auto``
+        resolved; ``draws`` refused, naming the dataset, when it holds no tail draws."""
+        has_draws = targets.kind == "topk" and targets.n > 0
+        if self.tail == "auto":
+            return "draws" if has_draws and self.divergence == "forward_kl" else "bucket"
+        if self.tail == "draws" and not has_draws:
+            raise InputError(
+                f"loss.tail=draws, but {url} holds {targets.label} targets without tail draws; "
+                "capture with `logitcache build --k K --n N` for tail draws, or set "
+                "loss.tail=auto"
+            )
+        return self.tail
 
 
 @dataclass(frozen=True)
@@ -230,8 +245,8 @@ class Config:
             p.append(f"train.epochs={t.epochs} must be > 0 (or set train.steps)")
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             p.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
-        if lo.tail == "renorm" and lo.divergence != "forward_kl":
-            p.append(f"loss.tail=renorm needs loss.divergence=forward_kl, got {lo.divergence}")
+        if lo.tail in ("renorm", "draws") and lo.divergence != "forward_kl":
+            p.append(f"loss.tail={lo.tail} needs loss.divergence=forward_kl, got {lo.divergence}")
         return p
 
 

@@ -17,6 +17,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,13 @@ def make_loader(
 ) -> StreamLoader:
     d = cfg.data
     batcher = Batcher(
-        info, d.max_seq_len, batch_size=d.batch_size, max_tokens=d.max_tokens, pad_id=pad_id
+        info,
+        d.max_seq_len,
+        batch_size=d.batch_size,
+        max_tokens=d.max_tokens,
+        pad_id=pad_id,
+        # Held-out sets are scored on their exact top-k and tail mass, never on draws.
+        tail_draws=train and cfg.loss.tail == "draws",
     )
     stream = LogitStream(
         url,
@@ -187,6 +194,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     if cfg.data.eval is not None:
         eval_info = open_dataset(cfg.data.eval).info
         check_fingerprint(eval_info, tokenizer, cfg.data.eval, tok_path)
+    # The tail mode this dataset trains with (auto resolved), recorded in the run's config.
+    cfg = replace(cfg, loss=replace(cfg.loss, tail=cfg.loss.tail_for(info.targets, cfg.data.train)))
     if info.targets.kind == "sampled" and cfg.loss.divergence != "forward_kl":
         raise InputError(
             f"loss.divergence={cfg.loss.divergence} cannot be estimated from sampled targets "
@@ -202,7 +211,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     model = load_student(cfg, info).to(dist.device)
-    module: torch.nn.Module = DistillStudent(model, cfg, info.targets.kind)
+    kind = "sampled" if cfg.loss.tail == "draws" else info.targets.kind  # as the loader gives
+    module: torch.nn.Module = DistillStudent(model, cfg, kind)
     student = module
     if dist.world > 1:
         module = torch.nn.parallel.DistributedDataParallel(
@@ -263,7 +273,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 lambda b: student.hidden(b.input_ids, b.attention_mask, b.positions),
                 model.get_output_embeddings(),
                 device=dist.device,
-                tail=cfg.loss.tail,
+                tail="renorm" if cfg.loss.tail == "renorm" else "bucket",
                 chunk_size=cfg.loss.chunk_size,
                 max_batches=cfg.log.eval_batches,
                 all_reduce=dist.sum,

@@ -16,6 +16,7 @@ from logitcache.cache.format import DatasetInfo, Example, Sampled, TargetSpec, T
 from logitcache.cache.tokenizer import tokenizer_fingerprint
 from logitcache.cache.writer import DatasetWriter
 from logitcache.tools.tiny import tiny_corpus
+from tests.cache.synth import draw
 
 CONTEXT = "Ahoy! Answer like a pirate, matey. "
 
@@ -35,8 +36,10 @@ def capture_dataset(
     prefix: str = "ex",
     empty_prompts: bool = False,
     teacher_name: str | None = None,
+    tail_draws: int = 0,
 ) -> Path:
-    """Write ``count`` examples with the teacher's top-k (or sampled) targets to ``out``."""
+    """Write ``count`` examples with the teacher's top-k (or sampled) targets to ``out``;
+    top-k with ``tail_draws`` draws from the rest of the distribution when that is > 0."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
@@ -47,8 +50,11 @@ def capture_dataset(
         vocab_size=len(tok),
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
         targets=TargetSpec(
-            kind, k=k if kind == "topk" else 0, n=draws if kind == "sampled" else 0, codec=codec
-        ),  # type: ignore[arg-type]
+            kind,  # type: ignore[arg-type]
+            k=k if kind == "topk" else 0,
+            n=draws if kind == "sampled" else tail_draws,
+            codec=codec,  # type: ignore[arg-type]
+        ),
         teacher={
             "name_or_path": teacher_name or str(teacher_dir),
             "revision": None,
@@ -80,17 +86,12 @@ def capture_dataset(
             targets: TopK | Sampled
             if kind == "topk":
                 top, ids = logprobs.topk(k, dim=-1)  # (P, K)
-                tail = torch.logsumexp(logprobs.scatter(1, ids, float("-inf")), dim=-1)  # (P,)
-                targets = TopK(ids.numpy(), top.numpy(), tail.numpy())
+                rest = logprobs.scatter(1, ids, float("-inf"))  # (P, V)
+                tail = torch.logsumexp(rest, dim=-1)  # (P,)
+                extra = draw(rng, rest.exp().double().numpy(), tail_draws) if tail_draws else None
+                targets = TopK(ids.numpy(), top.numpy(), tail.numpy(), extra)
             else:
-                ids_l, counts_l, nun = [], [], []
-                for row in logprobs.exp().double().numpy():
-                    draw = rng.choice(len(row), size=draws, p=row / row.sum())
-                    u, c = np.unique(draw, return_counts=True)
-                    ids_l.append(u)
-                    counts_l.append(c)
-                    nun.append(len(u))
-                targets = Sampled(np.concatenate(ids_l), np.concatenate(counts_l), np.array(nun))
+                targets = draw(rng, logprobs.exp().double().numpy(), draws)
             ex = Example(
                 f"{prefix}{i}", np.array(prompt, np.int64), np.array(response, np.int64), targets
             )

@@ -11,7 +11,7 @@ import torch
 from logitcache.cache.format import Example, TopK
 from logitcache.train.batching import collate, fit_length
 from logitcache.train.config import load_config
-from logitcache.train.losses import TopKTargets, distill_loss
+from logitcache.train.losses import SampledTargets, TopKTargets, distill_loss
 from logitcache.train.student import DistillStudent
 from tests.cache.synth import make_examples, make_info
 
@@ -76,6 +76,29 @@ def test_sampled_targets_become_padded_weights() -> None:
     first = exs[next(i for i, e in enumerate(exs) if len(e.response_ids))]
     n0 = int(first.targets.nunique[0])  # type: ignore[union-attr]
     assert b.targets.ids[0, :n0].tolist() == first.targets.ids[:n0].tolist()  # type: ignore[union-attr]
+
+
+def test_topk_with_tail_draws_becomes_one_sparse_distribution() -> None:
+    info = make_info("topk", k=3, tail_draws=8, codec="f32", vocab=60)
+    exs = make_examples(info, 6, seed=4, max_len=6)
+    plain = collate(exs, info, max_seq_len=64)
+    b = collate(exs, info, max_seq_len=64, tail_draws=True)
+    assert isinstance(plain.targets, TopKTargets) and isinstance(b.targets, SampledTargets)
+    t, top = b.targets, plain.targets
+    # The head: the top-k ids at their exact probabilities, in front.
+    assert torch.equal(t.ids[:, :3], top.ids)
+    assert torch.allclose(t.weights[:, :3], top.logprobs.exp())
+    # The tail: every draw weighs tail mass · count / n, so each position sums to one.
+    assert torch.allclose(t.weights.sum(-1), torch.ones(len(t.weights)), atol=1e-5)
+    first = next(e for e in exs if len(e.response_ids))
+    d = first.targets.tail_draws  # type: ignore[union-attr]
+    u = int(d.nunique[0])
+    assert t.ids[0, 3 : 3 + u].tolist() == d.ids[:u].tolist()
+    want = np.exp(first.targets.tail_logmass[0]) * d.counts[:u] / 8  # type: ignore[union-attr]
+    np.testing.assert_allclose(t.weights[0, 3 : 3 + u].numpy(), want, rtol=1e-6)
+    assert not t.weights[0, 3 + u :].any()  # padding
+    with pytest.raises(ValueError, match=r"tail_draws=True, but the dataset stores top-3 u8"):
+        collate(exs, make_info("topk", k=3, vocab=60), max_seq_len=64, tail_draws=True)
 
 
 def test_chunked_student_loss_equals_the_dense_loss_on_full_logits(tiny_student_dir: Path) -> None:

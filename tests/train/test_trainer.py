@@ -13,7 +13,7 @@ from logitcache.cache.errors import IncompatibleError, InputError
 from logitcache.cache.writer import DatasetWriter
 from logitcache.tools.cli import main as cli_main
 from logitcache.train.config import Config, load_config
-from logitcache.train.trainer import read_metrics, train
+from logitcache.train.trainer import CONFIG_NAME, read_metrics, train
 from tests.cache.synth import make_examples, make_info
 from tests.train.helpers import capture_dataset
 
@@ -41,6 +41,15 @@ def datasets(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -
             count=24,
             kind="sampled",
             seed=2,
+            teacher_name=MISSING_TEACHER,
+        ),
+        "tail_draws": capture_dataset(
+            tiny_teacher_dir,
+            root / "tail_draws",
+            count=24,
+            k=4,
+            tail_draws=12,
+            seed=3,
             teacher_name=MISSING_TEACHER,
         ),
     }
@@ -175,6 +184,41 @@ def test_sampled_targets_token_budget_fresh_student_bf16_and_checkpointing(
     assert all(r["tokens"] <= 96 for r in rows)
     evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/kl" in r]
     assert evals and all(0 <= r["eval/kl"] < math.inf for r in evals)
+
+
+def test_topk_with_tail_draws_trains_on_the_draws_by_default(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    data = {"train": datasets["tail_draws"], "eval": datasets["eval"]}
+    common = dict(train__steps=8, log__eval_every=8, optim__warmup_steps=1)
+    assert train(config(data, tiny_student_dir, tmp_path / "auto", **common))["finished"]
+    # auto resolved to draws, and recorded so that a resume trains the same way.
+    assert load_config(tmp_path / "auto" / CONFIG_NAME, []).loss.tail == "draws"
+    evals = [r for r in read_metrics(tmp_path / "auto" / "metrics.jsonl") if "eval/kl" in r]
+    assert evals[-1]["eval/kl"] < evals[0]["eval/kl"]
+    # Same data read as plain top-k with a tail bucket: a different training signal.
+    bucket = tmp_path / "bucket"
+    assert train(config(data, tiny_student_dir, bucket, loss__tail="bucket", **common))["finished"]
+    loss = [r["loss"] for r in read_metrics(tmp_path / "auto" / "metrics.jsonl") if "loss" in r]
+    other = [r["loss"] for r in read_metrics(bucket / "metrics.jsonl") if "loss" in r]
+    assert len(loss) == len(other) == 8 and loss != other
+    # reverse KL has no estimator from draws: auto falls back to the bucket.
+    rev = config(data, tiny_student_dir, tmp_path / "rev", loss__divergence="reverse_kl", **common)
+    assert train(rev)["finished"]
+    assert load_config(tmp_path / "rev" / CONFIG_NAME, []).loss.tail == "bucket"
+
+
+def test_tail_draws_on_a_dataset_without_them_is_refused(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    cfg = config(datasets, tiny_student_dir, tmp_path / "run", loss__tail="draws")
+    with pytest.raises(InputError, match=r"loss.tail=draws, but .*train holds top-16 f16"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(InputError, match=r"loss\.tail=draws needs loss\.divergence=forward_kl"):
+        config(
+            datasets, tiny_student_dir, tmp_path / "r", loss__tail="draws", loss__divergence="jsd"
+        )
 
 
 def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(
