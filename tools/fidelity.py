@@ -6,8 +6,12 @@ configuration; only the training signal differs:
 * ``online``: full-vocabulary forward KL with the teacher running in the loop (the reference);
 * ``hard``: cross-entropy on the same tokens (``loss.alpha 0``);
 * ``topk``: offline top-k for several k, with the tail as a bucket or renormalized away, and
-  each log-prob codec;
+  each log-prob codec; and top-k with N draws from the tail (``--tail-draws K:N``), the tail
+  then trained on its draws;
 * ``sampled``: offline RS-KD targets, N draws per position.
+
+Configurations with draws are trained once per ``--sample-seeds`` seed (other draws, same data
+order): the runs move by a few percent with the draws alone, so they are compared by their mean.
 
 The teacher runs once over the training text; every offline dataset is derived from that pass
 with the capture's own functions (``cache.targets``), written with :class:`DatasetWriter` and
@@ -49,7 +53,7 @@ if TYPE_CHECKING:
     from logitcache.train.config import Config
 
 Kind = Literal["online", "hard", "topk", "sampled"]
-TailMode = Literal["bucket", "renorm"]
+TailMode = Literal["bucket", "renorm", "draws"]
 
 
 @dataclass(frozen=True)
@@ -65,27 +69,45 @@ class Variant:
     """How sampled targets were drawn (see cache.targets.uniforms)."""
     seed: int = 0
     """Data-order seed (train.seed); a second seed estimates run-to-run noise."""
+    sample_seed: int = 0
+    """Seed of the stored draws (as `logitcache build --seed`); other draws, same data."""
+
+    @property
+    def config(self) -> Variant:
+        """This variant with sample seed 0: what the runs at several sample seeds share."""
+        return replace(self, sample_seed=0)
+
+    @property
+    def has_draws(self) -> bool:
+        return self.kind == "sampled" or (self.kind == "topk" and self.n > 0)
 
     @property
     def name(self) -> str:
+        codec = "" if self.codec == "u8" else f" {self.codec}"
         base = {
             "online": "online full KD",
             "hard": "hard labels (CE)",
-            "topk": f"top-{self.k} {self.tail} {self.codec}",
+            "topk": f"top-{self.k} + {self.n} tail draws{codec}"
+            if self.n
+            else f"top-{self.k} {self.tail} {self.codec}",
             "sampled": f"sampled n={self.n}"
             + (" systematic" if self.sampling == "systematic" else ""),
         }[self.kind]
+        if self.sample_seed:
+            base += f" [draws {self.sample_seed}]"
         return base if self.seed == 0 else f"{base} (seed {self.seed})"
 
     @property
-    def dataset(self) -> TargetSpec:
-        """The stored targets this variant trains on (hard and online read the n=1 set for the
-        data order only: hard labels weight its KD term 0, online ignores it)."""
+    def dataset(self) -> tuple[TargetSpec, int]:
+        """The stored targets this variant trains on and their draws' seed (hard and online
+        read the n=1 set for the data order only: hard labels weight its KD term 0, online
+        ignores it)."""
         if self.kind == "topk":
-            return TargetSpec("topk", k=self.k, codec=self.codec)
+            spec = TargetSpec("topk", k=self.k, n=self.n, codec=self.codec, sampling=self.sampling)
+            return spec, self.sample_seed if self.n else 0
         if self.kind == "sampled":
-            return TargetSpec("sampled", n=self.n, sampling=self.sampling)
-        return TargetSpec("sampled", n=1)
+            return TargetSpec("sampled", n=self.n, sampling=self.sampling), self.sample_seed
+        return TargetSpec("sampled", n=1), 0
 
 
 @dataclass(frozen=True)
@@ -96,8 +118,6 @@ class Settings:
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 2
-    sample_seed: int = 0
-    """Seed of the sampled targets' counter-based draws (as `logitcache build --seed`)."""
 
 
 @dataclass
@@ -126,14 +146,22 @@ def default_variants(
     samplings: tuple[str, ...] = ("multinomial",),
     hard: bool = True,
     seed: int = 0,
+    tail_draws: tuple[tuple[int, int], ...] = (),
+    sample_seeds: tuple[int, ...] = (0,),
 ) -> list[Variant]:
     """Online (the reference) and hard first, then top-k × tail (u8), the other codecs at
-    ``codec_k``, sampled N, all at data-order ``seed``; then online at each noise seed."""
+    ``codec_k``, top-k + tail draws (k, n), sampled N, all at data-order ``seed``, those with
+    draws once per sample seed; then online at each noise seed."""
     out = [Variant("online")] + ([Variant("hard")] if hard else [])
     out += [Variant("topk", k=k, tail=t) for k in ks for t in tails]
     out += [Variant("topk", k=codec_k, codec=c) for c in codecs if c != "u8"]
+    out += [Variant("topk", k=k, n=n, tail="draws") for k, n in tail_draws]
     out += [Variant("sampled", n=n, sampling=m) for m in samplings for n in draws]
-    out = [replace(v, seed=seed) for v in out]
+    out = [
+        replace(v, seed=seed, sample_seed=d)
+        for v in out
+        for d in (sample_seeds if v.has_draws else (0,))
+    ]
     return out + [Variant("online", seed=s) for s in noise_seeds]
 
 
@@ -207,16 +235,17 @@ def teacher_log_probs(teacher: Any, tokens: np.ndarray, batch: int = 8) -> torch
 def build_datasets(
     teacher: Any,
     tokens: np.ndarray,
-    specs: list[TargetSpec],
+    specs: list[tuple[TargetSpec, int]],
     info: DatasetInfo,
     root: Path,
-    settings: Settings,
     batch: int = 8,
-) -> dict[TargetSpec, Path]:
-    """One teacher pass over ``tokens``; every spec's dataset written from it under ``root``.
+) -> dict[tuple[TargetSpec, int], Path]:
+    """One teacher pass over ``tokens``; every (spec, draws' seed) dataset written from it
+    under ``root``.
 
     Each sequence is one example: prompt = its first token, response = the rest (bench_format's
-    layout). Top-k and draws come from ``cache.targets`` exactly as the capture computes them.
+    layout). Top-k, tail draws and draws come from ``cache.targets`` exactly as the capture
+    computes them, keyed by example id, position and seed.
     """
     import torch
 
@@ -233,46 +262,50 @@ def build_datasets(
 
     from .bench_format import _examples, _sampled
 
-    ks = sorted({s.k for s in specs if s.kind == "topk"})
-    ns = sorted({(s.n, s.sampling) for s in specs if s.kind == "sampled"})
-    top: dict[int, list[Any]] = {k: [] for k in ks}
-    draws: dict[tuple[int, str], list[np.ndarray]] = {n: [] for n in ns}
     P = tokens.shape[1] - 1
     # Example ids as _examples names them, keyed as the capture keys them (cache/capture.py).
     names = [f"r0-s{s}" for s in range(len(tokens))]
-    keys = torch.from_numpy(example_keys(names, settings.sample_seed))  # (S,)
+    keys = {seed: torch.from_numpy(example_keys(names, seed)) for _, seed in specs}  # (S,)
+    parts: dict[tuple[TargetSpec, int], list[dict[str, np.ndarray]]] = {x: [] for x in specs}
     for first, logits in _teacher_logits(teacher, tokens, batch):
         flat = logits.reshape(-1, logits.shape[-1])  # (B·P, V)
-        for k in ks:
-            t = topk_targets(flat, k, 1.0)
-            top[k].append((t.ids.numpy(), t.logprobs.numpy(), t.tail.numpy()))
-        if ns:
-            logp = log_probs(flat, 1.0)  # (B·P, V)
-            rows = keys[first : first + len(logits)].repeat_interleave(P)
-            pos = torch.arange(P).repeat(len(logits))
-            for n, sampling in ns:
-                u = uniforms(row_keys(rows, pos, STREAM_TARGETS), n, sampling)  # (B·P, n)
-                draws[n, sampling].append(sample_ids(logp, u).numpy())
-    makers: dict[TargetSpec, Callable[[slice], Any]] = {}
-    for spec in specs:
-        if spec.kind == "topk":
-            ids, lp, tail = (np.concatenate(a) for a in zip(*top[spec.k], strict=True))
-
-            def make(
-                sl: slice, ids: np.ndarray = ids, lp: np.ndarray = lp, tail: np.ndarray = tail
-            ) -> TopK:
-                return TopK(ids[sl], lp[sl], tail[sl])
-
-            makers[spec] = make
-        else:
-            makers[spec] = _sampled(np.concatenate(draws[spec.n, spec.sampling]))
+        pos = torch.arange(P).repeat(len(logits))
+        logp = log_probs(flat, 1.0) if any(s.kind == "sampled" for s, _ in specs) else None
+        plain: dict[int, Any] = {}  # top-k without draws, by k
+        for spec, seed in specs:
+            rows = keys[seed][first : first + len(logits)].repeat_interleave(P)
+            u = None
+            if spec.has_draws:
+                u = uniforms(row_keys(rows, pos, STREAM_TARGETS), spec.n, spec.sampling)
+            if spec.kind == "sampled":
+                assert logp is not None and u is not None
+                parts[spec, seed].append({"draws": sample_ids(logp, u).numpy()})
+                continue
+            t = plain.get(spec.k) if u is None else None
+            if t is None:
+                t = topk_targets(flat, spec.k, 1.0, tail_uniforms=u)
+                plain[spec.k] = t if u is None else None
+            got = {"ids": t.ids.numpy(), "lp": t.logprobs.numpy(), "tail": t.tail.numpy()}
+            if t.tail_draws is not None:
+                got["draws"] = t.tail_draws.numpy()
+            parts[spec, seed].append(got)
     out = {}
-    for spec, make in makers.items():
-        d = root / f"{spec.kind}-k{spec.k}-n{spec.n}-{spec.codec}-{spec.sampling}"
+    for (spec, seed), chunks in parts.items():
+        a = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        draws = _sampled(a["draws"]) if "draws" in a else None
+        if spec.kind == "sampled":
+            make: Callable[[slice], Any] = draws  # type: ignore[assignment]
+        else:
+
+            def make(sl: slice, a: dict[str, np.ndarray] = a, draws: Any = draws) -> TopK:
+                tail = None if draws is None else draws(sl)
+                return TopK(a["ids"][sl], a["lp"][sl], a["tail"][sl], tail)
+
+        d = root / f"{spec.kind}-k{spec.k}-n{spec.n}-{spec.codec}-{spec.sampling}-s{seed}"
         with DatasetWriter(d, replace(info, targets=spec)) as w:
             for ex in _examples(tokens, make):
                 w.add(ex)
-        out[spec] = d
+        out[spec, seed] = d
     return out
 
 
@@ -451,7 +484,7 @@ def run_study(
     )
     t0 = time.perf_counter()
     specs = list(dict.fromkeys(v.dataset for v in variants))
-    data = build_datasets(teacher, train_tokens, specs, info, work / "data", settings)
+    data = build_datasets(teacher, train_tokens, specs, info, work / "data")
     eval_lp = teacher_log_probs(teacher, eval_tokens)
     log(
         f"teacher pass over {len(train_tokens)} + {len(eval_tokens)} sequences: {time.perf_counter() - t0:.0f} s"
@@ -483,7 +516,7 @@ def run_study(
         elif v.kind == "hard":
             nbytes = hard_bytes / manifest.num_positions
         unique = None
-        if v.kind == "sampled":
+        if v.has_draws:
             unique = float(
                 np.mean(
                     [len(b.sample_ids) / b.num_positions for b in open_dataset(ds).iter_batches()]
@@ -497,18 +530,40 @@ def run_study(
     return rows, initial
 
 
+def mean_rows(rows: list[Row]) -> list[tuple[Row, list[Row]]]:
+    """One row per configuration, in first-seen order: the mean over its sample seeds (the
+    variant with sample seed 0), with the runs it averages."""
+    groups: dict[Variant, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.variant.config, []).append(r)
+    out = []
+    for config, runs in groups.items():
+        if len(runs) == 1:
+            out.append((replace(runs[0], variant=config), runs))
+            continue
+
+        def mean(key: str, runs: list[Row] = runs) -> Any:
+            values = [getattr(r, key) for r in runs]
+            return None if None in values else statistics.fmean(values)
+
+        keys = ("bytes_per_position", "kl", "ce", "top1", "step_s", "unique_ids")
+        out.append((Row(config, **{k: mean(k) for k in keys}), runs))
+    return out
+
+
 def reference(rows: list[Row]) -> Row:
     """The first online full-KD run: the others compare with it at its data-order seed."""
     return next(r for r in rows if r.variant.kind == "online")
 
 
 def winner(rows: list[Row], tolerance: float = 0.01) -> Row | None:
-    """The stored configuration with held-out KL ≤ (1 + tolerance) × online's (same seed), at
-    the fewest bytes/position; None when no stored configuration gets there."""
+    """The stored configuration whose held-out KL (mean over its sample seeds) is ≤
+    (1 + tolerance) × online's (same data order), at the fewest bytes/position; None when no
+    stored configuration gets there."""
     ref = reference(rows)
     ok = [
         r
-        for r in rows
+        for r, _ in mean_rows(rows)
         if r.variant.kind in ("topk", "sampled")
         and r.variant.seed == ref.variant.seed
         and r.kl <= ref.kl * (1.0 + tolerance)
@@ -517,20 +572,26 @@ def winner(rows: list[Row], tolerance: float = 0.01) -> Row | None:
 
 
 def table(rows: list[Row], tolerance: float = 0.01) -> str:
-    """The results as a Markdown table."""
+    """The results as a Markdown table: configurations with draws as the mean over their
+    sample seeds, with the range of KL ÷ online across them."""
     ref = reference(rows)
     lines = [
-        "| configuration | B/position | held-out KL | KL ÷ online | CE | top-1 | step s | within 1%? |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | B/position | held-out KL | KL ÷ online | over draws | CE | top-1 | step s | within 1%? |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r, runs in mean_rows(rows):
         b = "— (teacher in loop)" if r.bytes_per_position is None else f"{r.bytes_per_position:.1f}"
         if r.unique_ids is not None:
             b += f" (u={r.unique_ids:.1f})"
-        ok = "ref" if r is ref else ("yes" if r.kl <= ref.kl * (1 + tolerance) else "no")
+        is_ref = r.variant == ref.variant
+        ok = "ref" if is_ref else ("yes" if r.kl <= ref.kl * (1 + tolerance) else "no")
+        spread = "—"
+        if len(runs) > 1:
+            lo, hi = min(x.kl for x in runs) / ref.kl, max(x.kl for x in runs) / ref.kl
+            spread = f"{len(runs)} runs: {lo:.3f}–{hi:.3f}"
         lines.append(
-            f"| {r.variant.name} | {b} | {r.kl:.4f} | {r.kl / ref.kl:.3f} | {r.ce:.4f} | "
-            f"{r.top1:.3f} | {r.step_s:.2f} | {ok} |"
+            f"| {r.variant.name} | {b} | {r.kl:.4f} | {r.kl / ref.kl:.3f} | {spread} | "
+            f"{r.ce:.4f} | {r.top1:.3f} | {r.step_s:.2f} | {ok} |"
         )
     return "\n".join(lines)
 
@@ -539,19 +600,24 @@ def plot(
     rows: list[Row], initial: dict[str, float], png: str | Path, tolerance: float = 0.01
 ) -> None:
     """Held-out KL and CE against bytes/position (log x); online as a line with its tolerance
-    band, online at other seeds dashed (the run-to-run noise), hard labels noted if off-scale."""
+    band, online at other seeds dashed (the run-to-run noise), hard labels noted if off-scale.
+    Configurations with draws are plotted at their mean, with a bar over their sample seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ref = reference(rows)
-    same = [
-        r for r in rows if r.variant.seed == ref.variant.seed and r.bytes_per_position is not None
+    means = [
+        (r, runs)
+        for r, runs in mean_rows(rows)
+        if r.variant.seed == ref.variant.seed and r.bytes_per_position is not None
     ]
+    same = [r for r, _ in means]
     topk = [r for r in same if r.variant.kind == "topk"]
     codec_k = {r.variant.k for r in topk if r.variant.codec != "u8"}
     series: dict[str, tuple[str, list[Row]]] = {
+        "top-k + tail draws (u8)": ("*", [r for r in topk if r.variant.n > 0]),
         "top-k, tail bucket (u8)": ("o", [r for r in topk if r.variant.tail == "bucket" and r.variant.codec == "u8"]),
         "top-k, renormalized (u8)": ("s", [r for r in topk if r.variant.tail == "renorm"]),
         "top-k codecs, bucket": ("D", [r for r in topk if r.variant.k in codec_k and r.variant.tail == "bucket"]),
@@ -564,6 +630,7 @@ def plot(
     for ax, key in zip(axes, ("kl", "ce"), strict=True):
         y = getattr(ref, key)
         shown = [getattr(r, key) for r in same if r.variant.kind != "hard"]
+        shown += [getattr(x, key) for r, runs in means if r.variant.kind != "hard" for x in runs]
         shown += [y] + [getattr(r, key) for r in others]
         lo, hi = min(shown), max(shown)
         lo, hi = lo - 0.05 * (hi - lo + 1e-3), hi + 0.08 * (hi - lo + 1e-3)
@@ -574,12 +641,16 @@ def plot(
             for r, x_, y_ in zip(rs, xs, ys, strict=True):
                 v = r.variant
                 codec_tag = "" if v.codec == "u8" else v.codec  # its k is marked already
-                tag = {"topk": f"k={v.k}" if label.endswith("(u8)") else codec_tag,
+                tag = {"topk": f"k={v.k}" + (f"+{v.n}" if v.n else "") if label.endswith("(u8)") else codec_tag,
                        "sampled": f"N={v.n}", "hard": "hard"}[v.kind]  # fmt: skip
                 if y_ > hi:  # off-scale: say where it is
                     tag, y_ = f"hard labels: {getattr(r, key):.2f} ↑", hi
                 ax.annotate(tag, (x_, min(y_, hi)), fontsize=7, xytext=(3, -9 if y_ >= hi else 3),
                             textcoords="offset points")  # fmt: skip
+        for r, runs in means:
+            if len(runs) > 1:
+                vals = [getattr(x, key) for x in runs]
+                ax.vlines(r.bytes_per_position, min(vals), max(vals), color="0.4", lw=1)
         ax.axhline(y, color="k", lw=1, label=f"online full KD (seed {ref.variant.seed})")
         ax.axhspan(y, y * (1 + tolerance), color="k", alpha=0.12, label=f"online + {tolerance:.0%}")
         for r in others:
@@ -596,7 +667,7 @@ def plot(
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8)
     fig.suptitle(
-        "Same student, data order and steps for every point "
+        "Same student, data order and steps for every point; bars: the range over sample seeds "
         f"(untrained student: KL {initial['kl']:.2f}, CE {initial['ce']:.2f})",
         fontsize=10,
     )
@@ -620,14 +691,22 @@ QUICK = {
     "eval_seqs": 16,
     "ks": "8",
     "draws": "16",
+    "tail_draws": "8:8",
+    "sample_seeds": "0",
     "codecs": "u8",
     "noise_seeds": "",
 }
-"""What --quick changes: one top-k and one sampled size, no codec sweep, no noise seed."""
+"""What --quick changes: one size of each kind, one seed of draws, no codec sweep, no noise
+seed."""
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _pairs(text: str) -> tuple[tuple[int, int], ...]:
+    """ "8:16,16:16" → ((8, 16), (16, 16))."""
+    return tuple((int(a), int(b)) for a, b in (x.split(":") for x in text.split(",") if x))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -646,6 +725,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draws", default="8,16,32,64", help="sampled-target sizes N")
     ap.add_argument("--tails", default="bucket,renorm", help="top-k tail modes")
     ap.add_argument("--samplings", default="multinomial", help="sampled draw schemes (, separated)")
+    ap.add_argument("--tail-draws", default="8:16,16:16,32:16,16:32,64:16",
+                    help="top-k + tail draws as K:N pairs (, separated)")  # fmt: skip
+    ap.add_argument("--sample-seeds", default="0,1,2",
+                    help="seeds of the draws: each configuration with draws trains once per seed")  # fmt: skip
     ap.add_argument("--hard", action=argparse.BooleanOptionalAction, default=True,
                     help="include the hard-label run")  # fmt: skip
     ap.add_argument("--codecs", default="f32,f16,u16,u8", help="codecs compared at --codec-k")
@@ -685,7 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = default_variants(
         _ints(args.ks), _ints(args.draws), args.codecs.split(","), args.codec_k,
         _ints(args.noise_seeds), tuple(args.tails.split(",")), tuple(args.samplings.split(",")),
-        args.hard, args.seed,
+        args.hard, args.seed, _pairs(args.tail_draws), tuple(_ints(args.sample_seeds)),
     )  # fmt: skip
     print(
         f"teacher {teacher}; student: its layers {args.student_layers}; "

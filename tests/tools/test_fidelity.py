@@ -4,6 +4,7 @@ online full-vocabulary KD lowers the held-out KL to the teacher."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ def test_study_runs_every_variant(
         Variant("sampled", n=4),
         Variant("sampled", n=4, sampling="systematic"),
         Variant("topk", k=384, codec="f32"),  # k = vocab: the offline twin of online KD
+        Variant("topk", k=4, n=6, tail="draws"),
+        Variant("topk", k=4, n=6, tail="draws", sample_seed=1),
     ]
     rows, initial = run_study(
         tiny_teacher_dir,
@@ -55,7 +58,11 @@ def test_study_runs_every_variant(
     assert by["hard labels (CE)"].bytes_per_position < by["top-8 bucket u8"].bytes_per_position
     assert by["sampled n=4"].unique_ids is not None
     assert by["sampled n=4 systematic"].unique_ids is not None
+    # Top-k + tail draws: other draws with another seed, the same top-k; one mean row.
+    a, b = by["top-4 + 6 tail draws"], by["top-4 + 6 tail draws [draws 1]"]
+    assert a.unique_ids is not None and a.kl != b.kl
     assert "| top-8 renorm u8 |" in table(rows)
+    assert "| top-4 + 6 tail draws | " in table(rows) and "2 runs: " in table(rows)
     plot(rows, initial, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
 
@@ -74,3 +81,10 @@ def test_winner_is_cheapest_within_tolerance() -> None:
     best = winner(rows, 0.01)
     assert best is not None and best.variant == Variant("topk", k=8)
     assert winner(rows, 0.0) is None
+    # Configurations with draws count by their mean over sample seeds.
+    hybrid = Variant("topk", k=4, n=8, tail="draws")
+    rows += [row(hybrid, 15.0, 1.004), row(replace(hybrid, sample_seed=1), 15.0, 1.012)]
+    rows += [row(Variant("sampled", n=4), 9.0, 1.001)]
+    rows += [row(Variant("sampled", n=4, sample_seed=1), 9.0, 1.03)]
+    best = winner(rows, 0.01)
+    assert best is not None and best.variant == hybrid and math.isclose(best.kl, 1.008)
