@@ -25,7 +25,8 @@ class DatasetStats:
     target_hit: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     """Whether the response token itself is among the stored ids, per position."""
     unique: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    """Stored ids per position (k for top-k, unique draws for sampled)."""
+    """Stored ids per position (k, plus distinct tail draws, for top-k; distinct draws for
+    sampled)."""
 
 
 def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetStats:
@@ -35,30 +36,31 @@ def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetSt
         prompt_len.append(np.diff(b.prompt_offsets))
         resp_len.append(np.diff(b.response_offsets))
         if seen < max_positions:
+            drawn = drawn_hit = None
+            if b.sample_offsets is not None:  # sampled, or top-k tail draws
+                assert b.sample_ids is not None and b.sample_counts is not None
+                drawn = np.diff(b.sample_offsets)
+                pos_of = np.repeat(np.arange(len(drawn)), drawn)
+                is_resp = b.sample_ids == b.response_ids[pos_of]
+                drawn_hit = np.bincount(pos_of, weights=is_resp, minlength=len(drawn)) > 0
             if b.topk_ids is not None:
                 assert b.topk_logprobs is not None and b.tail_logmass is not None
                 p = np.exp(np.concatenate([b.topk_logprobs, b.tail_logmass[:, None]], axis=1))
                 cov.append(1.0 - p[:, -1])
                 ent.append(-(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1))
-                hit.append((b.topk_ids == b.response_ids[:, None]).any(axis=1))
-                uniq.append(np.full(len(p), b.topk_ids.shape[1]))
+                top_hit = (b.topk_ids == b.response_ids[:, None]).any(axis=1)
+                hit.append(top_hit if drawn_hit is None else top_hit | drawn_hit)
+                k = np.full(len(p), b.topk_ids.shape[1])
+                uniq.append(k if drawn is None else k + drawn)
             else:
-                assert b.sample_offsets is not None and b.sample_ids is not None
-                assert b.sample_counts is not None
-                n_per = np.diff(b.sample_offsets)
-                pos_of = np.repeat(np.arange(len(n_per)), n_per)
+                assert drawn is not None and drawn_hit is not None and b.sample_counts is not None
                 q = (
                     b.sample_counts
-                    / np.bincount(pos_of, weights=b.sample_counts, minlength=len(n_per))[pos_of]
+                    / np.bincount(pos_of, weights=b.sample_counts, minlength=len(drawn))[pos_of]
                 )
-                ent.append(np.bincount(pos_of, weights=-q * np.log(q), minlength=len(n_per)))
-                hit.append(
-                    np.bincount(
-                        pos_of, weights=b.sample_ids == b.response_ids[pos_of], minlength=len(n_per)
-                    )
-                    > 0
-                )
-                uniq.append(n_per)
+                ent.append(np.bincount(pos_of, weights=-q * np.log(q), minlength=len(drawn)))
+                hit.append(drawn_hit)
+                uniq.append(drawn)
             seen += b.num_positions
 
     def cat(xs: list[np.ndarray], dtype: type = float) -> np.ndarray:
@@ -92,6 +94,9 @@ def format_stats(s: DatasetStats) -> str:
     if s.kind == "topk":
         lines.append(f"top-k mass coverage {_q(s.coverage)}")
         lines.append(f"entropy (k + tail)  {_q(s.entropy)}")
+        k = int(s.unique.min(initial=0))
+        if s.unique.size and s.unique.max() > k:  # tail draws
+            lines.append(f"ids/position, k + distinct tail draws {_q(s.unique)}")
     else:
         lines.append(f"unique ids/position {_q(s.unique)}")
         lines.append(f"entropy of draws    {_q(s.entropy)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from logitcache.cache.reader import open_dataset
@@ -77,6 +78,24 @@ def test_inspect_sampled(tmp_path, capsys):
     ds = _dataset(tmp_path / "ds", kind="sampled", n=12)
     assert main(["inspect", str(ds), "-n", "1"]) == 0
     assert "12 multinomial sampled draws per position" in capsys.readouterr().out
+
+
+def test_inspect_stats_verify_and_merge_top_k_with_tail_draws(tmp_path, capsys):
+    a = _dataset(tmp_path / "a", k=4, tail_draws=10, prefix="a")
+    b = _dataset(tmp_path / "b", k=4, tail_draws=10, prefix="b")
+    assert main(["inspect", str(a), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "top-4 ids + log-probs (u8) + tail mass + 10 multinomial draws from the tail" in out
+    assert main(["stats", str(a)]) == 0
+    assert "ids/position, k + distinct tail draws mean" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "m"), str(a), str(b)]) == 0
+    assert main(["verify", str(tmp_path / "m")]) == 0
+    merged = {e.id: e for e in open_dataset(tmp_path / "m").iter_examples()}
+    for e in open_dataset(a).iter_examples():
+        np.testing.assert_array_equal(merged[e.id].targets.tail_draws.ids, e.targets.tail_draws.ids)
+    # A merge refuses to mix top-k with and without tail draws, as any other spec change.
+    c = _dataset(tmp_path / "c", k=4, prefix="c")
+    assert main(["merge", str(tmp_path / "m2"), str(a), str(c)]) == 1
 
 
 def test_merge(tmp_path, capsys):
