@@ -24,6 +24,7 @@ agreement. A configuration "reaches online quality" when its held-out KL is at m
     python -m logitcache.tools.fidelity          # SmolLM2 on KJV: 16 runs, ~1 h on 2 shared cores
     python -m logitcache.tools.fidelity --quick  # 5 runs on fewer sequences
     python -m logitcache.tools.fidelity --replot results.json   # table and plot only
+    python -m logitcache.tools.fidelity --replot a.json b.json  # runs of several invocations
 
 Results and how to read them: docs/RESULTS.md.
 """
@@ -88,6 +89,7 @@ class Variant:
             "online": "online full KD",
             "hard": "hard labels (CE)",
             "topk": f"top-{self.k} + {self.n} tail draws{codec}"
+            + (" systematic" if self.sampling == "systematic" else "")
             if self.n
             else f"top-{self.k} {self.tail} {self.codec}",
             "sampled": f"sampled n={self.n}"
@@ -155,7 +157,11 @@ def default_variants(
     out = [Variant("online")] + ([Variant("hard")] if hard else [])
     out += [Variant("topk", k=k, tail=t) for k in ks for t in tails]
     out += [Variant("topk", k=codec_k, codec=c) for c in codecs if c != "u8"]
-    out += [Variant("topk", k=k, n=n, tail="draws") for k, n in tail_draws]
+    out += [
+        Variant("topk", k=k, n=n, tail="draws", sampling=m)
+        for m in samplings
+        for k, n in tail_draws
+    ]
     out += [Variant("sampled", n=n, sampling=m) for m in samplings for n in draws]
     out = [
         replace(v, seed=seed, sample_seed=d)
@@ -686,6 +692,25 @@ def load_rows(path: str | Path) -> tuple[list[Row], dict[str, float]]:
     return rows, obj["initial"]
 
 
+def merge_rows(
+    results: list[tuple[list[Row], dict[str, float]]],
+) -> tuple[list[Row], dict[str, float]]:
+    """Rows of several invocations of the same setup as one list, in first-seen order; a
+    variant measured again replaces its earlier row. The setups must agree: the untrained
+    student's metrics (same teacher, student and held-out text) must match."""
+    initial = results[0][1]
+    merged: dict[Variant, Row] = {}
+    for rows, init in results:
+        if not all(math.isclose(init[k], initial[k], rel_tol=1e-6) for k in ("kl", "ce")):
+            raise SystemExit(
+                f"--replot: the files measure different setups (untrained student KL "
+                f"{initial['kl']:.6f} vs {init['kl']:.6f}); merge only runs of one setup"
+            )
+        for r in rows:
+            merged[r.variant] = r
+    return list(merged.values()), initial
+
+
 QUICK = {
     "train_seqs": 64,
     "eval_seqs": 16,
@@ -740,10 +765,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workdir", help="datasets and runs go here (default: a temp dir)")
     ap.add_argument("--json", help="also write the rows as JSON here")
     ap.add_argument("--plot", default="docs/fidelity.png", help="PNG of quality vs bytes")
-    ap.add_argument("--replot", metavar="JSON", help="only redraw table and plot from --json")
+    ap.add_argument("--replot", metavar="JSON", nargs="+",
+                    help="only redraw table and plot from --json files (several: merged, a "
+                    "variant in a later file replacing the same variant in an earlier one)")  # fmt: skip
     args = ap.parse_args(argv)
     if args.replot:
-        rows, initial = load_rows(args.replot)
+        rows, initial = merge_rows([load_rows(p) for p in args.replot])
         print(table(rows, args.tolerance))
         plot(rows, initial, args.plot, args.tolerance)
         return

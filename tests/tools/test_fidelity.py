@@ -8,11 +8,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from logitcache.tools.fidelity import (
     Row,
     Settings,
     Variant,
+    merge_rows,
     plot,
     run_study,
     table,
@@ -88,3 +90,21 @@ def test_winner_is_cheapest_within_tolerance() -> None:
     rows += [row(Variant("sampled", n=4, sample_seed=1), 9.0, 1.03)]
     best = winner(rows, 0.01)
     assert best is not None and best.variant == hybrid and math.isclose(best.kl, 1.008)
+
+
+def test_replot_merges_runs_of_one_setup() -> None:
+    def row(v: Variant, kl: float) -> Row:
+        return Row(v, 10.0, kl, 1.0, 0.5, 0.1)
+
+    initial = {"kl": 14.6, "ce": 17.9, "top1": 0.0}
+    first = [row(Variant("online"), 1.0), row(Variant("topk", k=8), 1.2)]
+    again = [row(Variant("topk", k=8), 1.21), row(Variant("sampled", n=8), 1.1)]
+    rows, init = merge_rows([(first, initial), (again, dict(initial))])
+    assert [(r.variant, r.kl) for r in rows] == [
+        (Variant("online"), 1.0),
+        (Variant("topk", k=8), 1.21),  # the later measurement replaces the earlier
+        (Variant("sampled", n=8), 1.1),
+    ]
+    assert init == initial
+    with pytest.raises(SystemExit, match=r"different setups \(untrained student KL 14\.6"):
+        merge_rows([(first, initial), (again, {**initial, "kl": 9.0})])
