@@ -84,6 +84,12 @@ class LossConfig:
     chunk_size: int = 0
     """Loss positions per lm_head chunk (memory ∝ chunk_size × vocab); 0: about 2^25 logits."""
 
+    @property
+    def topk_tail(self) -> str:
+        """What the losses take for top-k targets: renorm or bucket (with draws, the targets
+        reach them as sampled targets, and held-out top-k sets are scored on the bucket)."""
+        return "renorm" if self.tail == "renorm" else "bucket"
+
     def tail_for(self, targets: TargetSpec, url: str) -> str:
         """The tail mode training on ``targets`` (the dataset at ``url``) uses: ``auto``
         resolved; ``draws`` refused, naming the dataset, when it holds no tail draws."""

@@ -193,7 +193,7 @@ class DistillStudent(torch.nn.Module):
             divergence=lo.divergence,
             beta=lo.beta,
             temperature=lo.temperature,
-            tail="renorm" if lo.tail == "renorm" else "bucket",  # draws come as SampledTargets
+            tail=lo.topk_tail,
         )
         return out.total, out.kd, out.ce
 

@@ -273,7 +273,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 lambda b: student.hidden(b.input_ids, b.attention_mask, b.positions),
                 model.get_output_embeddings(),
                 device=dist.device,
-                tail="renorm" if cfg.loss.tail == "renorm" else "bucket",
+                tail=cfg.loss.topk_tail,
                 chunk_size=cfg.loss.chunk_size,
                 max_batches=cfg.log.eval_batches,
                 all_reduce=dist.sum,
