@@ -623,7 +623,8 @@ def plot(
     topk = [r for r in same if r.variant.kind == "topk"]
     codec_k = {r.variant.k for r in topk if r.variant.codec != "u8"}
     series: dict[str, tuple[str, list[Row]]] = {
-        "top-k + tail draws (u8)": ("*", [r for r in topk if r.variant.n > 0]),
+        "top-k + tail draws (u8)": ("*", [r for r in topk if r.variant.n > 0 and r.variant.sampling != "systematic"]),
+        "top-k + tail draws, systematic (u8)": ("P", [r for r in topk if r.variant.n > 0 and r.variant.sampling == "systematic"]),
         "top-k, tail bucket (u8)": ("o", [r for r in topk if r.variant.tail == "bucket" and r.variant.codec == "u8"]),
         "top-k, renormalized (u8)": ("s", [r for r in topk if r.variant.tail == "renorm"]),
         "top-k codecs, bucket": ("D", [r for r in topk if r.variant.k in codec_k and r.variant.tail == "bucket"]),
@@ -680,6 +681,12 @@ def plot(
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def save_rows(rows: list[Row], initial: dict[str, float], path: str | Path) -> None:
+    """Write what :func:`load_rows` reads."""
+    rows_json = [{**asdict(r), "name": r.variant.name} for r in rows]
+    Path(path).write_text(json.dumps({"initial": initial, "rows": rows_json}, indent=1))
 
 
 def load_rows(path: str | Path) -> tuple[list[Row], dict[str, float]]:
@@ -750,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--draws", default="8,16,32,64", help="sampled-target sizes N")
     ap.add_argument("--tails", default="bucket,renorm", help="top-k tail modes")
     ap.add_argument("--samplings", default="multinomial", help="sampled draw schemes (, separated)")
-    ap.add_argument("--tail-draws", default="8:16,16:16,32:16,16:32,64:16",
+    ap.add_argument("--tail-draws", default="8:8,8:16,16:16,32:16,16:32,32:32,64:16",
                     help="top-k + tail draws as K:N pairs (, separated)")  # fmt: skip
     ap.add_argument("--sample-seeds", default="0,1,2",
                     help="seeds of the draws: each configuration with draws trains once per seed")  # fmt: skip
@@ -763,7 +770,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tolerance", type=float, default=0.01, help="relative KL margin")
     ap.add_argument("--quick", action="store_true", help=f"smaller study: {QUICK}")
     ap.add_argument("--workdir", help="datasets and runs go here (default: a temp dir)")
-    ap.add_argument("--json", help="also write the rows as JSON here")
+    ap.add_argument("--json", help="also write the rows as JSON here (with --replot: the merge)")
     ap.add_argument("--plot", default="docs/fidelity.png", help="PNG of quality vs bytes")
     ap.add_argument("--replot", metavar="JSON", nargs="+",
                     help="only redraw table and plot from --json files (several: merged, a "
@@ -773,6 +780,8 @@ def main(argv: list[str] | None = None) -> None:
         rows, initial = merge_rows([load_rows(p) for p in args.replot])
         print(table(rows, args.tolerance))
         plot(rows, initial, args.plot, args.tolerance)
+        if args.json:
+            save_rows(rows, initial, args.json)
         return
     if args.quick:
         vars(args).update(QUICK)
@@ -821,8 +830,7 @@ def main(argv: list[str] | None = None) -> None:
             f"KL ÷ online {best.kl / ref.kl:.4f}"
         )
     if args.json:
-        rows_json = [{**asdict(r), "name": r.variant.name} for r in rows]
-        Path(args.json).write_text(json.dumps({"initial": initial, "rows": rows_json}, indent=1))
+        save_rows(rows, initial, args.json)
     if args.plot:
         plot(rows, initial, args.plot, args.tolerance)
         print(f"plot: {args.plot}")

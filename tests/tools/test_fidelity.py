@@ -14,9 +14,11 @@ from logitcache.tools.fidelity import (
     Row,
     Settings,
     Variant,
+    load_rows,
     merge_rows,
     plot,
     run_study,
+    save_rows,
     table,
     winner,
 )
@@ -92,7 +94,7 @@ def test_winner_is_cheapest_within_tolerance() -> None:
     assert best is not None and best.variant == hybrid and math.isclose(best.kl, 1.008)
 
 
-def test_replot_merges_runs_of_one_setup() -> None:
+def test_replot_merges_runs_of_one_setup(tmp_path: Path) -> None:
     def row(v: Variant, kl: float) -> Row:
         return Row(v, 10.0, kl, 1.0, 0.5, 0.1)
 
@@ -106,5 +108,7 @@ def test_replot_merges_runs_of_one_setup() -> None:
         (Variant("sampled", n=8), 1.1),
     ]
     assert init == initial
+    save_rows(rows, init, tmp_path / "merged.json")
+    assert load_rows(tmp_path / "merged.json") == (rows, initial)
     with pytest.raises(SystemExit, match=r"different setups \(untrained student KL 14\.6"):
         merge_rows([(first, initial), (again, {**initial, "kl": 9.0})])
