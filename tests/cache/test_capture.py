@@ -56,7 +56,7 @@ def make_cfg(
         run=RunConfig(
             out=str(out), **{"max_batch_tokens": 256, "progress": False, **groups.get("run", {})}
         ),
-        # The library's default targets (top-32 + 16 tail draws) unless a test asks otherwise.
+        # The library's default targets (top-32 + 32 tail draws) unless a test asks otherwise.
         targets=TargetConfig(**groups.get("targets", {})),
         generate=GenerateConfig(**groups.get("generate", {})),
     )
@@ -610,7 +610,7 @@ def test_cli_build(tmp_path, tiny_teacher_dir, ctx_file, capsys) -> None:
     assert "captured 4 examples" in printed and "bytes/position" in printed
     saved = CaptureConfig.from_json(json.loads((out / CONFIG_NAME).read_text()))
     assert saved.targets.k == 8 and saved.input.context == ctx_file
-    assert saved.targets.kind == "topk" and saved.targets.n == 16  # top-8 + 16 tail draws
+    assert saved.targets.kind == "topk" and saved.targets.n == 32  # top-8 + 32 tail draws
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher"]["config_hash"].startswith("sha256:")
     assert manifest["capture"]["templates"]["teacher"]["context"] == CONTEXT
@@ -709,8 +709,8 @@ def test_fsspec_urls_in_and_out(tiny_teacher_dir) -> None:
 @pytest.mark.parametrize(
     ("flags", "want", "error"),
     [
-        ([], ("topk", 32, 16), None),  # the default: top-32 + 16 tail draws
-        (["--k", "64"], ("topk", 64, 16), None),
+        ([], ("topk", 32, 32), None),  # the default: top-32 + 32 tail draws
+        (["--k", "64"], ("topk", 64, 32), None),
         (["--n", "0"], ("topk", 32, 0), None),  # plain top-k, tail as its mass only
         (["--targets", "sampled", "--n", "8"], ("sampled", 32, 8), None),
         (["--targets", "sampled", "--k", "8"], None, r"--k does not apply to sampled targets"),
@@ -735,4 +735,4 @@ def test_cli_target_flags(flags, want, error) -> None:
         return
     t = config_from_args(args).targets
     assert (t.kind, t.k, t.n) == want
-    assert t.sampling == "multinomial"
+    assert t.sampling == "systematic"

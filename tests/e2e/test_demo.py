@@ -31,3 +31,11 @@ def test_demo_pipeline_on_tiny_teacher(tmp_path, tiny_teacher_dir, capsys):
     out = capsys.readouterr().out
     assert "KL(teacher with context ‖ student without)" in out
     assert "teacher+context:" in out
+    assert "top-32 + 32 tail draws stored" in out
+
+
+def test_demo_stores_the_capture_default_targets():
+    from logitcache.cache.capture_config import TargetConfig
+
+    t = TargetConfig()
+    assert (DemoConfig().k, DemoConfig().n, t.kind) == (t.k, t.n, "topk")
