@@ -1,6 +1,7 @@
 """Benchmark the storage format on real teacher distributions.
 
-Prints, for top-k (k ∈ {8, 32, 64}) with each codec and for sampled targets (several n):
+Prints, for top-k (k ∈ {8, 32, 64}) with each codec, for top-k with tail draws (the capture
+default among them) and for sampled targets (several n):
 bytes/position, write and read (decode into numpy) positions/s on one core, and the KL error
 the codec introduces against the exact fp32 top-k + tail. Alternative id layouts are measured
 side by side to justify the default (sorted gaps in byte planes).
@@ -26,9 +27,16 @@ from logitcache.cache.writer import DatasetWriter, encode_shard
 
 
 def teacher_distributions(
-    teacher: str | None, sequences: int, length: int, kmax: int, draws: list[int], seed: int = 0
+    teacher: str | None,
+    sequences: int,
+    length: int,
+    kmax: int,
+    draws: list[int],
+    seed: int = 0,
+    tail_draws: tuple[tuple[int, int], ...] = (),
 ):
-    """Real text through a real teacher: top-kmax, tail, sampled draws, and the token ids."""
+    """Real text through a real teacher: top-kmax, tail, sampled draws, the token ids, and
+    for each (k, n) of ``tail_draws`` n draws from outside the top k."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,6 +62,7 @@ def teacher_distributions(
     ids = torch.tensor([tok(t, add_special_tokens=False)["input_ids"][:length] for t in texts])
     gen = torch.Generator().manual_seed(seed)
     top_ids, top_lp, samples = [], [], {n: [] for n in draws}
+    tails: dict[tuple[int, int], list[np.ndarray]] = {kn: [] for kn in tail_draws}
     with torch.inference_mode():
         for i in range(0, len(ids), 4):
             lp = torch.log_softmax(model(ids[i : i + 4]).logits[:, :-1].float(), dim=-1)
@@ -65,6 +74,11 @@ def teacher_distributions(
                 samples[n].append(
                     torch.multinomial(lp.exp(), n, replacement=True, generator=gen).numpy()
                 )
+            for k, n in tail_draws:
+                rest = lp.exp().scatter_(1, j[:, :k], 0.0)
+                tails[k, n].append(
+                    torch.multinomial(rest, n, replacement=True, generator=gen).numpy()
+                )
     return (
         name,
         model.config.vocab_size,
@@ -73,6 +87,7 @@ def teacher_distributions(
         np.concatenate(top_lp),
         {n: np.concatenate(s) for n, s in samples.items()},
         tok,
+        {kn: np.concatenate(s) for kn, s in tails.items()},
     )
 
 
@@ -174,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
-    ks, draws = [8, 32, 64], [8, 16, 32, 64]
-    name, vocab, tokens, top_ids, top_lp, samples, _ = teacher_distributions(
-        args.teacher, args.sequences, args.length, max(ks), draws
+    ks, draws, tail_draws = [8, 32, 64], [8, 16, 32, 64], ((8, 8), (32, 16), (32, 32))
+    name, vocab, tokens, top_ids, top_lp, samples, _, tails = teacher_distributions(
+        args.teacher, args.sequences, args.length, max(ks), draws, tail_draws=tail_draws
     )
     P = len(top_ids)
     print(f"teacher {name}: vocab {vocab}, {P} positions of real text (KJV)")
@@ -227,6 +242,16 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"{'top-' + str(k) + ' plain ' + str(id_type) + ' ids':<26}{'u8':<6}{b / P:>8.1f}"
             )
+    for k, n in tail_draws:
+        ids, lp = top_ids[:, :k], top_lp[:, :k]
+        tail, drawn = tail_logmass(lp), _sampled(tails[k, n])
+        nun = np.array([len(np.unique(r)) for r in tails[k, n]])
+
+        def make_draws(sl: slice, ids=ids, lp=lp, tail=tail, drawn=drawn) -> TopK:
+            return TopK(ids[sl], lp[sl], tail[sl], drawn(sl))
+
+        spec = TargetSpec("topk", k=k, n=n, codec="u8")
+        measure(f"top-{k} + {n} tail (u={nun.mean():.1f})", "u8", spec, make_draws)
     for n in draws:
         nun = np.array([len(np.unique(r)) for r in samples[n]])
         measure(

@@ -48,8 +48,11 @@ def _llama(vocab: int, hidden: int, layers: int, seed: int):
     return LlamaForCausalLM(cfg).float()
 
 
-def _synthetic_examples(vocab: int, k: int, n: int, prompt: int, response: int, seed: int):
-    from logitcache.cache.format import Example, TopK
+def _synthetic_examples(
+    vocab: int, k: int, n: int, prompt: int, response: int, seed: int, tail_draws: int = 0
+):
+    """``n`` examples of top-k targets, with ``tail_draws`` distinct tail ids per position."""
+    from logitcache.cache.format import Example, Sampled, TopK
 
     rng = np.random.default_rng(seed)
     out = []
@@ -57,12 +60,17 @@ def _synthetic_examples(vocab: int, k: int, n: int, prompt: int, response: int, 
         ids = np.sort(rng.choice(vocab, size=(response, k)), axis=1)
         lp = np.sort(rng.normal(size=(response, k)).astype(np.float32))[:, ::-1] - 3.0
         tail = np.log1p(-np.minimum(np.exp(lp).sum(1), 0.99)).astype(np.float32)
+        draws = None
+        if tail_draws:  # ids need not avoid the top-k here: only shapes and speed matter
+            tids = np.sort(rng.choice(vocab, size=(response, tail_draws)), axis=1).reshape(-1)
+            ones = np.ones(len(tids), dtype=np.int64)
+            draws = Sampled(tids, ones, np.full(response, tail_draws))
         out.append(
             Example(
                 f"b{i}",
                 rng.integers(0, vocab, prompt),
                 rng.integers(0, vocab, response),
-                TopK(ids, np.ascontiguousarray(lp), tail),
+                TopK(ids, np.ascontiguousarray(lp), tail, draws),
             )
         )
     return out
@@ -89,16 +97,19 @@ def bench_steps(args: argparse.Namespace) -> dict[str, float]:
     from logitcache.train.losses import TopKTargets, chunked_distill_loss, distill_loss
     from logitcache.train.student import DistillStudent, target_tensors
 
-    info = DatasetInfo(args.vocab, "sha256:bench", TargetSpec("topk", k=args.k, codec="u8"))
-    exs = _synthetic_examples(args.vocab, args.k, args.batch, args.prompt, args.response, 0)
-    batch = collate(exs, info, max_seq_len=args.prompt + args.response)
+    n = args.tail_draws
+    info = DatasetInfo(args.vocab, "sha256:bench", TargetSpec("topk", k=args.k, n=n, codec="u8"))
+    exs = _synthetic_examples(args.vocab, args.k, args.batch, args.prompt, args.response, 0, n)
+    batch = collate(exs, info, max_seq_len=args.prompt + args.response, tail_draws=n > 0)
     student = _llama(args.vocab, args.hidden, args.layers, seed=1)
     teacher = _llama(args.vocab, args.teacher_hidden, args.teacher_layers, seed=2).eval()
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
     base = [("data.train", "x", ""), ("train.output", "x", ""), ("model.path", "x", "")]
     kd_mod = DistillStudent(
-        student, load_config(None, [*base, ("loss.chunk_size", str(args.chunk), "")]), "topk"
+        student,
+        load_config(None, [*base, ("loss.chunk_size", str(args.chunk), "")]),
+        "sampled" if n else "topk",  # tail draws reach the loss as one sparse distribution
     )
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     # Plain CE labels: the response tokens, at the positions HF shifts them to.
@@ -156,7 +167,8 @@ def bench_steps(args: argparse.Namespace) -> dict[str, float]:
     print(
         f"student {n_s / 1e6:.1f} M params (hidden {args.hidden}, {args.layers} layers), teacher "
         f"{n_t / 1e6:.1f} M ({n_t / n_s:.1f}×), vocab {args.vocab}, batch {args.batch}×"
-        f"{args.prompt}+{args.response} tokens, {batch.num_positions} loss positions, top-{args.k}, "
+        f"{args.prompt}+{args.response} tokens, {batch.num_positions} loss positions, "
+        f"{info.targets.label}, "
         f"torch threads {torch.get_num_threads()}"
     )
     t = _median_times(
@@ -178,11 +190,12 @@ def bench_loader(args: argparse.Namespace, folder: Path) -> dict[str, float]:
     from logitcache.train.batching import Batcher
     from logitcache.train.stream import LogitStream, StreamLoader
 
-    info = DatasetInfo(args.vocab, "sha256:bench", TargetSpec("topk", k=args.k, codec="u8"))
+    n = args.tail_draws
+    info = DatasetInfo(args.vocab, "sha256:bench", TargetSpec("topk", k=args.k, n=n, codec="u8"))
     ds = folder / "loader-ds"
     with DatasetWriter(ds, info, shard_positions=1 << 17) as w:
         for ex in _synthetic_examples(
-            args.vocab, args.k, args.loader_examples, args.prompt, args.response, 1
+            args.vocab, args.k, args.loader_examples, args.prompt, args.response, 1, n
         ):
             w.add(ex)
     out = {}
@@ -192,7 +205,9 @@ def bench_loader(args: argparse.Namespace, folder: Path) -> dict[str, float]:
             seed=0,
             shuffle_buffer=256,
             epochs=1,
-            make_batches=Batcher(info, args.prompt + args.response, batch_size=args.batch),
+            make_batches=Batcher(
+                info, args.prompt + args.response, batch_size=args.batch, tail_draws=n > 0
+            ),
         )
         t0 = time.perf_counter()
         positions = sum(b.num_positions for b in StreamLoader(stream, num_workers=workers))
@@ -214,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--response", type=int, default=192)
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--tail-draws", type=int, default=0,
+                   help="distinct tail draws per position, trained on as draws (the capture "
+                   "default: --k 32 --tail-draws 32); 0: top-k with the tail bucket")  # fmt: skip
     p.add_argument("--chunk", type=int, default=0, help="loss.chunk_size (0: auto)")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--loader-examples", type=int, default=2000)
