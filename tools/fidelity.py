@@ -120,6 +120,9 @@ class Settings:
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 2
+    context: int = 0
+    """Leading tokens of each sequence that only the teacher sees (context distillation): the
+    student reads the rest, the teacher the whole sequence."""
 
 
 @dataclass
@@ -245,13 +248,15 @@ def build_datasets(
     info: DatasetInfo,
     root: Path,
     batch: int = 8,
+    context: int = 0,
 ) -> dict[tuple[TargetSpec, int], Path]:
     """One teacher pass over ``tokens``; every (spec, draws' seed) dataset written from it
     under ``root``.
 
     Each sequence is one example: prompt = its first token, response = the rest (bench_format's
     layout). Top-k, tail draws and draws come from ``cache.targets`` exactly as the capture
-    computes them, keyed by example id, position and seed.
+    computes them, keyed by example id, position and seed. With ``context`` C, the teacher reads
+    whole sequences and the examples hold their last L - C tokens (context distillation).
     """
     import torch
 
@@ -268,12 +273,13 @@ def build_datasets(
 
     from .bench_format import _examples, _sampled
 
-    P = tokens.shape[1] - 1
+    P = tokens.shape[1] - context - 1
     # Example ids as _examples names them, keyed as the capture keys them (cache/capture.py).
     names = [f"r0-s{s}" for s in range(len(tokens))]
     keys = {seed: torch.from_numpy(example_keys(names, seed)) for _, seed in specs}  # (S,)
     parts: dict[tuple[TargetSpec, int], list[dict[str, np.ndarray]]] = {x: [] for x in specs}
     for first, logits in _teacher_logits(teacher, tokens, batch):
+        logits = logits[:, context:]  # (B, P, V): the student's positions
         flat = logits.reshape(-1, logits.shape[-1])  # (B·P, V)
         pos = torch.arange(P).repeat(len(logits))
         logp = log_probs(flat, 1.0) if any(s.kind == "sampled" for s, _ in specs) else None
@@ -309,7 +315,7 @@ def build_datasets(
 
         d = root / f"{spec.kind}-k{spec.k}-n{spec.n}-{spec.codec}-{spec.sampling}-s{seed}"
         with DatasetWriter(d, replace(info, targets=spec)) as w:
-            for ex in _examples(tokens, make):
+            for ex in _examples(tokens[:, context:], make):
                 w.add(ex)
         out[spec, seed] = d
     return out
@@ -378,11 +384,18 @@ def train_offline(
 
 
 def train_online(
-    v: Variant, data: Path, student: Path, teacher: Any, out: Path, s: Settings
+    v: Variant,
+    data: Path,
+    student: Path,
+    teacher: Any,
+    out: Path,
+    s: Settings,
+    context_ids: np.ndarray | None = None,
 ) -> tuple[Any, float]:
     """Full-vocabulary forward KL with ``teacher`` in the loop, replicating the trainer's
     student, optimizer, schedule, clipping and data order (read from ``data``; its targets are
-    ignored). Returns (trained model, median step seconds)."""
+    ignored). ``context_ids`` (S, C): what the teacher reads before sequence s (example
+    ``r0-s{s}``), never the student. Returns (trained model, median step seconds)."""
     import torch
 
     from logitcache.cache.reader import open_dataset
@@ -416,9 +429,15 @@ def train_online(
         b = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg, s.steps)
+        ids, mask, pos = b.input_ids, b.attention_mask, b.positions
+        if context_ids is not None:  # the teacher's view: its context, then the same tokens
+            ctx = torch.from_numpy(context_ids[[int(i.rsplit("-s", 1)[1]) for i in b.ids]])
+            T, C = ids.shape[1], ctx.shape[1]
+            ids, mask = torch.cat([ctx, ids], 1), torch.cat([torch.ones_like(ctx), mask], 1)
+            pos = pos // T * (C + T) + C + pos % T
         with torch.inference_mode():
-            t_logits = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-            log_p = t_logits.flatten(0, 1).index_select(0, b.positions).float().log_softmax(-1)
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+            log_p = t_logits.flatten(0, 1).index_select(0, pos).float().log_softmax(-1)
         log_p = log_p.clone()  # (N, V), out of inference mode so autograd may read it
         log_q = head(hidden_of(b.input_ids, b.attention_mask, b.positions)).float().log_softmax(-1)
         kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none")
@@ -490,8 +509,14 @@ def run_study(
     )
     t0 = time.perf_counter()
     specs = list(dict.fromkeys(v.dataset for v in variants))
-    data = build_datasets(teacher, train_tokens, specs, info, work / "data")
-    eval_lp = teacher_log_probs(teacher, eval_tokens)
+    C = settings.context
+    data = build_datasets(teacher, train_tokens, specs, info, work / "data", context=C)
+    eval_lp = teacher_log_probs(teacher, eval_tokens)[:, C:]  # the teacher sees the context
+    context_ids, train_tokens, eval_tokens = (
+        train_tokens[:, :C],
+        train_tokens[:, C:],
+        eval_tokens[:, C:],
+    )
     log(
         f"teacher pass over {len(train_tokens)} + {len(eval_tokens)} sequences: {time.perf_counter() - t0:.0f} s"
     )
@@ -508,7 +533,9 @@ def run_study(
         ds = data[v.dataset]
         out = work / "runs" / v.name.replace(" ", "_").replace("(", "").replace(")", "")
         if v.kind == "online":
-            model, step_s = train_online(v, ds, Path(student_dir), teacher, out, settings)
+            model, step_s = train_online(
+                v, ds, Path(student_dir), teacher, out, settings, context_ids if C else None
+            )
         else:
             model, step_s = train_offline(v, ds, Path(student_dir), out, settings)
         m = evaluate_student(model, eval_tokens, eval_lp)
@@ -750,6 +777,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-seqs", type=int, default=192, help="training sequences")
     ap.add_argument("--eval-seqs", type=int, default=32, help="held-out sequences")
     ap.add_argument("--length", type=int, default=64, help="tokens per sequence")
+    ap.add_argument("--context-tokens", type=int, default=0,
+                    help="context distillation: the teacher also reads the C tokens of the "
+                    "passage before each sequence, the student never does")  # fmt: skip
     ap.add_argument("--batch-size", type=int, default=8, help="sequences per step")
     ap.add_argument("--steps", type=int, default=0, help="optimizer steps; 0 = one epoch")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -796,10 +826,11 @@ def main(argv: list[str] | None = None) -> None:
     teacher = args.teacher or str(ensure_smollm2())
     work = Path(args.workdir or tempfile.mkdtemp(prefix="fidelity-"))
     tok = AutoTokenizer.from_pretrained(teacher)
-    tokens = kjv_tokens(tok, args.train_seqs + args.eval_seqs, args.length)
+    C = args.context_tokens
+    tokens = kjv_tokens(tok, args.train_seqs + args.eval_seqs, C + args.length)
     train_tokens, eval_tokens = split_held_out(tokens, args.eval_seqs)
     steps = args.steps or math.ceil(len(train_tokens) / args.batch_size)
-    settings = Settings(steps=steps, batch_size=args.batch_size, lr=args.lr)
+    settings = Settings(steps=steps, batch_size=args.batch_size, lr=args.lr, context=C)
     student = make_student(teacher, _ints(args.student_layers), work / "student")
     variants = default_variants(
         _ints(args.ks), _ints(args.draws), args.codecs.split(","), args.codec_k,
@@ -809,7 +840,9 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"teacher {teacher}; student: its layers {args.student_layers}; "
         f"{len(train_tokens)} train + {len(eval_tokens)} held-out KJV sequences of "
-        f"{args.length} tokens; {steps} steps of {args.batch_size}; lr {args.lr}; "
+        f"{args.length} tokens"
+        + (f" (the teacher also reads the {C} tokens before each)" if C else "")
+        + f"; {steps} steps of {args.batch_size}; lr {args.lr}; "
         f"{len(variants)} runs; workdir {work}"
     )
     rows, initial = run_study(teacher, student, train_tokens, eval_tokens, variants, settings, work)

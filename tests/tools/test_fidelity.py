@@ -112,3 +112,30 @@ def test_replot_merges_runs_of_one_setup(tmp_path: Path) -> None:
     assert load_rows(tmp_path / "merged.json") == (rows, initial)
     with pytest.raises(SystemExit, match=r"different setups \(untrained student KL 14\.6"):
         merge_rows([(first, initial), (again, {**initial, "kl": 9.0})])
+
+
+def test_context_distillation_study_aligns_teacher_and_student(
+    tmp_path: Path, tiny_teacher_dir: Path, tiny_student_dir: Path
+) -> None:
+    # The teacher reads 6 more tokens before each 17-token sequence; the student never does.
+    tokens = np.random.default_rng(1).integers(8, 384, size=(20, 6 + 17))
+    variants = [
+        Variant("online"),
+        Variant("topk", k=384, codec="f32"),  # every id stored: the offline twin of online KD
+        Variant("topk", k=4, n=6, tail="draws"),
+    ]
+    settings = Settings(steps=4, batch_size=4, lr=3e-3, warmup_steps=0, context=6)
+    rows, initial = run_study(
+        tiny_teacher_dir, tiny_student_dir, tokens[:16], tokens[16:], variants, settings,
+        tmp_path / "cd", log=lambda _: None,
+    )  # fmt: skip
+    by = {r.variant.name: r for r in rows}
+    # Targets and the online loop put the teacher's context at the same place: same run.
+    assert math.isclose(by["top-384 bucket f32"].kl, by["online full KD"].kl, rel_tol=1e-3)
+    assert by["online full KD"].kl < initial["kl"]
+    # The held-out KL is to the teacher *with* context: not what the same study without it sees.
+    _, plain = run_study(
+        tiny_teacher_dir, tiny_student_dir, tokens[:16, 6:], tokens[16:, 6:], variants[:1],
+        replace(settings, context=0), tmp_path / "plain", log=lambda _: None,
+    )  # fmt: skip
+    assert not math.isclose(plain["kl"], initial["kl"], rel_tol=1e-3)
