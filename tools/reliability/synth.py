@@ -89,11 +89,10 @@ def snapshot(url: str | Path, **open_kwargs: Any) -> list[tuple[Any, ...]]:
     rows = []
     for ex in open_dataset(url, **open_kwargs).iter_examples():
         t = ex.targets
-        arrays = (
-            (t.ids, t.logprobs, t.tail_logmass)
-            if isinstance(t, TopK)
-            else (t.ids, t.counts, t.nunique)
-        )
+        draws = t.tail_draws if isinstance(t, TopK) else t
+        arrays = (t.ids, t.logprobs, t.tail_logmass) if isinstance(t, TopK) else ()
+        if draws is not None:
+            arrays += (draws.ids, draws.counts, draws.nunique)
         rows.append(
             (
                 ex.id,
