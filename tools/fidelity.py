@@ -293,10 +293,12 @@ def build_datasets(
                 assert logp is not None and u is not None
                 parts[spec, seed].append({"draws": sample_ids(logp, u).numpy()})
                 continue
-            t = plain.get(spec.k) if u is None else None
-            if t is None:
+            if u is None:  # the codecs of one k share one top-k
+                if spec.k not in plain:
+                    plain[spec.k] = topk_targets(flat, spec.k, 1.0)
+                t = plain[spec.k]
+            else:
                 t = topk_targets(flat, spec.k, 1.0, tail_uniforms=u)
-                plain[spec.k] = t if u is None else None
             got = {"ids": t.ids.numpy(), "lp": t.logprobs.numpy(), "tail": t.tail.numpy()}
             if t.tail_draws is not None:
                 got["draws"] = t.tail_draws.numpy()

@@ -168,12 +168,7 @@ def _targets(
             raise ValueError(f"tail_draws=True, but the dataset stores {spec.label} (no draws)")
         return _head_and_tail(rows, spec.k, spec.n)
     if spec.kind == "topk":
-        k = spec.k
-        tops: list[TopK] = [ex.targets for ex, _, _ in rows]  # type: ignore[misc]
-        spans = [(a, z) for _, a, z in rows]
-        ids = _cat([t.ids[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
-        lps = _cat([t.logprobs[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
-        tail = _cat([t.tail_logmass[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0,))
+        ids, lps, tail = _stacked_topk(rows, spec.k)
         return TopKTargets(
             torch.from_numpy(ids.astype(np.int64)),  # (N, K)
             torch.from_numpy(lps.astype(np.float32)),  # (N, K)
@@ -206,14 +201,22 @@ def _padded_draws(rows: list[tuple[Sampled, int, int]], n: int) -> tuple[np.ndar
     return ids, weights
 
 
-def _head_and_tail(rows: list[tuple[Example, int, int]], k: int, n: int) -> SampledTargets:
-    """Top-k with tail draws as one sparse distribution: (N, k + S) ids and weights."""
+def _stacked_topk(
+    rows: list[tuple[Example, int, int]], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's top-k positions ``[a, z)`` stacked: (N, k) ids and log-probs, (N,) tails."""
     tops: list[TopK] = [ex.targets for ex, _, _ in rows]  # type: ignore[misc]
     spans = [(a, z) for _, a, z in rows]
-    head_ids = _cat([t.ids[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
-    head_lp = _cat([t.logprobs[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
+    ids = _cat([t.ids[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
+    lps = _cat([t.logprobs[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
     tail = _cat([t.tail_logmass[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0,))
-    draws = [(t.tail_draws, a, z) for t, (a, z) in zip(tops, spans, strict=True)]
+    return ids, lps, tail
+
+
+def _head_and_tail(rows: list[tuple[Example, int, int]], k: int, n: int) -> SampledTargets:
+    """Top-k with tail draws as one sparse distribution: (N, k + S) ids and weights."""
+    head_ids, head_lp, tail = _stacked_topk(rows, k)
+    draws = [(ex.targets.tail_draws, a, z) for ex, a, z in rows]  # type: ignore[union-attr]
     tail_ids, tail_w = _padded_draws(draws, n)  # type: ignore[arg-type]
     ids = np.concatenate([head_ids.astype(np.int64), tail_ids], axis=1)
     weights = np.concatenate(
