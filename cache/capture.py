@@ -32,6 +32,7 @@ from .engine import (
     describe_generation,
     generate_batch,
     load_teacher,
+    load_tokenizer,
     plan_batches,
     resolve_device,
     score_batch,
@@ -263,25 +264,32 @@ def _capture(
         storage_options=storage_options,
     )
     context = Context.load(inp.context, storage_options) if inp.context else None
-    teacher = load_teacher(cfg.teacher, device)
+    tokenizer = load_tokenizer(cfg.teacher)
     renderer = ViewRenderer(
-        teacher.tokenizer, inp.render, context, cfg.teacher.tokenizer or cfg.teacher.path
+        tokenizer, inp.render, context, cfg.teacher.tokenizer or cfg.teacher.path
     )
-    max_length = inp.max_length or _context_size(teacher)
-    info = dataset_info(cfg, teacher, renderer, max_length)
-    if tgt.kind == "topk" and tgt.k > teacher.vocab_size:
-        raise InputError(
-            f"--k is {tgt.k} but the teacher's vocabulary has {teacher.vocab_size} ids; lower --k"
-        )
 
+    # Render every record this part owns before the teacher loads: a record the tokenizer
+    # cannot split into prompt and response is reported in seconds, not after the model load.
     parts = run.num_shards * ranks.world
     part = run.shard_index * ranks.world + ranks.rank
     mine = prompts.part(part, parts)
     rendered, bad = renderer.render_all([r for _, r in mine.records])
     if bad and inp.on_error == "raise":
         listed = "\n".join(f"  {r.where}: {reason}" for r, reason in bad[:10])
+        more = f"\n  … and {len(bad) - 10} more" if len(bad) > 10 else ""
         raise InputError(
-            f"{len(bad)} record(s) cannot be rendered:\n{listed}\nfix them, or pass --on-error skip"
+            f"{len(bad)} record(s) cannot be rendered:\n{listed}{more}\n"
+            "fix them, or pass --on-error skip to leave them out (they are listed in the "
+            "manifest's extra.skipped)"
+        )
+
+    teacher = load_teacher(cfg.teacher, device, tokenizer)
+    max_length = inp.max_length or _context_size(teacher)
+    info = dataset_info(cfg, teacher, renderer, max_length)
+    if tgt.kind == "topk" and tgt.k > teacher.vocab_size:
+        raise InputError(
+            f"--k is {tgt.k} but the teacher's vocabulary has {teacher.vocab_size} ids; lower --k"
         )
     skipped: list[Skipped] = [s for _, s in mine.skipped] + [r.skipped(why) for r, why in bad]
     reserve = cfg.generate.max_new_tokens if tgt.mode == "generate" else 0

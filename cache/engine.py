@@ -105,19 +105,30 @@ def check_teacher_folder(folder: str) -> None:
         )
 
 
-def load_teacher(cfg: TeacherConfig, device: torch.device) -> Teacher:
-    """Load tokenizer and model: bf16 on GPU, fp32 on CPU, SDPA attention, eval mode."""
-    check_teacher_folder(cfg.path)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def load_tokenizer(cfg: TeacherConfig) -> Any:
+    """The teacher's tokenizer (``--tokenizer``, else the teacher folder's), without the model.
+
+    Capture renders and checks every record with it before the (slow) teacher loads.
+    """
+    from transformers import AutoTokenizer
 
     tok_dir = cfg.tokenizer or cfg.path
     try:
-        tok = AutoTokenizer.from_pretrained(
+        return AutoTokenizer.from_pretrained(
             tok_dir, local_files_only=True, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as e:
         flag = "--tokenizer" if cfg.tokenizer else "--teacher"
         raise InputError(f"{flag} {tok_dir}: no loadable tokenizer ({e})") from None
+
+
+def load_teacher(cfg: TeacherConfig, device: torch.device, tokenizer: Any = None) -> Teacher:
+    """Load tokenizer (unless given) and model: bf16 on GPU, fp32 on CPU, SDPA attention, eval."""
+    check_teacher_folder(cfg.path)
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    tok_dir = cfg.tokenizer or cfg.path
+    tok = load_tokenizer(cfg) if tokenizer is None else tokenizer
     dtype = {
         "auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
         "float32": torch.float32,

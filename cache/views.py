@@ -5,14 +5,18 @@ Alignment contract (docs/CAPTURE.md). For every example we build three id sequen
 - ``teacher_ids``: the teacher's full view before the response (shared context, the record's
   context, then its prompt), rendered with the chat template or as plain text;
 - ``student_ids``: the student's view before the response (the record's prompt alone);
-- ``response_ids``: the response, tokenized **once, on its own**, and appended to both views.
+- ``response_ids``: appended to both views.
 
-Because the response is tokenized separately, its ids are identical in both views whatever
-precedes them, and a view/response boundary is always a token boundary. The teacher is run on
-exactly ``teacher_ids + response_ids``; target j is read from the logits at position
-``len(teacher_ids) - 1 + j``, which predict ``response_ids[j]``. In chat views the response is
-the template's whole assistant turn after the generation prompt (content and end-of-turn token),
-with the trailing whitespace between turns removed, so a student learns to stop.
+The tokenization rule: each view's ids followed by the response ids are exactly the tokens of
+that view's whole conversation, rendered as text and tokenized in one piece, as the tokenizer
+(and the model at inference time) sees it; ``response_ids`` are the whole's tokens after the
+prompt's, and must be the same after both views. A record for which that split does not exist
+(a token merges across the boundary, or the response tokenizes differently after the two views)
+is refused, naming the tokens. The teacher is run on exactly ``teacher_ids + response_ids``;
+target j is read from the logits at position ``len(teacher_ids) - 1 + j``, which predict
+``response_ids[j]``. In chat views the response is the template's whole assistant turn after the
+generation prompt (content and end-of-turn token), with the trailing whitespace between turns
+removed, so a student learns to stop.
 """
 
 from __future__ import annotations
@@ -129,7 +133,10 @@ class ViewRenderer:
             "chat_template_sha256": (
                 hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None
             ),
-            "response": "tokenized alone; chat: the template's assistant turn, trailing whitespace removed",
+            "response": (
+                "the tokens of the whole conversation (the view, then the response) after the "
+                "view's own tokens; chat: the template's assistant turn, trailing whitespace removed"
+            ),
         }
 
     # ------------------------------------------------------------------ rendering
@@ -209,7 +216,15 @@ class ViewRenderer:
     def render_all(
         self, records: Sequence[PromptRecord]
     ) -> tuple[list[Rendered], list[tuple[PromptRecord, str]]]:
-        """Render and tokenize records; returns (rendered, [(record, reason)] of the bad ones)."""
+        """Render and tokenize records; returns (rendered, [(record, reason)] of the bad ones).
+
+        With a response, each view is tokenized twice: the prompt alone and the whole
+        conversation (prompt + response) in one piece; ``response_ids`` are the whole's tokens
+        after the prompt's. A record where the prompt's tokens are not a prefix of the whole's
+        (a token merged across the boundary), or where the response tokens differ after the
+        teacher's and the student's view, is bad: no split of its ids is what the tokenizer
+        makes of the text.
+        """
         texts: list[tuple[PromptRecord, tuple[str, bool, str, bool, str | None]]] = []
         bad: list[tuple[PromptRecord, str]] = []
         for rec in records:
@@ -219,17 +234,70 @@ class ViewRenderer:
                 bad.append((rec, str(e)))
         t_ids = self._tokenize([(t[1][0], not t[1][1]) for t in texts])
         s_ids = self._tokenize([(t[1][2], not t[1][3]) for t in texts])
-        r_ids = self._tokenize([(t[1][4] or "", False) for t in texts])
+        scored = [i for i, t in enumerate(texts) if t[1][4] is not None]
+        t_full = dict(
+            zip(scored, self._tokenize([_whole(texts[i][1], 0) for i in scored]), strict=True)
+        )
+        s_full = dict(
+            zip(scored, self._tokenize([_whole(texts[i][1], 2) for i in scored]), strict=True)
+        )
         out = []
-        for (rec, parts), t, s, r in zip(texts, t_ids, s_ids, r_ids, strict=True):
+        for i, ((rec, _), t, s) in enumerate(zip(texts, t_ids, s_ids, strict=True)):
             empty = [n for n, ids in (("teacher view", t), ("student view", s)) if len(ids) == 0]
-            if parts[4] is not None and len(r) == 0:
-                empty.append("response")
             if empty:
                 bad.append((rec, f"the {' and '.join(empty)} tokenize(s) to no tokens"))
                 continue
-            out.append(Rendered(rec.id, rec.where, t, s, r if parts[4] is not None else None))
+            response = None
+            if i in t_full:
+                try:
+                    response = self._split(t, t_full[i], s, s_full[i])
+                except _BadRecord as e:
+                    bad.append((rec, str(e)))
+                    continue
+            out.append(Rendered(rec.id, rec.where, t, s, response))
         return out, bad
+
+    def _split(
+        self, t_prompt: np.ndarray, t_whole: np.ndarray, s_prompt: np.ndarray, s_whole: np.ndarray
+    ) -> np.ndarray:
+        """The response ids: the tokens of each whole conversation after its prompt's tokens."""
+        for name, prompt, whole in (("teacher", t_prompt, t_whole), ("student", s_prompt, s_whole)):
+            n = len(prompt)
+            if len(whole) >= n and np.array_equal(whole[:n], prompt):
+                continue
+            at = next(
+                (j for j in range(min(n, len(whole))) if whole[j] != prompt[j]), min(n, len(whole))
+            )
+            if at == n - 1 and int(prompt[-1]) in self.tok.all_special_ids:
+                raise _BadRecord(
+                    f"the tokenizer ends every text with the special token "
+                    f"{self._show(prompt[-1:])} (e.g. add_eos_token), so the {name} prompt's "
+                    "ids end with it but the whole conversation has the response there; use "
+                    "--render chat, or a tokenizer that does not append it"
+                )
+            lo = max(at - 1, 0)
+            alone, joint = self._show(prompt[lo : at + 2]), self._show(whole[lo : at + 2])
+            raise _BadRecord(
+                f"the prompt and the response share a token across their boundary in the {name} "
+                f"view: the prompt alone ends in tokens {alone} but the whole conversation has "
+                f"{joint} there, so no prompt/response split of its ids is what the tokenizer "
+                "writes; end the prompt with a separator (a space or a newline) or start the "
+                "response with one"
+            )
+        t_resp, s_resp = t_whole[len(t_prompt) :], s_whole[len(s_prompt) :]
+        if len(t_resp) == 0:
+            raise _BadRecord("the response tokenizes to no tokens")
+        if not np.array_equal(t_resp, s_resp):
+            raise _BadRecord(
+                "the response tokenizes differently after the teacher's view "
+                f"({self._show(t_resp[:3])}…) and after the student's ({self._show(s_resp[:3])}…), "
+                "so the teacher's targets would not describe the student's sequence; end both "
+                "views with the same separator"
+            )
+        return t_resp
+
+    def _show(self, ids: np.ndarray) -> str:
+        return repr(self.tok.convert_ids_to_tokens([int(i) for i in ids]))
 
     def _tokenize(self, items: list[tuple[str, bool]]) -> list[np.ndarray]:
         """Token ids of each (text, add_special_tokens), batched through the fast tokenizer."""
@@ -242,6 +310,11 @@ class ViewRenderer:
                 for i, ids in zip(chunk, enc, strict=True):
                     out[i] = np.asarray(ids, dtype=np.int64)
         return out  # type: ignore[return-value]
+
+
+def _whole(parts: tuple[str, bool, str, bool, str | None], view: int) -> tuple[str, bool]:
+    """(prompt text + response text, add_special_tokens) of the teacher (0) or student (2) view."""
+    return parts[view] + (parts[4] or ""), not parts[view + 1]
 
 
 def _cut_left(ids: np.ndarray, keep: int, bos: int | None) -> np.ndarray:
