@@ -243,9 +243,38 @@ def _iter_parquet(source: str, fs: Any, path: str) -> Iterator[tuple[int | None,
             raise InputError(f"{source}: not a readable Parquet file ({e})") from None
         row = 0
         for batch in pf.iter_batches(batch_size=1024):
-            for obj in batch.to_pylist():
+            for obj in _table_rows(batch):
                 yield None, row, obj
                 row += 1
+
+
+def _table_rows(batch: Any) -> list[Any]:
+    """A record batch (or table) as Python rows; a row with a string that is not UTF-8 becomes
+    a _BadRecord naming the column, instead of failing the whole batch."""
+    try:
+        return batch.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    rows: list[Any] = []
+    for i in range(batch.num_rows):
+        try:
+            rows.append(batch.slice(i, 1).to_pylist()[0])
+        except UnicodeDecodeError as e:
+            bad = [
+                name
+                for name, col in zip(batch.schema.names, batch.columns, strict=True)
+                if _undecodable(col.slice(i, 1))
+            ]
+            rows.append(_BadRecord(f"column {', '.join(bad)} is not UTF-8 text ({e.reason})"))
+    return rows
+
+
+def _undecodable(col: Any) -> bool:
+    try:
+        col.to_pylist()
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def _iter_datasets(
@@ -267,11 +296,28 @@ def _iter_datasets(
                 f"folder, e.g. --prompts {source.rstrip('/')}/{splits[0]}"
             )
         ds = ds[splits[0]]
-    for row, obj in enumerate(ds):
-        yield None, row, obj
+    row = 0
+    for batch in ds.with_format("arrow").iter(batch_size=1024):
+        for obj in _table_rows(batch):
+            yield None, row, obj
+            row += 1
 
 
 # --------------------------------------------------------------------------- records
+
+
+def _check_text(value: str, name: str) -> str:
+    """``value`` if it is valid Unicode; a lone surrogate (a JSON ``\\ud800`` escape without
+    its pair) cannot be encoded, tokenized or stored."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _BadRecord(
+            f"{name} is not valid Unicode text: it holds the lone surrogate "
+            f"U+{ord(value[e.start]):04X} at character {e.start} (half of a UTF-16 pair, e.g. "
+            "a JSON \\ud800 escape without its partner)"
+        ) from None
+    return value
 
 
 def _check_messages(value: Any, name: str) -> Messages:
@@ -288,6 +334,7 @@ def _check_messages(value: Any, name: str) -> Messages:
                     f"{name}[{i}].{key} must be a string, got {_show(m.get(key))}"
                     + (" (missing)" if key not in m else "")
                 )
+            _check_text(m[key], f"{name}[{i}].{key}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -295,7 +342,7 @@ def _check_view(value: Any, name: str) -> View:
     if isinstance(value, str):
         if not value:
             raise _BadRecord(f"{name} is an empty string")
-        return value
+        return _check_text(value, name)
     return _check_messages(value, name)
 
 
@@ -316,6 +363,8 @@ def parse_record(
     rid = o.get("id", default_id)
     if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
         raise _BadRecord(f"id must be a non-empty string or an integer, got {_show(rid)}")
+    if isinstance(rid, str):
+        _check_text(rid, "id")
     shorthand = [k for k in ("prompt", "messages") if k in o]
     explicit = [k for k in ("teacher", "student") if k in o]
     if len(shorthand) > 1 or (shorthand and explicit):
@@ -344,15 +393,22 @@ def parse_record(
         )
     context = _check_view(o["context"], "context") if "context" in o else None
     response = o.get("response")
-    if response is not None and not isinstance(response, str):
-        raise _BadRecord(f"response must be a string, got {_show(response)}")
-    if require_response and not response:
+    if not require_response:
+        response = None  # generate mode: the teacher writes the response
+    elif response is None:
         raise _BadRecord(
             "missing 'response' (score mode teacher-forces a given response); "
             "add one, or pass --mode generate to let the teacher write it"
         )
-    if not require_response:
-        response = None  # generate mode: the teacher writes the response
+    elif not isinstance(response, str):
+        raise _BadRecord(f"response must be a string, got {_show(response)}")
+    elif not response:
+        raise _BadRecord(
+            "response is an empty string (score mode needs at least one token to score); "
+            "give the response text, or pass --mode generate to let the teacher write it"
+        )
+    else:
+        _check_text(response, "response")
     return PromptRecord(
         id=str(rid),
         file=source[0],
@@ -365,6 +421,40 @@ def parse_record(
     )
 
 
+def default_id_names(files: Sequence[str]) -> list[str]:
+    """The file part of each source's default ids (``<name>:<line>``, ``<name>:row<N>``).
+
+    The shortest trailing part of each path that no other source of the build ends with:
+    the file name when it is unique (``train.jsonl``), else as many parent folders as tell the
+    files apart (``en/train.jsonl``, ``fr/train.jsonl``). So ids are unique across one build
+    and stable across its reruns (resume matches by id); a source named twice is an error.
+    """
+    keys = [_path_parts(f) for f in files]
+    seen: dict[tuple[str, ...], str] = {}
+    for f, key in zip(files, keys, strict=True):
+        if key in seen:
+            raise InputError(
+                f"--prompts names {f} twice (also as {seen[key]}); pass each file once"
+            )
+        seen[key] = f
+    names = []
+    for key in keys:
+        n = 1
+        while n < len(key) and any(o != key and o[-n:] == key[-n:] for o in keys):
+            n += 1
+        names.append("/".join(key[-n:]))
+    return names
+
+
+def _path_parts(source: str) -> tuple[str, ...]:
+    """A source's path as components: absolute for local files, with the bucket for URLs."""
+    if "://" in source:
+        path = source.split("://", 1)[1]
+    else:
+        path = posixpath.abspath(source)
+    return tuple(p for p in path.rstrip("/").split("/") if p)
+
+
 def read_prompts(
     sources: Sequence[str],
     *,
@@ -374,11 +464,11 @@ def read_prompts(
 ) -> PromptSet:
     """Read and validate every record; bad records raise (listing all of them) or are skipped."""
     files = expand_sources(sources, storage_options)
+    names = default_id_names(files)
     out = PromptSet(records=[], sources=files)
     seen: dict[str, str] = {}
     index = 0
-    for source in files:
-        name = posixpath.basename(source.rstrip("/"))
+    for source, name in zip(files, names, strict=True):
         for line, row, obj in iter_raw(source, storage_options):
             default_id = f"{name}:{line}" if line is not None else f"{name}:row{row}"
             try:

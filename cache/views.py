@@ -164,13 +164,26 @@ class ViewRenderer:
             msgs = [{"role": "system", "content": "\n\n".join(system)}, *msgs]
         return msgs
 
+    def _apply_template(self, msgs: Messages, generation_prompt: bool) -> str:
+        """The chat template over ``msgs``; a template that refuses them (raise_exception, as
+        Llama-2's and Mistral's do for roles out of order) makes the record bad."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.tok.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        except TemplateError as e:
+            roles = ", ".join(m["role"] for m in msgs)
+            raise _BadRecord(
+                f"the chat template refuses the conversation (roles: {roles}): {e}"
+            ) from None
+
     def _chat_prefix(self, msgs: Messages) -> str:
-        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return self._apply_template(msgs, generation_prompt=True)
 
     def _chat_response(self, msgs: Messages, prefix: str, response: str) -> str:
-        full = self.tok.apply_chat_template(
-            [*msgs, {"role": "assistant", "content": response}], tokenize=False
-        )
+        full = self._apply_template([*msgs, {"role": "assistant", "content": response}], False)
         if not full.startswith(prefix):
             raise _BadRecord(
                 "the chat template renders the conversation with the response so that the "

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -127,6 +128,22 @@ BAD = [
     ('{"prompt": 5, "response": "r"}', r"p\.jsonl:1: prompt must be a string, got int 5"),
     ('{"prompt": "p"}', r"p\.jsonl:1: missing 'response'.*--mode generate"),
     ('{"prompt": "p", "response": 7}', r"p\.jsonl:1: response must be a string, got int 7"),
+    ('{"prompt": "p", "response": ""}', r"p\.jsonl:1: response is an empty string"),
+    (
+        r'{"prompt": "bad \ud800 half", "response": "ok"}',
+        r"prompt is not valid Unicode.*U\+D800 at character 4",
+    ),
+    (r'{"prompt": "p", "response": "\udfff"}', r"response is not valid Unicode.*U\+DFFF"),
+    (r'{"id": "\ud83d", "prompt": "p", "response": "r"}', r"id is not valid Unicode"),
+    (
+        r'{"messages": [{"role": "user", "content": "a\udc00"}], "response": "r"}',
+        r"messages\[0\]\.content is not valid Unicode",
+    ),
+    (r'{"prompt": "p", "context": "\ud800", "response": "r"}', r"context is not valid Unicode"),
+    (
+        r'{"teacher": [{"role": "\ud800", "content": "c"}], "student": "s", "response": "r"}',
+        r"teacher\[0\]\.role is not valid Unicode",
+    ),
     ('{"id": 1.5, "prompt": "p", "response": "r"}', r"p\.jsonl:1: id must be a non-empty string"),
     (
         '{"messages": [{"role": "user"}], "response": "r"}',
@@ -211,3 +228,82 @@ def test_corrupt_zstd_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "q.jsonl.zst").write_bytes(data[:20] + bytes(len(data) - 20))
     with pytest.raises(InputError, match=r"q\.jsonl\.zst: the zstd stream is corrupt"):
         read_prompts([str(tmp_path / "q.jsonl.zst")], require_response=True)
+
+
+def test_default_ids_are_unique_across_files_of_the_same_name(tmp_path: Path) -> None:
+    """Two train.jsonl in different folders: every record of both is read, none reported."""
+    for lang in ("en", "fr"):
+        (tmp_path / lang).mkdir()
+        (tmp_path / lang / "train.jsonl").write_text(_jsonl([{"prompt": lang}, {"prompt": "2"}]))
+    files = [str(tmp_path / "en" / "train.jsonl"), str(tmp_path / "fr" / "train.jsonl")]
+    got = read_prompts(files, require_response=False, on_error="skip")
+    assert got.skipped == []
+    want = ["en/train.jsonl:1", "en/train.jsonl:2", "fr/train.jsonl:1", "fr/train.jsonl:2"]
+    assert [r.id for _, r in got.records] == want
+    # Stable across reruns (resume matches by id), also when the folder is given instead.
+    again = read_prompts([str(tmp_path)], require_response=False)
+    assert [r.id for _, r in again.records] == want
+    # A file whose name is unique keeps the bare name, as datasets written before expect.
+    alone = read_prompts(files[:1], require_response=False)
+    assert [r.id for _, r in alone.records] == ["train.jsonl:1", "train.jsonl:2"]
+
+
+def test_default_ids_in_nested_folders_and_tables(tmp_path: Path) -> None:
+    (tmp_path / "a" / "x").mkdir(parents=True)
+    (tmp_path / "b" / "x").mkdir(parents=True)
+    table = pa.table({"prompt": ["p"]})
+    for sub in ("a/x", "b/x", "a"):
+        pq.write_table(table, tmp_path / sub / "t.parquet")
+    got = read_prompts([str(tmp_path)], require_response=False)
+    ids = [r.id for _, r in got.records]
+    assert ids == ["a/t.parquet:row0", "a/x/t.parquet:row0", "b/x/t.parquet:row0"]
+
+
+def test_a_file_named_twice_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_text(_jsonl([{"prompt": "x"}]))
+    with pytest.raises(InputError, match=r"--prompts names .*p\.jsonl twice.*pass each file once"):
+        read_prompts([str(tmp_path / "p.jsonl"), str(tmp_path)], require_response=False)
+
+
+def test_explicit_duplicate_ids_across_files_name_both_places(tmp_path: Path) -> None:
+    for lang in ("en", "fr"):
+        (tmp_path / lang).mkdir()
+        (tmp_path / lang / "train.jsonl").write_text(_jsonl([{"id": "q1", "prompt": "x"}]))
+    files = [str(tmp_path / "en" / "train.jsonl"), str(tmp_path / "fr" / "train.jsonl")]
+    with pytest.raises(
+        InputError, match=r"fr/train\.jsonl:1: id 'q1' is already used at .*en/train\.jsonl:1"
+    ):
+        read_prompts(files, require_response=False)
+
+
+def _invalid_utf8_strings() -> pa.Array:
+    """A string column whose second value is not UTF-8 (Arrow does not check on write)."""
+    offsets = pa.py_buffer(np.array([0, 2, 4, 6], dtype=np.int32).tobytes())
+    return pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"ok\xff\xfeok")])
+
+
+def test_tables_with_invalid_utf8_are_bad_rows(tmp_path: Path) -> None:
+    import datasets
+
+    table = pa.table({"prompt": _invalid_utf8_strings(), "response": ["a", "b", "c"]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "ds"))
+    for src, where in (
+        (tmp_path / "t.parquet", r"t\.parquet row 1"),
+        (tmp_path / "ds", "ds row 1"),
+    ):
+        with pytest.raises(InputError, match=where + r": column prompt is not UTF-8 text"):
+            read_prompts([str(src)], require_response=True)
+        got = read_prompts([str(src)], require_response=True, on_error="skip")
+        assert [r.student for _, r in got.records] == ["ok", "ok"]
+        assert [s.row for _, s in got.skipped] == [1]
+
+
+def test_context_file_with_a_lone_surrogate(tmp_path: Path) -> None:
+    from logitcache.cache.views import Context
+
+    (tmp_path / "ctx.json").write_text(r'[{"role": "system", "content": "be \ud800 nice"}]')
+    with pytest.raises(
+        InputError, match=r"--context .*ctx\.json: .*context\[0\]\.content is not valid Unicode"
+    ):
+        Context.load(str(tmp_path / "ctx.json"))
