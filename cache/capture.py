@@ -38,8 +38,8 @@ from .engine import (
     score_batch,
 )
 from .errors import IncompatibleError, InputError
-from .format import MANIFEST_NAME, DatasetInfo, TargetSpec
-from .manifest import finalize, load_manifest, load_parts
+from .format import DatasetInfo, TargetSpec
+from .manifest import committed_manifests, finalize
 from .prompts import Skipped, read_prompts
 from .reader import committed_ids
 from .storage import Location
@@ -197,13 +197,9 @@ def dataset_info(
 
 def check_resume(loc: Location, info: DatasetInfo) -> None:
     """Refuse to add to a folder captured with other settings, naming each difference."""
-    sources: list[tuple[str, DatasetInfo]] = []
-    if loc.exists(MANIFEST_NAME):
-        sources.append((loc.path(MANIFEST_NAME), load_manifest(loc).info))
-    sources += [(loc.path("_parts", n), m.info) for n, m in load_parts(loc).items()]
     new = info.to_json()
-    for where, old_info in sources:
-        old = old_info.to_json()
+    for where, committed in committed_manifests(loc):
+        old = committed.info.to_json()
         diffs = [
             f"{group}.{key}: was {json.dumps(old[group].get(key))[:120]}, now {json.dumps(new[group].get(key))[:120]}"
             for group in ("tokenizer", "targets", "teacher", "capture")

@@ -25,7 +25,7 @@ import numpy as np
 
 Codec = Literal["f32", "f16", "u8", "u16"]
 CODECS: tuple[Codec, ...] = ("f32", "f16", "u8", "u16")
-_QMAX = {"u8": 255, "u16": 65535}
+QMAX = {"u8": 255, "u16": 65535}
 _STORAGE = {"f32": np.float32, "f16": np.float16, "u8": np.uint8, "u16": np.uint16}
 
 
@@ -101,7 +101,7 @@ def encode_logprobs(logprobs: np.ndarray, codec: Codec) -> np.ndarray:
     logprobs = np.asarray(logprobs, dtype=np.float32)
     if codec in ("f32", "f16"):
         return logprobs.astype(_STORAGE[codec])
-    qmax = _QMAX[codec]
+    qmax = QMAX[codec]
     with np.errstate(under="ignore"):
         root = np.exp(0.5 * logprobs.astype(np.float64))  # sqrt(p)
     codes = np.clip(np.rint(root * qmax), 1, qmax)
@@ -114,7 +114,7 @@ def decode_logprobs(stored: np.ndarray, codec: Codec) -> np.ndarray:
     if codec in ("f32", "f16"):
         return stored.astype(np.float32)
     with np.errstate(divide="ignore"):
-        return (2.0 * np.log(stored.astype(np.float32) / np.float32(_QMAX[codec]))).astype(
+        return (2.0 * np.log(stored.astype(np.float32) / np.float32(QMAX[codec]))).astype(
             np.float32
         )
 

@@ -161,6 +161,17 @@ def load_parts(loc: Location) -> dict[str, Manifest]:
     }
 
 
+def committed_manifests(loc: Location) -> list[tuple[str, Manifest]]:
+    """(path, manifest) of everything committed to the folder: the finalized manifest, if any,
+    then every writer journal. Resume, the writer's compatibility check and the ids already
+    captured all read this one list."""
+    out: list[tuple[str, Manifest]] = []
+    if loc.exists(MANIFEST_NAME):
+        out.append((loc.path(MANIFEST_NAME), load_manifest(loc)))
+    out += [(loc.path(PARTS_DIR, n), m) for n, m in load_parts(loc).items()]
+    return out
+
+
 def check_compatible(
     a: DatasetInfo, b: DatasetInfo, where: str, *, allow_teachers: bool = False
 ) -> None:

@@ -110,7 +110,7 @@ class PromptSet:
         )
 
 
-class _BadRecord(Exception):
+class BadRecord(Exception):
     """A record is malformed; the message is the reason (without the location)."""
 
 
@@ -160,7 +160,7 @@ def _is_datasets_folder(fs: Any, path: str) -> bool:
 def iter_raw(
     source: str, storage_options: dict[str, Any] | None = None
 ) -> Iterator[tuple[int | None, int | None, Any]]:
-    """(line, row, object) of every record of one source; object is a _BadRecord when unreadable."""
+    """(line, row, object) of every record of one source; object is a BadRecord when unreadable."""
     fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
     if fs.isdir(path):
         yield from _iter_datasets(source, storage_options)
@@ -186,9 +186,9 @@ def _iter_jsonl(
             try:
                 yield line_no, None, json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as e:
-                yield line_no, None, _BadRecord(f"not UTF-8 text ({e.reason} at byte {e.start})")
+                yield line_no, None, BadRecord(f"not UTF-8 text ({e.reason} at byte {e.start})")
             except json.JSONDecodeError as e:
-                yield line_no, None, _BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
+                yield line_no, None, BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -250,7 +250,7 @@ def _iter_parquet(source: str, fs: Any, path: str) -> Iterator[tuple[int | None,
 
 def _table_rows(batch: Any) -> list[Any]:
     """A record batch (or table) as Python rows; a row with a string that is not UTF-8 becomes
-    a _BadRecord naming the column, instead of failing the whole batch."""
+    a BadRecord naming the column, instead of failing the whole batch."""
     try:
         return batch.to_pylist()
     except UnicodeDecodeError:
@@ -265,7 +265,7 @@ def _table_rows(batch: Any) -> list[Any]:
                 for name, col in zip(batch.schema.names, batch.columns, strict=True)
                 if _undecodable(col.slice(i, 1))
             ]
-            rows.append(_BadRecord(f"column {', '.join(bad)} is not UTF-8 text ({e.reason})"))
+            rows.append(BadRecord(f"column {', '.join(bad)} is not UTF-8 text ({e.reason})"))
     return rows
 
 
@@ -312,7 +312,7 @@ def _check_text(value: str, name: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise _BadRecord(
+        raise BadRecord(
             f"{name} is not valid Unicode text: it holds the lone surrogate "
             f"U+{ord(value[e.start]):04X} at character {e.start} (half of a UTF-16 pair, e.g. "
             "a JSON \\ud800 escape without its partner)"
@@ -320,17 +320,17 @@ def _check_text(value: str, name: str) -> str:
     return value
 
 
-def _check_messages(value: Any, name: str) -> Messages:
+def check_messages(value: Any, name: str) -> Messages:
     if not isinstance(value, list) or not value:
-        raise _BadRecord(
+        raise BadRecord(
             f"{name} must be a non-empty list of {{role, content}} objects, got {_show(value)}"
         )
     for i, m in enumerate(value):
         if not isinstance(m, dict):
-            raise _BadRecord(f"{name}[{i}] must be an object with role and content, got {_show(m)}")
+            raise BadRecord(f"{name}[{i}] must be an object with role and content, got {_show(m)}")
         for key in ("role", "content"):
             if not isinstance(m.get(key), str):
-                raise _BadRecord(
+                raise BadRecord(
                     f"{name}[{i}].{key} must be a string, got {_show(m.get(key))}"
                     + (" (missing)" if key not in m else "")
                 )
@@ -341,9 +341,9 @@ def _check_messages(value: Any, name: str) -> Messages:
 def _check_view(value: Any, name: str) -> View:
     if isinstance(value, str):
         if not value:
-            raise _BadRecord(f"{name} is an empty string")
+            raise BadRecord(f"{name} is an empty string")
         return _check_text(value, name)
-    return _check_messages(value, name)
+    return check_messages(value, name)
 
 
 def _show(value: Any) -> str:
@@ -354,41 +354,41 @@ def _show(value: Any) -> str:
 def parse_record(
     obj: Any, source: tuple[str, int | None, int | None], default_id: str, *, require_response: bool
 ) -> PromptRecord:
-    """Validate one raw record; raises _BadRecord with the reason."""
-    if isinstance(obj, _BadRecord):
+    """Validate one raw record; raises BadRecord with the reason."""
+    if isinstance(obj, BadRecord):
         raise obj
     if not isinstance(obj, dict):
-        raise _BadRecord(f"a record must be a JSON object, got {_show(obj)}")
+        raise BadRecord(f"a record must be a JSON object, got {_show(obj)}")
     o = {k: v for k, v in obj.items() if v is not None}  # a table's null cell = absent
     rid = o.get("id", default_id)
     if isinstance(rid, bool) or not isinstance(rid, str | int) or rid == "":
-        raise _BadRecord(f"id must be a non-empty string or an integer, got {_show(rid)}")
+        raise BadRecord(f"id must be a non-empty string or an integer, got {_show(rid)}")
     if isinstance(rid, str):
         _check_text(rid, "id")
     shorthand = [k for k in ("prompt", "messages") if k in o]
     explicit = [k for k in ("teacher", "student") if k in o]
     if len(shorthand) > 1 or (shorthand and explicit):
-        raise _BadRecord(
+        raise BadRecord(
             f"has {' and '.join(shorthand + explicit)}: give either 'prompt', or 'messages', "
             "or both 'teacher' and 'student'"
         )
     teacher: View | None = None
     if shorthand == ["prompt"]:
         if not isinstance(o["prompt"], str):
-            raise _BadRecord(
+            raise BadRecord(
                 f"prompt must be a string, got {_show(o['prompt'])} (chat goes in 'messages')"
             )
         student = _check_view(o["prompt"], "prompt")
     elif shorthand == ["messages"]:
-        student = _check_messages(o["messages"], "messages")
+        student = check_messages(o["messages"], "messages")
     elif len(explicit) == 2:
         student = _check_view(o["student"], "student")
         teacher = _check_view(o["teacher"], "teacher")
     elif explicit:
         missing = ({"teacher", "student"} - set(explicit)).pop()
-        raise _BadRecord(f"has '{explicit[0]}' but no '{missing}': explicit views need both")
+        raise BadRecord(f"has '{explicit[0]}' but no '{missing}': explicit views need both")
     else:
-        raise _BadRecord(
+        raise BadRecord(
             "missing the prompt: give 'prompt' (text), 'messages' (chat), or 'teacher' and 'student'"
         )
     context = _check_view(o["context"], "context") if "context" in o else None
@@ -396,14 +396,14 @@ def parse_record(
     if not require_response:
         response = None  # generate mode: the teacher writes the response
     elif response is None:
-        raise _BadRecord(
+        raise BadRecord(
             "missing 'response' (score mode teacher-forces a given response); "
             "add one, or pass --mode generate to let the teacher write it"
         )
     elif not isinstance(response, str):
-        raise _BadRecord(f"response must be a string, got {_show(response)}")
+        raise BadRecord(f"response must be a string, got {_show(response)}")
     elif not response:
-        raise _BadRecord(
+        raise BadRecord(
             "response is an empty string (score mode needs at least one token to score); "
             "give the response text, or pass --mode generate to let the teacher write it"
         )
@@ -448,10 +448,7 @@ def default_id_names(files: Sequence[str]) -> list[str]:
 
 def _path_parts(source: str) -> tuple[str, ...]:
     """A source's path as components: absolute for local files, with the bucket for URLs."""
-    if "://" in source:
-        path = source.split("://", 1)[1]
-    else:
-        path = posixpath.abspath(source)
+    path = source.split("://", 1)[1] if "://" in source else posixpath.abspath(source)
     return tuple(p for p in path.rstrip("/").split("/") if p)
 
 
@@ -476,12 +473,12 @@ def read_prompts(
                     obj, (source, line, row), default_id, require_response=require_response
                 )
                 if rec.id in seen:
-                    raise _BadRecord(
+                    raise BadRecord(
                         f"id {rec.id!r} is already used at {seen[rec.id]}; ids must be unique"
                     )
                 seen[rec.id] = rec.where
                 out.records.append((index, rec))
-            except _BadRecord as e:
+            except BadRecord as e:
                 out.skipped.append((index, Skipped(source, line, row, str(e))))
             index += 1
     out.total = index

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .codecs import _QMAX, decode_id_planes, decode_id_planes_fixed, decode_logprobs
+from .codecs import QMAX, decode_id_planes, decode_id_planes_fixed, decode_logprobs
 from .errors import ShardError
 from .format import (
     META_PREFIX,
@@ -92,7 +92,7 @@ class DecodedBatch:
         return Example(self.ids[i], self.prompt_ids[p0:p1], self.response_ids[r0:r1], targets)
 
 
-def _flat(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+def list_values(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(values, offsets) of a list column, offsets rebased to start at zero."""
     offsets = col.offsets.to_numpy().astype(np.int64)
     values = col.flatten().to_numpy(zero_copy_only=False)
@@ -107,8 +107,8 @@ class _ProbTables:
 
     def get(self, codec: str) -> tuple[np.ndarray, np.ndarray]:
         if codec not in self._cache:
-            codes = np.arange(_QMAX[codec] + 1)
-            prob = ((codes / _QMAX[codec]) ** 2).astype(np.float32)
+            codes = np.arange(QMAX[codec] + 1)
+            prob = ((codes / QMAX[codec]) ** 2).astype(np.float32)
             self._cache[codec] = (prob, decode_logprobs(codes, codec))  # type: ignore[arg-type]
         return self._cache[codec]
 
@@ -118,8 +118,8 @@ _TABLES = _ProbTables()
 
 def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
     """Decode one record batch of a shard of ``info``'s dataset."""
-    prompt_ids, prompt_off = _flat(batch.column("prompt_ids"))
-    response_ids, response_off = _flat(batch.column("response_ids"))
+    prompt_ids, prompt_off = list_values(batch.column("prompt_ids"))
+    response_ids, response_off = list_values(batch.column("response_ids"))
     out = DecodedBatch(
         ids=batch.column("id").to_pylist(),
         prompt_ids=prompt_ids,
@@ -129,10 +129,10 @@ def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
     )
     spec = info.targets
     if spec.kind == "topk":
-        planes = [_flat(batch.column(n))[0] for n in id_plane_names("topk", info.id_bytes)]
+        planes = [list_values(batch.column(n))[0] for n in id_plane_names("topk", info.id_bytes)]
         out.topk_ids = decode_id_planes_fixed(planes, spec.k)
-        stored = _flat(batch.column("topk_logprobs"))[0]
-        tail = _flat(batch.column("tail_logmass"))[0]
+        stored = list_values(batch.column("topk_logprobs"))[0]
+        tail = list_values(batch.column("tail_logmass"))[0]
         if spec.codec in ("f32", "f16"):
             out.topk_logprobs = decode_logprobs(stored, spec.codec).reshape(-1, spec.k)
             out.tail_logmass = decode_logprobs(tail, spec.codec)
@@ -147,10 +147,10 @@ def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
             out.topk_logprobs -= log_total[:, None]
             out.tail_logmass = logp[tail] - log_total
     if spec.has_draws:
-        nunique = _flat(batch.column("sample_nunique"))[0].astype(np.int64)
-        planes = [_flat(batch.column(n))[0] for n in id_plane_names("sample", info.id_bytes)]
+        nunique = list_values(batch.column("sample_nunique"))[0].astype(np.int64)
+        planes = [list_values(batch.column(n))[0] for n in id_plane_names("sample", info.id_bytes)]
         out.sample_ids = decode_id_planes(planes, nunique)
-        out.sample_counts = _flat(batch.column("sample_counts"))[0]
+        out.sample_counts = list_values(batch.column("sample_counts"))[0]
         out.sample_offsets = np.concatenate([[0], np.cumsum(nunique)])
     return out
 
@@ -355,16 +355,13 @@ def committed_ids(
 
     Capture resumes from this: committed examples are skipped, the rest are captured.
     """
-    from .format import MANIFEST_NAME
-    from .manifest import load_parts
+    from .manifest import committed_manifests
 
     loc = Location(url, storage_options)
+    # A shard listed in both the manifest and a journal (finalized, then resumed) counts once.
     entries: dict[str, tuple[ShardEntry, DatasetInfo]] = {}
-    if loc.exists(MANIFEST_NAME):
-        m = load_manifest(loc)
+    for _, m in committed_manifests(loc):
         entries.update({s.file: (s, m.info) for s in m.shards})
-    for part in load_parts(loc).values():
-        entries.update({s.file: (s, part.info) for s in part.shards})
     ids: set[str] = set()
     for entry, info in entries.values():
         reader = ShardReader(loc, entry, info)

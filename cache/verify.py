@@ -17,7 +17,7 @@ import pyarrow as pa
 from .errors import LogitCacheError
 from .format import MANIFEST_NAME, PARTS_DIR, SHARD_NAME_RE, DatasetInfo, id_plane_names
 from .manifest import ShardEntry, load_manifest, load_parts
-from .reader import ShardReader, _flat
+from .reader import ShardReader, list_values
 from .storage import Location
 
 
@@ -132,8 +132,8 @@ def _verify_shard(
 
 
 def _verify_batch(rb: pa.RecordBatch, info: DatasetInfo, batch: str, bad: Any) -> tuple[int, int]:
-    response, roff = _flat(rb.column("response_ids"))
-    prompt, _ = _flat(rb.column("prompt_ids"))
+    response, roff = list_values(rb.column("response_ids"))
+    prompt, _ = list_values(rb.column("prompt_ids"))
     n_pos = np.diff(roff)
     for name, ids in (("prompt_ids", prompt), ("response_ids", response)):
         if ids.size and ids.max() >= info.vocab_size:
@@ -141,7 +141,7 @@ def _verify_batch(rb: pa.RecordBatch, info: DatasetInfo, batch: str, bad: Any) -
     spec = info.targets
 
     def lengths(name: str, expected: np.ndarray) -> None:
-        found = np.diff(_flat(rb.column(name))[1])
+        found = np.diff(list_values(rb.column(name))[1])
         if not np.array_equal(found, expected):
             r = int(np.argmax(found != expected))
             bad(f"{batch} {name}", f"{expected[r]} values in row {r}", found[r])
@@ -152,11 +152,11 @@ def _verify_batch(rb: pa.RecordBatch, info: DatasetInfo, batch: str, bad: Any) -
         lengths("tail_logmass", n_pos)
     if spec.has_draws:
         lengths("sample_nunique", n_pos)
-        nunique, _ = _flat(rb.column("sample_nunique"))
+        nunique, _ = list_values(rb.column("sample_nunique"))
         u_per_row = _segment_sums(nunique, roff)
         for name in [*id_plane_names("sample", info.id_bytes), "sample_counts"]:
             lengths(name, u_per_row)
-        counts, _ = _flat(rb.column("sample_counts"))
+        counts, _ = list_values(rb.column("sample_counts"))
         if len(counts) == nunique.sum():
             per_pos = _segment_sums(
                 counts, np.concatenate([[0], np.cumsum(nunique, dtype=np.int64)])

@@ -31,7 +31,7 @@ import fsspec
 import numpy as np
 
 from .errors import InputError
-from .prompts import Messages, PromptRecord, View, _BadRecord, _check_messages
+from .prompts import BadRecord, Messages, PromptRecord, View, check_messages
 
 Render = Literal["chat", "plain"]
 Truncation = Literal["error", "left", "drop"]
@@ -59,10 +59,10 @@ class Context:
         stripped = text.lstrip()
         if stripped.startswith("["):
             try:
-                value = _check_messages(json.loads(text), "context")
+                value = check_messages(json.loads(text), "context")
             except json.JSONDecodeError:
                 pass  # text that happens to start with "[": kept as text
-            except _BadRecord as e:
+            except BadRecord as e:
                 raise InputError(
                     f"--context {file}: looks like a JSON list of messages but {e}"
                 ) from None
@@ -153,7 +153,7 @@ class ViewRenderer:
         if not self._needs_chat(base):
             for c in contexts:
                 if not isinstance(c, str):
-                    raise _BadRecord("has a chat 'context' but a text prompt under --render plain")
+                    raise BadRecord("has a chat 'context' but a text prompt under --render plain")
             return "".join(contexts) + base  # type: ignore[operator]
         system = [c for c in contexts if isinstance(c, str)]
         msgs = [m for c in contexts if not isinstance(c, str) for m in c] + self._as_messages(base)
@@ -175,7 +175,7 @@ class ViewRenderer:
             )
         except TemplateError as e:
             roles = ", ".join(m["role"] for m in msgs)
-            raise _BadRecord(
+            raise BadRecord(
                 f"the chat template refuses the conversation (roles: {roles}): {e}"
             ) from None
 
@@ -185,7 +185,7 @@ class ViewRenderer:
     def _chat_response(self, msgs: Messages, prefix: str, response: str) -> str:
         full = self._apply_template([*msgs, {"role": "assistant", "content": response}], False)
         if not full.startswith(prefix):
-            raise _BadRecord(
+            raise BadRecord(
                 "the chat template renders the conversation with the response so that the "
                 "prompt (with add_generation_prompt) is not its prefix; this template cannot "
                 "score a given response: use --mode generate or --render plain"
@@ -202,7 +202,7 @@ class ViewRenderer:
         student = rec.student
         t_chat, s_chat = self._needs_chat(teacher), self._needs_chat(student)
         if t_chat != s_chat:
-            raise _BadRecord(
+            raise BadRecord(
                 "the teacher view is a chat and the student view plain text (or the reverse); "
                 "with --render plain both must be text, or both messages"
             )
@@ -220,7 +220,7 @@ class ViewRenderer:
         if rec.response is not None:
             response = self._chat_response(t_msgs, t_text, rec.response)  # type: ignore[arg-type]
             if self._chat_response(s_msgs, s_text, rec.response) != response:
-                raise _BadRecord(
+                raise BadRecord(
                     "the chat template renders the response differently after the teacher's and "
                     "the student's view, so the response ids would differ between the views"
                 )
@@ -243,7 +243,7 @@ class ViewRenderer:
         for rec in records:
             try:
                 texts.append((rec, self._render_one(rec)))
-            except _BadRecord as e:
+            except BadRecord as e:
                 bad.append((rec, str(e)))
         t_ids = self._tokenize([(t[1][0], not t[1][1]) for t in texts])
         s_ids = self._tokenize([(t[1][2], not t[1][3]) for t in texts])
@@ -264,7 +264,7 @@ class ViewRenderer:
             if i in t_full:
                 try:
                     response = self._split(t, t_full[i], s, s_full[i])
-                except _BadRecord as e:
+                except BadRecord as e:
                     bad.append((rec, str(e)))
                     continue
             out.append(Rendered(rec.id, rec.where, t, s, response))
@@ -282,7 +282,7 @@ class ViewRenderer:
                 (j for j in range(min(n, len(whole))) if whole[j] != prompt[j]), min(n, len(whole))
             )
             if at == n - 1 and int(prompt[-1]) in self.tok.all_special_ids:
-                raise _BadRecord(
+                raise BadRecord(
                     f"the tokenizer ends every text with the special token "
                     f"{self._show(prompt[-1:])} (e.g. add_eos_token), so the {name} prompt's "
                     "ids end with it but the whole conversation has the response there; use "
@@ -290,7 +290,7 @@ class ViewRenderer:
                 )
             lo = max(at - 1, 0)
             alone, joint = self._show(prompt[lo : at + 2]), self._show(whole[lo : at + 2])
-            raise _BadRecord(
+            raise BadRecord(
                 f"the prompt and the response share a token across their boundary in the {name} "
                 f"view: the prompt alone ends in tokens {alone} but the whole conversation has "
                 f"{joint} there, so no prompt/response split of its ids is what the tokenizer "
@@ -299,9 +299,9 @@ class ViewRenderer:
             )
         t_resp, s_resp = t_whole[len(t_prompt) :], s_whole[len(s_prompt) :]
         if len(t_resp) == 0:
-            raise _BadRecord("the response tokenizes to no tokens")
+            raise BadRecord("the response tokenizes to no tokens")
         if not np.array_equal(t_resp, s_resp):
-            raise _BadRecord(
+            raise BadRecord(
                 "the response tokenizes differently after the teacher's view "
                 f"({self._show(t_resp[:3])}…) and after the student's ({self._show(s_resp[:3])}…), "
                 "so the teacher's targets would not describe the student's sequence; end both "

@@ -20,7 +20,6 @@ import pyarrow as pa
 from .codecs import encode_id_planes, encode_logprobs, sort_by_id
 from .errors import IncompatibleError
 from .format import (
-    MANIFEST_NAME,
     PARTS_DIR,
     WRITER_ID_RE,
     DatasetInfo,
@@ -34,8 +33,8 @@ from .manifest import (
     Manifest,
     ShardEntry,
     check_compatible,
+    committed_manifests,
     finalize,
-    load_manifest,
     load_parts,
     part_name,
 )
@@ -150,13 +149,9 @@ class DatasetWriter:
     # ------------------------------------------------------------------ internals
 
     def _check_existing(self) -> None:
-        sources: list[tuple[str, DatasetInfo]] = []
-        if self.loc.exists(MANIFEST_NAME):
-            sources.append((self.loc.path(MANIFEST_NAME), load_manifest(self.loc).info))
-        sources += [(self.loc.path(PARTS_DIR, n), m.info) for n, m in load_parts(self.loc).items()]
-        for where, info in sources:
+        for where, committed in committed_manifests(self.loc):
             try:
-                check_compatible(info, self.info, where)
+                check_compatible(committed.info, self.info, where)
             except IncompatibleError as e:
                 raise IncompatibleError(
                     f"{e}. The folder {self.loc} already holds a different dataset: "

@@ -10,7 +10,7 @@ import time
 from .. import reliability
 from .crashes import cmd_capture_crash, cmd_torchrun_crash, cmd_train_crash
 from .flips import cmd_flips
-from .memory import _rss_child, cmd_rss
+from .memory import cmd_rss, rss_child
 from .s3 import cmd_s3
 
 # --------------------------------------------------------------------------- main
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-iterate", dest="iterate", action="store_false")
     args = ap.parse_args(argv)
     if args.cmd == "_rss":
-        _rss_child(args.url, args.buffer, args.iterate)
+        rss_child(args.url, args.buffer, args.iterate)
         return 0
     t0 = time.perf_counter()
     {

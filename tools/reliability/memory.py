@@ -18,7 +18,7 @@ from .synth import synth_examples, synth_info
 # --------------------------------------------------------------------------- memory
 
 
-def _rss_child(url: str, buffer: int, iterate: bool) -> None:
+def rss_child(url: str, buffer: int, iterate: bool) -> None:
     """Hidden subcommand: stream ``url`` through LogitStream and print peak RSS as JSON."""
     import resource
 
