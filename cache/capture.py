@@ -37,6 +37,7 @@ from .engine import (
     resolve_device,
     score_batch,
 )
+from .eos import check_turn_end, generation_eos_ids
 from .errors import IncompatibleError, InputError
 from .format import DatasetInfo, TargetSpec
 from .manifest import committed_manifests, finalize
@@ -172,7 +173,7 @@ def dataset_info(
         k=t.k if t.kind == "topk" else 0,
         n=t.n,  # sampled: draws; top-k: draws from the tail (0: none)
         codec=t.codec,
-        sampling=t.sampling if t.n else "multinomial",
+        sampling=t.sampling,
     )
     capture = {
         "temperature": t.temperature,
@@ -279,8 +280,14 @@ def _capture(
             "fix them, or pass --on-error skip to leave them out (they are listed in the "
             "manifest's extra.skipped)"
         )
+    eos_ids = None
+    if tgt.mode == "generate":
+        # A chat turn must end at an id that stops generation: checked before the model load.
+        eos_ids, eos_from = generation_eos_ids(cfg, tokenizer)
+        if inp.render == "chat" or any(not isinstance(r.student, str) for _, r in mine.records):
+            check_turn_end(cfg, tokenizer, eos_ids, eos_from)
 
-    teacher = load_teacher(cfg.teacher, device, tokenizer)
+    teacher = load_teacher(cfg.teacher, device, tokenizer, eos_ids)
     max_length = inp.max_length or _context_size(teacher)
     info = dataset_info(cfg, teacher, renderer, max_length)
     if tgt.kind == "topk" and tgt.k > teacher.vocab_size:

@@ -92,6 +92,9 @@ class GenerateConfig:
     """--top-p: nucleus sampling mass (with --gen-temperature > 0)."""
     seed: int = 0
     """--seed: seeds generation sampling and sampled targets, per example id."""
+    eos_token_ids: tuple[int, ...] | None = None
+    """--eos-token-ids: ids that end a response; default: the teacher folder's
+    generation_config.json, else its config.json, else the tokenizer's eos token."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,15 @@ class CaptureConfig:
             p.append(f"--gen-temperature is {g.temperature}; expected ≥ 0 (0: greedy)")
         if not 0 < g.top_p <= 1:
             p.append(f"--top-p is {g.top_p}; expected 0 < top-p ≤ 1")
+        if g.eos_token_ids is not None:
+            shown = " ".join(str(e) for e in g.eos_token_ids)
+            if t.mode != "generate":
+                p.append(
+                    f"--eos-token-ids {shown} applies to --mode generate only (score mode stores "
+                    "the given responses); drop it"
+                )
+            if not g.eos_token_ids or min(g.eos_token_ids) < 0:
+                p.append(f"--eos-token-ids is {shown!r}; expected one or more token ids ≥ 0")
         if r.max_batch_tokens < 1:
             p.append(f"--max-batch-tokens is {r.max_batch_tokens}; expected ≥ 1")
         if r.shard_positions < 1:
@@ -201,6 +213,8 @@ class CaptureConfig:
             unknown += [f"{name}.{k}" for k in sorted(set(sub) - names)]
             if "prompts" in sub:
                 sub["prompts"] = tuple(sub["prompts"])
+            if sub.get("eos_token_ids") is not None:
+                sub["eos_token_ids"] = tuple(sub["eos_token_ids"])
             try:
                 parts[name] = klass(**{k: v for k, v in sub.items() if k in names})
             except TypeError as e:

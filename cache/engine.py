@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .capture_config import GenerateConfig, TargetConfig, TeacherConfig
+from .eos import folder_eos_ids
 from .errors import InputError
 from .format import Example, Sampled, TopK
 from .targets import (
@@ -122,8 +123,15 @@ def load_tokenizer(cfg: TeacherConfig) -> Any:
         raise InputError(f"{flag} {tok_dir}: no loadable tokenizer ({e})") from None
 
 
-def load_teacher(cfg: TeacherConfig, device: torch.device, tokenizer: Any = None) -> Teacher:
-    """Load tokenizer (unless given) and model: bf16 on GPU, fp32 on CPU, SDPA attention, eval."""
+def load_teacher(
+    cfg: TeacherConfig,
+    device: torch.device,
+    tokenizer: Any = None,
+    eos_ids: list[int] | None = None,
+) -> Teacher:
+    """Load tokenizer (unless given) and model: bf16 on GPU, fp32 on CPU, SDPA attention, eval.
+
+    ``eos_ids`` end generated responses; default: the folder's (:func:`folder_eos_ids`)."""
     check_teacher_folder(cfg.path)
     from transformers import AutoModelForCausalLM, GenerationConfig
 
@@ -158,9 +166,8 @@ def load_teacher(cfg: TeacherConfig, device: torch.device, tokenizer: Any = None
             f"--tokenizer {tok_dir} has {len(tok)} tokens but the teacher {cfg.path} has only "
             f"{vocab} logits; use the teacher's own tokenizer"
         )
-    eos = model.generation_config.eos_token_id
-    eos = tok.eos_token_id if eos is None else eos
-    eos_ids = [] if eos is None else [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    if eos_ids is None:
+        eos_ids = folder_eos_ids(cfg, tok)[0]
     pad = tok.pad_token_id
     pad = model.generation_config.pad_token_id if pad is None else pad
     pad = (eos_ids[0] if eos_ids else 0) if pad is None else pad
@@ -268,10 +275,13 @@ def _to_host(tensors: dict[str, torch.Tensor], device: torch.device) -> tuple[di
     return host, event
 
 
-def _targets(
+def assemble_targets(
     logits: torch.Tensor, spec: TargetConfig, keys: torch.Tensor, positions: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Targets of (P, V) logits, in row chunks; ``keys``/``positions`` (P,) seed sampling."""
+    """Targets of (P, V) logits, in row chunks; ``keys``/``positions`` (P,) seed sampling.
+
+    The flat arrays :meth:`BatchResult.to_examples` cuts into examples. May overwrite ``logits``
+    (pass a copy to keep them)."""
     parts: list[dict[str, torch.Tensor]] = []
     step = chunk_rows(logits.shape[-1])
     for i in range(0, max(len(logits), 1), step):
@@ -362,7 +372,7 @@ def score_batch(
         ]  # (P, V), example-major, positions ascending
     keys = torch.from_numpy(np.repeat(ex_keys, r_len)).to(dev, non_blocking=True)
     positions = torch.from_numpy(positions_np).to(dev, non_blocking=True)
-    host, event = _to_host(_targets(selected, spec, keys, positions), dev)
+    host, event = _to_host(assemble_targets(selected, spec, keys, positions), dev)
     return BatchResult(
         examples,
         [e.response_ids for e in examples],  # type: ignore[misc]

@@ -50,10 +50,19 @@ class TargetSpec:
     noise is in the tail."""
     codec: Codec = "u8"
     """Codec of top-k log-probs and the tail mass (unused for sampled targets)."""
-    sampling: Sampling = "multinomial"
+    sampling: Sampling | None = "multinomial"
     """How the N draws were made: "multinomial" (independent) or "systematic" (one uniform per
     position, N evenly spaced points on the CDF). Both give unbiased counts; systematic counts
-    are within 1 of N·p for every id (lower variance)."""
+    are within 1 of N·p for every id (lower variance). None when there are no draws (top-k with
+    n = 0), whatever was asked for; the manifest then has no "sampling" key."""
+
+    def __post_init__(self) -> None:
+        # Without draws the scheme means nothing: it is None (and left out of the manifest), so
+        # that two top-k datasets without draws always compare equal. Manifests written before
+        # said "multinomial" there; they read as None too. An unknown word is kept, for
+        # validate() to name.
+        if not self.has_draws and self.sampling in SAMPLINGS:
+            object.__setattr__(self, "sampling", None)
 
     @property
     def has_draws(self) -> bool:
@@ -81,7 +90,7 @@ class TargetSpec:
             problems.append(f"targets.n is {self.n}; top-k tail draws need 0 ≤ n ≤ 255")
         if self.codec not in CODECS:
             problems.append(f"targets.codec is {self.codec!r}; expected one of {list(CODECS)}")
-        if self.sampling not in SAMPLINGS:
+        if self.sampling not in SAMPLINGS and (self.has_draws or self.sampling is not None):
             problems.append(
                 f"targets.sampling is {self.sampling!r}; expected one of {list(SAMPLINGS)}"
             )
@@ -118,7 +127,12 @@ class DatasetInfo:
                 "fingerprint": self.tokenizer_fingerprint,
                 "vocab_size": self.vocab_size,
             },
-            "targets": {**asdict(self.targets), "id_bytes": self.id_bytes},
+            # No draws, no scheme: "sampling" is left out, so that readers that predate this
+            # rule (which default it to "multinomial") still read the manifest.
+            "targets": {
+                **{k: v for k, v in asdict(self.targets).items() if v is not None},
+                "id_bytes": self.id_bytes,
+            },
             "teacher": self.teacher,
             "capture": self.capture,
         }

@@ -130,6 +130,8 @@ class ViewRenderer:
                 "record_context": "the record's 'context' field, when present, after --context",
             },
             "student": {"render": self.render, "context": None},
+            # The template itself, so another team can recompute the views (docs/FORMAT.md).
+            "chat_template": template if isinstance(template, str) else None,
             "chat_template_sha256": (
                 hashlib.sha256(template.encode()).hexdigest() if isinstance(template, str) else None
             ),

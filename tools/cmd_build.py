@@ -163,6 +163,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=d_g.seed,
         help="seeds generation sampling and sampled targets, per example id",
     )
+    g.add_argument(
+        "--eos-token-ids",
+        nargs="+",
+        type=int,
+        metavar="ID",
+        help="ids that end a response (default: the teacher's generation_config.json, else "
+        "its config.json, else the tokenizer's eos token)",
+    )
 
     g = p.add_argument_group("output and scale")
     g.add_argument("--out", required=True, metavar="DIR", help="dataset folder or fsspec URL")
@@ -239,6 +247,7 @@ def config_from_args(args: argparse.Namespace) -> CaptureConfig:
             temperature=args.gen_temperature,
             top_p=args.top_p,
             seed=args.seed,
+            eos_token_ids=None if args.eos_token_ids is None else tuple(args.eos_token_ids),
         ),
         run=RunConfig(
             out=args.out,

@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.cache.reader import LogitDataset, open_dataset
+from logitcache.cache.reader import open_dataset
+from logitcache.cache.stats import describe
 
 HELP = "describe a dataset's manifest and decode a few examples"
 
@@ -17,40 +18,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--examples", type=int, default=2, help="examples to decode (default 2)")
     p.add_argument("--positions", type=int, default=4, help="positions to show per example")
     p.add_argument("--tokenizer", help="tokenizer folder: show tokens as text")
-
-
-def describe(ds: LogitDataset) -> str:
-    m, info = ds.manifest, ds.info
-    t = info.targets
-    targets = (
-        f"top-{t.k} ids + log-probs ({t.codec}) + tail mass"
-        + (f" + {t.n} {t.sampling} draws from the tail (ids + counts)" if t.n else "")
-        if t.kind == "topk"
-        else f"{t.n} {t.sampling} sampled draws per position (ids + counts)"
-    )
-    cap = info.capture
-    lines = [
-        f"dataset      {ds.loc}",
-        f"teacher      {info.teacher.get('name_or_path')} (revision {info.teacher.get('revision')}, "
-        f"config {str(info.teacher.get('config_hash'))[:12]})",
-        f"tokenizer    {info.tokenizer_fingerprint[:23]}…, vocab {info.vocab_size}",
-        f"targets      {targets}; ids as {info.id_bytes} byte plane(s) of sorted gaps",
-        f"capture      temperature {cap.get('temperature')}, mode {cap.get('mode')}",
-        f"size         {m.num_examples} examples, {m.num_positions} positions, {len(m.shards)} shards, "
-        f"{m.num_bytes / 1e6:.2f} MB ({m.num_bytes / max(m.num_positions, 1):.1f} B/position)",
-    ]
-    templates = cap.get("templates") or {}
-    for view in ("teacher", "student"):
-        if view in templates:
-            text = str(templates[view]).replace("\n", "\\n")
-            lines.append(f"{view:<12} {text[:150]}{'…' if len(text) > 150 else ''}")
-    if m.extra:
-        lines.append(f"extra        {', '.join(f'{k}={_short(v)}' for k, v in m.extra.items())}")
-    return "\n".join(lines)
-
-
-def _short(v: Any) -> str:
-    return f"[{len(v)} items]" if isinstance(v, list) else str(v)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import sys
 from dataclasses import fields
+from pathlib import Path
 
 HELP = "train a student from a logit dataset (streams shards; never loads the teacher)"
 
@@ -78,11 +82,45 @@ def run(args: argparse.Namespace) -> int:
     from logitcache.train.trainer import train
 
     cfg = load_config(args.config, overrides_from_args(args))
-    summary = train(cfg, resume=args.resume)
+    try:
+        summary = train(cfg, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"logitcache train: interrupted; {next_step(cfg.train.output)}", file=sys.stderr)
+        return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     if summary["finished"]:
         print(f"done: {summary['steps']} steps; student saved to {summary['output']}/final")
     else:
         print(
-            f"stopped at step {summary['step']} of {summary['steps']}; rerun with --resume to continue"
+            f"stopped at step {summary['step']} of {summary['steps']} (train.stop_after); "
+            + next_step(summary["output"])
         )
     return 0
+
+
+def next_step(output: str) -> str:
+    """What to run to continue the run in ``output``: a command to type as it is."""
+    from logitcache.train.trainer import CONFIG_NAME
+
+    config = Path(output) / CONFIG_NAME
+    if not config.exists():  # stopped before the run was set up: it starts afresh
+        return "nothing was saved yet; rerun the same command to start the run"
+    return f"to continue, run: {resume_command(str(config))}"
+
+
+def resume_command(config: str) -> str:
+    """The command that resumes the run whose saved config is ``config``, launched as this
+    process was (torchrun's environment tells how many processes on how many nodes)."""
+    args = f"train --config {shlex.quote(config)} --resume"
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if world == 1:
+        return f"logitcache {args}"
+    if per_node == world:
+        return f"torchrun --standalone --nproc-per-node {world} -m logitcache.tools.cli {args}"
+    # Several nodes: only the launcher knows the rendezvous; its options stay as they were.
+    return (
+        f"on each of the {world // per_node} nodes, the same torchrun launch as before with "
+        f"-m logitcache.tools.cli {args}"
+    )

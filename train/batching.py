@@ -14,8 +14,9 @@ as many as fit in ``rows × longest ≤ max_tokens`` (padding included).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +25,8 @@ from logitcache.cache.format import DatasetInfo, Example, Sampled, TopK
 from logitcache.train.losses import SampledTargets, TopKTargets
 
 from .stream import StreamItem
+
+_Item = TypeVar("_Item")
 
 
 @dataclass
@@ -158,6 +161,16 @@ def collate(
     )
 
 
+def idle_batch(info: DatasetInfo, *, pad_id: int = 0, tail_draws: bool = False) -> Batch:
+    """One pad token and no loss positions: what a rank whose batches have run out before the
+    other ranks' runs, so that its collectives still match theirs. It adds nothing to the loss
+    or the gradient; the token is there because a model cannot run on zero rows."""
+    batch = collate([], info, max_seq_len=1, pad_id=pad_id, tail_draws=tail_draws)
+    batch.input_ids = torch.full((1, 1), pad_id, dtype=torch.int64)
+    batch.attention_mask = torch.ones((1, 1), dtype=torch.int64)
+    return batch
+
+
 def _targets(
     rows: list[tuple[Example, int, int]], info: DatasetInfo, tail_draws: bool = False
 ) -> TopKTargets | SampledTargets:
@@ -247,21 +260,37 @@ class Batcher:
     """Use a top-k dataset's tail draws (see :func:`collate`)."""
 
     def __call__(self, items: Iterator[StreamItem]) -> Iterator[Batch]:
-        group: list[StreamItem] = []
+        for group in self._groups((it, self._tokens(it.example), it.end_of_epoch) for it in items):
+            yield self._batch(group)
+
+    def _tokens(self, ex: Example) -> int:
+        return self.length(len(ex.prompt_ids), len(ex.response_ids))
+
+    def length(self, prompt_len: int, response_len: int) -> int:
+        """An example's tokens in the student's sequence (after cutting to max_seq_len)."""
+        return sum(fit_length(prompt_len, response_len, self.max_seq_len))
+
+    def count(self, lengths: Iterable[int]) -> int:
+        """How many batches one slot's epoch makes whose examples have, in order, these
+        :meth:`length` s: the same grouping as batching them, without the examples."""
+        return sum(1 for _ in self._groups((None, n, False) for n in lengths))
+
+    def _groups(self, sized: Iterable[tuple[_Item, int, bool]]) -> Iterator[list[_Item]]:
+        """``(item, length, end_of_epoch)`` cut into batches: full, over the token budget, or
+        at an epoch's end (and at the end of the stream)."""
+        group: list[_Item] = []
         longest = 0
-        for item in items:
-            ex = item.example
-            n = sum(fit_length(len(ex.prompt_ids), len(ex.response_ids), self.max_seq_len))
+        for item, n, end in sized:
             if group and self.max_tokens and (len(group) + 1) * max(longest, n) > self.max_tokens:
-                yield self._batch(group)
+                yield group
                 group, longest = [], 0
             group.append(item)
             longest = max(longest, n)
-            if item.end_of_epoch or (self.batch_size and len(group) == self.batch_size):
-                yield self._batch(group)
+            if end or (self.batch_size and len(group) == self.batch_size):
+                yield group
                 group, longest = [], 0
         if group:
-            yield self._batch(group)
+            yield group
 
     def _batch(self, group: list[StreamItem]) -> Batch:
         batch = collate(

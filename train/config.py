@@ -78,7 +78,9 @@ class LossConfig:
     beta: float = 0.5
     """JSD mixing weight in [0, 1]."""
     temperature: float = 1.0
-    """Student temperature; the KD term is scaled by its square."""
+    """KD temperature of the student (the KD term is scaled by its square); must equal the datasets' capture temperature."""
+    allow_temperature_mismatch: bool = False
+    """Train at a loss.temperature other than the datasets' capture temperature (refused otherwise)."""
     tail: Literal["auto", "draws", "bucket", "renorm"] = "auto"
     """Top-k tail: draws (stored tail draws; forward_kl), bucket (K+1 buckets), renorm, or auto (draws if stored, else bucket)."""
     chunk_size: int = 0
@@ -136,9 +138,9 @@ class TrainConfig:
     output: str = ""
     """Output folder: metrics, checkpoints, resolved config, final student (required)."""
     steps: int = 0
-    """Optimizer steps; 0 derives them from train.epochs (needs data.batch_size)."""
+    """Optimizer steps; 0 derives them from train.epochs."""
     epochs: float = 1.0
-    """Passes over the training set when train.steps is 0."""
+    """Passes over the training set when train.steps is 0: each example exactly once per pass."""
     seed: int = 0
     """Seed of the data order and of a fresh student's initialisation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,7 +148,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights stay fp32); auto = bf16 on CUDA, fp32 on CPU."""
     stop_after: int = 0
-    """Stop after this many steps as if interrupted (time-boxed jobs, tests); 0 = never."""
+    """Stop after this many steps as if interrupted (time-boxed jobs, tests); 0 = never; not saved with the run."""
 
 
 @dataclass(frozen=True)
@@ -206,10 +208,6 @@ class Config:
             p.append(
                 f"set exactly one of data.batch_size and data.max_tokens to a positive number; "
                 f"got {d.batch_size} and {d.max_tokens}"
-            )
-        if t.steps == 0 and d.batch_size == 0:
-            p.append(
-                "train.steps=0 derives steps from data.batch_size; with data.max_tokens set train.steps"
             )
         for key, value, low in [
             ("data.shuffle_buffer", d.shuffle_buffer, 1),

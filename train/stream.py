@@ -7,6 +7,12 @@ end, and that sequence cut into ``world_size × num_workers`` contiguous, near-e
 about 1/slots of the bytes. Each slot then passes its range through a shuffle buffer of
 ``shuffle_buffer`` examples, seeded by ``(seed, epoch, slot)``.
 
+A run of ``epochs`` passes ends: each slot emits its range once per epoch (a fractional last
+epoch: the first ⌈fraction × range⌉ of that epoch's order), then stops, so every example is
+emitted exactly once per whole epoch. :meth:`LogitStream.epoch_rows` gives a slot's order
+without reading anything, which is how a run's length is counted beforehand
+(:mod:`logitcache.train.epochs`).
+
 The buffer is shuffled as *indices* (:class:`_Shuffle`), so a slot's position is just
 ``(epoch, emitted)``: resuming replays the index arithmetic (no I/O), then reads back only the
 ≤ ``shuffle_buffer`` examples that were pending. Examples are copied out of their record batch,
@@ -20,6 +26,7 @@ local ``cache_dir``.
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import queue
 import threading
@@ -171,13 +178,18 @@ class _SlotSource:
         self._pool: ThreadPoolExecutor | None = None
         self._ahead: tuple[int, Future[ShardReader]] | None = None
 
-    def get(self, pos: int) -> Example:
+    def locate(self, pos: int) -> tuple[int, int, int]:
+        """(segment, shard, row in the shard) of position ``pos``; reads nothing."""
         seg = int(np.searchsorted(self.starts, pos, side="right")) - 1
         shard, lo, _ = self.segments[seg]
+        return seg, shard, lo + pos - int(self.starts[seg])
+
+    def get(self, pos: int) -> Example:
+        seg, shard, row = self.locate(pos)
         if self._open is None or self._open[0] != shard:
             self._open = (shard, _OpenShard(self._reader(shard)))
             self._read_ahead(seg + 1)
-        return self._open[1].example(lo + pos - int(self.starts[seg]))
+        return self._open[1].example(row)
 
     def _reader(self, shard: int) -> ShardReader:
         if self._ahead is not None and self._ahead[0] == shard:
@@ -229,7 +241,8 @@ class LogitStream(IterableDataset):
     Each DataLoader worker of each rank is one slot; see the module docstring for the order.
     ``make_batches`` turns the slot's stream of :class:`StreamItem` into batches (see
     :mod:`logitcache.train.batching`); without it the stream yields the items themselves.
-    With ``epochs=None`` it runs forever, each slot moving to the next epoch on its own.
+    Each slot moves to the next epoch on its own; with ``epochs=None`` it runs forever,
+    otherwise it ends after ``epochs`` passes (see :meth:`epoch_length`).
     """
 
     def __init__(
@@ -239,7 +252,7 @@ class LogitStream(IterableDataset):
         seed: int = 0,
         shuffle: bool = True,
         shuffle_buffer: int = 1024,
-        epochs: int | None = 1,
+        epochs: float | None = 1,
         rank: int = 0,
         world_size: int = 1,
         verify: bool = False,
@@ -299,13 +312,39 @@ class LogitStream(IterableDataset):
             yield from self._epoch_items(slot, num_slots, epoch, skip)
             epoch, skip = epoch + 1, 0
 
-    def _epoch_items(
-        self, slot: int, num_slots: int, epoch: int, skip: int
-    ) -> Iterator[StreamItem]:
+    def epoch_length(self, slot: int, num_slots: int, epoch: int) -> int:
+        """Examples ``slot`` emits in ``epoch``: its whole range, or in the last epoch of a
+        fractional ``epochs`` the first ⌈fraction × range⌉ of them; 0 after the last epoch."""
+        lo, hi = slot_range(self.num_examples, slot, num_slots)
+        if self.epochs is None or epoch + 1 <= self.epochs:
+            return hi - lo
+        if epoch < self.epochs:
+            return math.ceil((self.epochs - epoch) * (hi - lo))
+        return 0
+
+    def epoch_rows(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[int, int]]:
+        """(shard, row) of each example ``slot`` emits in ``epoch``, in order; reads nothing."""
+        source, plan = self._epoch_plan(slot, num_slots, epoch)
+        plan.fill()
+        for _ in range(self.epoch_length(slot, num_slots, epoch)):
+            pos = plan.emit()
+            assert pos is not None
+            plan.fill()
+            _, shard, row = source.locate(pos)
+            yield shard, row
+
+    def _epoch_plan(self, slot: int, num_slots: int, epoch: int) -> tuple[_SlotSource, _Shuffle]:
+        """The slot's range in ``epoch`` and the order its shuffle buffer emits it in."""
         order = shard_order(len(self.shard_rows), self.seed, epoch, self.shuffle)
         source = _SlotSource(self.dataset, slot_segments(self.shard_rows, order, slot, num_slots))
         size = self.shuffle_buffer if self.shuffle else 1
-        plan = _Shuffle(source.n, size, [self.seed, epoch, 1, slot])
+        return source, _Shuffle(source.n, size, [self.seed, epoch, 1, slot])
+
+    def _epoch_items(
+        self, slot: int, num_slots: int, epoch: int, skip: int
+    ) -> Iterator[StreamItem]:
+        source, plan = self._epoch_plan(slot, num_slots, epoch)
+        length = self.epoch_length(slot, num_slots, epoch)
         # Replay the first `skip` steps as index arithmetic only, then read what is pending.
         plan.fill()
         for _ in range(skip):
@@ -314,15 +353,14 @@ class LogitStream(IterableDataset):
             plan.fill()
         held = {p: source.get(p) for p in sorted(plan.pending)}
         try:
-            while True:
+            while plan.emitted < length:
                 self.peak_pending = max(self.peak_pending, len(held))
                 pos = plan.emit()
-                if pos is None:
-                    return
+                assert pos is not None  # length ≤ the slot's range
                 ex = held.pop(pos)
                 for p in plan.fill():
                     held[p] = source.get(p)
-                end = plan.emitted == source.n
+                end = plan.emitted == length
                 state = SlotState(epoch + 1, 0) if end else SlotState(epoch, plan.emitted)
                 yield StreamItem(ex, slot, state, end)
         finally:
@@ -385,7 +423,9 @@ class StreamLoader:
     tracking what was *consumed* so that :meth:`state_dict` resumes exactly there.
 
     Every batch carries its slot's state after it (``batch.state``); workers run ahead, but
-    only the states of batches handed to the trainer are recorded.
+    only the states of batches handed to the trainer are recorded. The DataLoader takes the
+    workers' batches in turn, skipping a worker whose stream has ended, so the loader also
+    records whose turn is next (``due``) to restart the turns there.
     """
 
     def __init__(
@@ -402,13 +442,15 @@ class StreamLoader:
         self.pin_memory = pin_memory
         self.slots: dict[int, SlotState] = dict(stream.start)
         self.consumed = 0
+        self.due = 0
+        """The worker (this rank's slot index) whose batch is due next."""
 
     @property
     def num_slots(self) -> int:
         return self.stream.world_size * max(self.num_workers, 1)
 
     def __iter__(self) -> Iterator[Any]:
-        self.stream.rotation = self.consumed % max(self.num_workers, 1)
+        self.stream.rotation = self.due
         self.stream.start = dict(self.slots)
         prefetcher: _Prefetch | None = None
         if self.num_workers > 0:
@@ -427,6 +469,7 @@ class StreamLoader:
                 state = batch.state
                 self.slots[state["slot"]] = SlotState(state["epoch"], state["emitted"])
                 self.consumed += 1
+                self.due = (state["slot"] + 1) % max(self.num_workers, 1)
                 if self.pin_memory and self.num_workers == 0:
                     batch = batch.pin_memory()
                 yield batch
@@ -445,12 +488,20 @@ class StreamLoader:
             "num_examples": s.num_examples,
             "num_slots": self.num_slots,
             "slots": {str(k): [v.epoch, v.emitted] for k, v in sorted(self.slots.items())},
+            "due": {str(s.rank): self.due},
             "consumed": self.consumed,
         }
 
+    @staticmethod
+    def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+        """Every rank's :meth:`state_dict` as one, from which each rank loads its own part."""
+        merged = dict(states[0])
+        merged["slots"] = {k: v for state in states for k, v in state["slots"].items()}
+        merged["due"] = {k: v for state in states for k, v in state["due"].items()}
+        return merged
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``. It may hold every rank's slots (each rank reads its own);
-        ``consumed``, the batches taken per rank, fixes which worker's batch is due next."""
+        """Continue from ``state``, one rank's or all ranks' (:meth:`merge_states`)."""
         s = self.stream
         problems = []
         mine = {
@@ -474,3 +525,7 @@ class StreamLoader:
             )
         self.slots = {int(k): SlotState(int(e), int(n)) for k, (e, n) in state["slots"].items()}
         self.consumed = int(state["consumed"])
+        # Checkpoints written before `due` was kept come from never-ending streams, where every
+        # worker takes its turn and every rank takes as many batches: the turn is consumed % W.
+        due = state.get("due", {}).get(str(s.rank))
+        self.due = int(due) if due is not None else self.consumed % max(self.num_workers, 1)

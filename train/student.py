@@ -1,8 +1,9 @@
-"""The student side of training: processes, tokenizer check, model, and the loss module.
+"""The student side of training: processes, tokenizer, model, and the loss module.
 
-Everything here can refuse a run before a single step: a tokenizer whose fingerprint differs
-from the dataset's, a student whose lm_head does not cover the teacher's vocabulary, or one
-whose logits are not ``lm_head(hidden)`` (soft-capping, scaling), which the chunked loss assumes.
+The student can refuse a run before a single step: one whose lm_head does not cover a
+dataset's vocabulary, or whose logits are not ``lm_head(hidden)`` (soft-capping, scaling), which
+the chunked loss assumes. (The tokenizer and the other settings are checked against the datasets
+in :mod:`logitcache.train.compat`.)
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ from typing import Any
 
 import torch
 
-from logitcache.cache.errors import IncompatibleError, InputError
+from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
-from logitcache.cache.tokenizer import tokenizer_fingerprint
 
 from .batching import Batch
 from .config import Config
@@ -93,19 +93,11 @@ def load_tokenizer(cfg: Config) -> Any:
         ) from None
 
 
-def check_fingerprint(info: DatasetInfo, tokenizer: Any, dataset: str, tokenizer_path: str) -> None:
-    """Refuse a student whose token ids mean something else than the teacher's."""
-    found = tokenizer_fingerprint(tokenizer)
-    if found != info.tokenizer_fingerprint:
-        raise IncompatibleError(
-            f"tokenizer mismatch: the dataset {dataset} was captured with tokenizer "
-            f"{info.tokenizer_fingerprint}, but the student's tokenizer ({tokenizer_path}) is "
-            f"{found}. Token ids would mean different things; train a student that shares the "
-            "teacher's tokenizer (or point model.tokenizer at it)"
-        )
-
-
-def load_student(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
+def load_student(
+    cfg: Config, info: DatasetInfo, eval_info: DatasetInfo | None = None
+) -> torch.nn.Module:
+    """The student for training on ``info``'s dataset (and scoring ``eval_info``'s), refused
+    when its lm_head does not cover either vocabulary or its logits are not lm_head(hidden)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg.model
@@ -124,11 +116,14 @@ def load_student(cfg: Config, info: DatasetInfo) -> torch.nn.Module:
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         problems.append("the student has no output embeddings (lm_head) to distil into")
-    elif head.weight.shape[0] < info.vocab_size:
-        problems.append(
-            f"the student's lm_head has {head.weight.shape[0]} rows but the dataset's vocab is "
-            f"{info.vocab_size}; the student must cover every teacher id"
-        )
+    else:
+        for key, ds in (("data.train", info), ("data.eval", eval_info)):
+            if ds is not None and head.weight.shape[0] < ds.vocab_size:
+                problems.append(
+                    f"the student's lm_head has {head.weight.shape[0]} rows but {key}="
+                    f"{getattr(cfg.data, key[5:])!r} has vocab {ds.vocab_size} (tokenizer."
+                    "vocab_size in its manifest.json); the student must cover every teacher id"
+                )
     for attr in _LOGIT_TRANSFORMS:
         value = getattr(model.config, attr, None)
         if value not in (None, 1, 1.0):

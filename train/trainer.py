@@ -12,6 +12,7 @@ Run with ``torchrun --nproc-per-node N`` for DDP (gloo on CPU, nccl on GPU).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import sys
@@ -26,15 +27,17 @@ import torch
 from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
 
-from .batching import Batch, Batcher
+from .batching import Batch, Batcher, idle_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .compat import check_datasets
 from .config import Config
+from .epochs import micro_batches, steps_for
 from .evaluate import evaluate
+from .optim import clipped_step, lr_at, make_optimizer, set_lr
 from .stream import LogitStream, StreamLoader
 from .student import (
     Dist,
     DistillStudent,
-    check_fingerprint,
     load_student,
     load_tokenizer,
     setup_dist,
@@ -47,6 +50,7 @@ FINAL_NAME = "final"
 
 RESUMABLE_CHANGES = {
     "train.stop_after",
+    "loss.allow_temperature_mismatch",
     "data.prefetch",
     "data.cache_dir",
     "data.verify",
@@ -63,21 +67,12 @@ RESUMABLE_CHANGES = {
 # --------------------------------------------------------------------------- setup
 
 
-def lr_at(step: int, cfg: Config, total: int) -> float:
-    """Linear warmup to optim.lr, then cosine decay to optim.lr × optim.min_lr_ratio."""
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * cosine)
-
-
-def total_steps(cfg: Config, num_examples: int, world: int) -> int:
+def total_steps(cfg: Config, loader: StreamLoader, dist: Dist) -> int:
+    """train.steps, or the steps in which every rank trains on all of its batches of
+    train.epochs passes (see :mod:`logitcache.train.epochs`)."""
     if cfg.train.steps:
         return cfg.train.steps
-    per_step = cfg.data.batch_size * cfg.optim.grad_accum * world
-    return max(1, math.ceil(cfg.train.epochs * num_examples / per_step))
+    return steps_for(dist.gather(micro_batches(loader)), cfg.optim.grad_accum)
 
 
 def make_loader(
@@ -98,7 +93,9 @@ def make_loader(
         seed=cfg.train.seed,
         shuffle=train,
         shuffle_buffer=d.shuffle_buffer,
-        epochs=None if train else 1,
+        # train.steps trains on a stream that never ends; train.epochs on one that ends after
+        # its passes, every batch of which the run trains on. Held-out sets: one pass.
+        epochs=(None if cfg.train.steps else cfg.train.epochs) if train else 1,
         rank=dist.rank,
         world_size=dist.world,
         verify=d.verify,
@@ -148,6 +145,24 @@ def _check_resumable(saved: dict[str, Any], cfg: Config, where: Path) -> None:
         )
 
 
+def _nothing_to_score(cfg: Config, result: dict[str, Any]) -> str:
+    """Why an eval had no loss position to average over, and what to do about it."""
+    where = f"data.eval={cfg.data.eval!r}"
+    n, dropped = result["examples"], result["dropped_targets"]
+    if n == 0:
+        why = f"{where} gave no examples; point data.eval at a held-out set that holds some"
+    else:
+        why = (
+            f"the {n} examples of {where} have no target left to score ({dropped} dropped: a "
+            "response token right after an empty prompt has no logit to predict it); hold out "
+            "examples with a prompt, or with responses of two tokens or more"
+        )
+    return (
+        f"eval: nothing to score: {why}. metrics.jsonl records eval/kl, eval/ce and eval/top1 "
+        "as null"
+    )
+
+
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -188,29 +203,24 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     train_ds = open_dataset(cfg.data.train, verify=False, cache_dir=cfg.data.cache_dir)
     info = train_ds.info
     tokenizer = load_tokenizer(cfg)
-    tok_path = cfg.model.tokenizer or cfg.model.path or ""
-    check_fingerprint(info, tokenizer, cfg.data.train, tok_path)
     eval_info = info
     if cfg.data.eval is not None:
         eval_info = open_dataset(cfg.data.eval).info
-        check_fingerprint(eval_info, tokenizer, cfg.data.eval, tok_path)
-    # The tail mode this dataset trains with (auto resolved), recorded in the run's config.
-    cfg = replace(cfg, loss=replace(cfg.loss, tail=cfg.loss.tail_for(info.targets, cfg.data.train)))
-    if info.targets.kind == "sampled" and cfg.loss.divergence != "forward_kl":
-        raise InputError(
-            f"loss.divergence={cfg.loss.divergence} cannot be estimated from sampled targets "
-            f"({cfg.data.train}); use loss.divergence=forward_kl or a top-k dataset"
-        )
+    infos = {"data.train": info} | ({"data.eval": eval_info} if cfg.data.eval is not None else {})
+    # Tokenizer, capture temperature, tail and divergence against the datasets, all at once;
+    # the tail mode (auto resolved) is recorded in the run's config.
+    cfg = check_datasets(cfg, infos, tokenizer)
     readers = dist.world * max(cfg.data.num_workers, 1)
     if train_ds.num_examples < readers:
         raise InputError(
             f"data.train={cfg.data.train!r} holds {train_ds.num_examples} examples, fewer than "
             f"the {readers} readers (ranks × data.num_workers); lower data.num_workers"
         )
-    steps = total_steps(cfg, train_ds.num_examples, dist.world)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loader = make_loader(cfg, cfg.data.train, info, dist, train=True, pad_id=pad_id)
+    steps = total_steps(cfg, loader, dist)
 
-    model = load_student(cfg, info).to(dist.device)
+    model = load_student(cfg, info, infos.get("data.eval")).to(dist.device)
     kind = "sampled" if cfg.loss.tail == "draws" else info.targets.kind  # as the loader gives
     module: torch.nn.Module = DistillStudent(model, cfg, kind)
     student = module
@@ -219,19 +229,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
     o = cfg.optim
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": o.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        foreach=dist.device.type == "cuda",
-    )
-    loader = make_loader(cfg, cfg.data.train, info, dist, train=True, pad_id=pad_id)
+    optimizer = make_optimizer(model, o, dist.device)
+    # train.stop_after bounds one invocation, not the run: the config saved with the run
+    # (which `--config <output>/resolved_config.yaml --resume` reads back) runs to the end.
+    saved = replace(cfg, train=replace(cfg.train, stop_after=0))
     step = 0
     if ckpt is not None:
         _check_resumable(yaml.safe_load((ckpt / CONFIG_NAME).read_text()), cfg, ckpt)
@@ -249,7 +250,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 file=sys.stderr,
             )
         out.mkdir(parents=True, exist_ok=True)
-        cfg.dump(out / CONFIG_NAME)
+        saved.dump(out / CONFIG_NAME)
         if resume:
             _truncate_jsonl(metrics_path, step if ckpt else -1)
     if resume and cfg.log.example_ids:
@@ -274,6 +275,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 model.get_output_embeddings(),
                 device=dist.device,
                 tail=cfg.loss.topk_tail,
+                temperature=cfg.loss.temperature,
                 chunk_size=cfg.loss.chunk_size,
                 max_batches=cfg.log.eval_batches,
                 all_reduce=dist.sum,
@@ -283,25 +285,26 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             _append_jsonl(
                 metrics_path, {"step": step, **{f"eval/{k}": v for k, v in result.items()}}
             )
-            bar.write(
-                f"step {step}: eval KL {result['kl']:.4f}  CE {result['ce']:.4f}  top-1 {result['top1']:.3f}"
-            )
+            if result["positions"]:
+                bar.write(
+                    f"step {step}: eval KL {result['kl']:.4f}  CE {result['ce']:.4f}  top-1 {result['top1']:.3f}"
+                )
+            else:
+                bar.write(f"step {step}: {_nothing_to_score(cfg, result)}", file=sys.stderr)
 
     def checkpoint() -> None:
         states = dist.gather(loader.state_dict())
         rngs = dist.gather(_rng_state(dist.device))
         if not dist.main:
             return
-        stream_state = dict(states[0])
-        stream_state["slots"] = {k: v for s in states for k, v in s["slots"].items()}
         rng = {f"{name}.rank{r}": t for r, d in enumerate(rngs) for name, t in d.items()}
         save_checkpoint(
             out,
             step,
             model=model,
             optimizer=optimizer,
-            config=cfg,
-            state={"stream": stream_state},
+            config=saved,
+            state={"stream": StreamLoader.merge_states(states)},
             rng=rng,
             keep=cfg.log.keep_checkpoints,
         )
@@ -314,21 +317,25 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         dynamic_ncols=True,
     )
     batches: Iterator[Batch] = iter(loader)
+    # What a rank trains on in the last steps of an epochs run once its own batches are spent.
+    idle = idle_batch(info, pad_id=pad_id, tail_draws=cfg.loss.tail == "draws")
+    idle.epoch = math.ceil(cfg.train.epochs) - 1
     if step == 0:
         run_eval()
     model.train()
     stop_at = min(steps, cfg.train.stop_after) if cfg.train.stop_after else steps
     while step < stop_at:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(o.grad_accum)]
+        micro = list(itertools.islice(batches, o.grad_accum))
+        idling = not micro  # this rank's share of the run ended before another rank's
+        micro = micro or [idle]
         data_s = time.perf_counter() - t0  # time the loop waited for data: ~0 with prefetch
         # Position-weighted mean over the whole step: every rank needs the global count first.
         n_local = float(sum(b.num_positions for b in micro))
         n_global = float(dist.sum(torch.tensor([n_local], device=dist.device))[0])
         global_positions = max(n_global, 1.0)
         lr = lr_at(step, cfg, steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         loss_sums = torch.zeros(3, dtype=torch.float64, device=dist.device)  # total, kd, ce
         tokens = rows = 0
         for i, batch in enumerate(micro):
@@ -348,24 +355,23 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 # DDP averages gradients over ranks; scale back to a sum, then divide by all.
                 (total * (n * dist.world / global_positions)).backward()
             loss_sums += torch.stack([total.detach(), kd, ce]).double() * n
+            if idling:
+                continue
             tokens, rows = tokens + batch.num_tokens, rows + len(batch.ids)
             if cfg.log.example_ids:
                 seen = {"step": step + 1, "micro": i, "epoch": batch.epoch, "ids": batch.ids}
                 _append_jsonl(ids_path, seen)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), o.grad_clip if o.grad_clip > 0 else math.inf
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = clipped_step(model, optimizer, o)
         step += 1
         counts = torch.tensor([tokens, rows], dtype=torch.float64, device=dist.device)
         sums = dist.sum(torch.cat([loss_sums, counts]))
         dt = time.perf_counter() - t0
         record = {
             "step": step,
-            "loss": float(sums[0]) / global_positions,
-            "kd": float(sums[1]) / global_positions,
-            "ce": float(sums[2]) / global_positions,
+            # A step without a loss position (every target dropped) has no loss: null, not 0.
+            "loss": float(sums[0]) / n_global if n_global else None,
+            "kd": float(sums[1]) / n_global if n_global else None,
+            "ce": float(sums[2]) / n_global if n_global else None,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "positions": int(n_global),
@@ -377,7 +383,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         }
         if dist.main:
             _append_jsonl(metrics_path, record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            shown = "none" if record["loss"] is None else f"{record['loss']:.4f}"
+            bar.set_postfix(loss=shown, tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
         is_last = step == steps
         if (cfg.log.eval_every and step % cfg.log.eval_every == 0) or is_last:
@@ -387,6 +394,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     bar.close()
 
     finished = step == steps
+    if finished and not cfg.train.steps:
+        # The count was exact: the run trained on every batch of its epochs, none is left.
+        assert next(batches, None) is None, "train.epochs: batches left after the last step"
     if finished and dist.main:
         model.save_pretrained(out / FINAL_NAME)
         tokenizer.save_pretrained(out / FINAL_NAME)
@@ -415,14 +425,16 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> None:
     train_rows = [r for r in rows if "loss" in r]
     eval_rows = [r for r in rows if "eval/kl" in r]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+
+    def values(rows: list[dict[str, Any]], key: str) -> list[float]:
+        return [math.nan if r[key] is None else r[key] for r in rows]  # null: nothing to score
+
     for key in ("loss", "kd", "ce"):
-        axes[0].plot([r["step"] for r in train_rows], [r[key] for r in train_rows], label=key)
+        axes[0].plot([r["step"] for r in train_rows], values(train_rows, key), label=key)
     axes[0].set(xlabel="step", title="training (per step)")
     axes[0].legend()
     for key in ("eval/kl", "eval/ce"):
-        axes[1].plot(
-            [r["step"] for r in eval_rows], [r[key] for r in eval_rows], marker="o", label=key
-        )
+        axes[1].plot([r["step"] for r in eval_rows], values(eval_rows, key), marker="o", label=key)
     axes[1].set(xlabel="step", title="held-out")
     axes[1].legend()
     fig.tight_layout()

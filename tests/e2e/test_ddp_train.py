@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from logitcache.train.trainer import read_metrics
 from tests.train.helpers import capture_dataset
 
 
-def torchrun_train(ds: Path, student: Path, out: Path, *extra: str) -> None:
+def torchrun_train(ds: Path, student: Path, out: Path, *extra: str) -> str:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
         "-m", "logitcache.tools.cli", "train",
@@ -27,9 +29,16 @@ def torchrun_train(ds: Path, student: Path, out: Path, *extra: str) -> None:
         "--log.progress", "false",
         *extra,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return run(cmd)
+
+
+def run(cmd: list[str]) -> str:
+    """Run ``cmd`` with this venv's commands (torchrun, logitcache) on the PATH; its stdout."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
 
 
 def test_two_process_ddp_sees_every_example_once_per_epoch(
@@ -73,3 +82,33 @@ def test_two_process_ddp_resume_reproduces_the_uninterrupted_losses(
 
     assert [r["step"] for r in losses("a") if "loss" in r] == list(range(1, 8))
     assert losses("a") == losses("b")  # bit for bit, across both ranks' all-reduces
+
+
+def test_two_process_epochs_run_with_uneven_ranks_resumes_as_it_advises(
+    tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    # 41 examples: ranks read 20 and 21, i.e. 5 and 6 micro-batches of 4 an epoch. Two epochs
+    # at grad_accum 2 are 5 steps for rank 0 and 6 for rank 1: rank 0 idles through step 6.
+    ds = capture_dataset(tiny_teacher_dir, tmp_path / "ds", count=41, shard_positions=120)
+    out = tmp_path / "run"
+    epochs = ("--train.steps", "0", "--train.epochs", "2", "--optim.grad_accum", "2")
+    logs = ("--log.example_ids", "true", "--log.checkpoint_every", "2")
+    cut = torchrun_train(ds, tiny_student_dir, out, *epochs, *logs, "--train.stop_after", "3")
+    advice = cut.strip().splitlines()[-1]  # rank 0 alone prints it
+    assert advice.startswith("stopped at step 3 of 6 (train.stop_after); to continue, run: ")
+    command = shlex.split(advice.rsplit("to continue, run: ", 1)[1])
+    assert command[:4] == ["torchrun", "--standalone", "--nproc-per-node", "2"]
+    assert run(command).strip().splitlines()[-1] == f"done: 6 steps; student saved to {out}/final"
+
+    per_epoch: dict[int, Counter[str]] = {0: Counter(), 1: Counter()}
+    for rank in (0, 1):
+        for line in (out / f"examples-rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            per_epoch[rec["epoch"]].update(rec["ids"])
+    everyone = Counter(f"ex{i}" for i in range(41))
+    assert per_epoch[0] == everyone and per_epoch[1] == everyone
+    steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    # Each rank's epoch ends with a short batch (rank 1: 1 example); in step 6 only rank 1 trains.
+    assert [r["examples"] for r in steps] == [16, 16, 13, 16, 16, 5]
+    assert all(r["positions"] > 0 for r in steps)

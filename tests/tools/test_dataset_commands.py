@@ -162,3 +162,14 @@ def test_finalize_command(tmp_path, capsys):
     assert main(["finalize", str(tmp_path / "ds")]) == 0
     assert "6 examples" in capsys.readouterr().out
     assert open_dataset(tmp_path / "ds").num_examples == 6
+
+
+def test_inspect_and_stats_of_a_dataset_without_positions(tmp_path, capsys):
+    # A per-position figure over zero positions is not 0: it is left out, or "n/a".
+    ds = _dataset(tmp_path / "ds", count=0)
+    assert main(["inspect", str(ds)]) == 0
+    out = capsys.readouterr().out
+    assert "0 examples, 0 positions" in out and "B/position" not in out
+    assert main(["stats", str(ds)]) == 0
+    out = capsys.readouterr().out
+    assert "top-k mass coverage n/a" in out and "0.0" not in out

@@ -37,9 +37,11 @@ def capture_dataset(
     empty_prompts: bool = False,
     teacher_name: str | None = None,
     tail_draws: int = 0,
+    temperature: float = 1.0,
 ) -> Path:
-    """Write ``count`` examples with the teacher's top-k (or sampled) targets to ``out``;
-    top-k with ``tail_draws`` draws from the rest of the distribution when that is > 0."""
+    """Write ``count`` examples with the teacher's top-k (or sampled) targets at
+    ``temperature`` to ``out``; top-k with ``tail_draws`` draws from the rest of the
+    distribution when that is > 0."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
@@ -60,7 +62,7 @@ def capture_dataset(
             "revision": None,
             "config_hash": "test",
         },
-        capture={"temperature": 1.0, "mode": "score", "context": CONTEXT},
+        capture={"temperature": temperature, "mode": "score", "context": CONTEXT},
     )
     context_ids = tok.encode(CONTEXT, add_special_tokens=False)
     rows = []
@@ -77,7 +79,7 @@ def capture_dataset(
     T = max(len(x) for x in seqs)
     full = torch.tensor([x + [0] * (T - len(x)) for x in seqs])
     with torch.no_grad():
-        all_logprobs = teacher(full).logits.log_softmax(-1)  # (count, T, V)
+        all_logprobs = (teacher(full).logits / temperature).log_softmax(-1)  # (count, T, V)
     with DatasetWriter(out, info, shard_positions=shard_positions, batch_rows=batch_rows) as w:
         for i, (prompt, response) in enumerate(rows):
             # Logit at index t predicts token t+1: the response starts after bos+context+prompt.

@@ -1,0 +1,147 @@
+"""`logitcache train`: what it tells the user to run next works when typed as printed."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from logitcache.tools.cli import main as cli_main
+from logitcache.tools.cmd_train import resume_command
+from logitcache.train import trainer
+from logitcache.train.config import Config, load_config
+from logitcache.train.trainer import CONFIG_NAME, read_metrics
+from tests.train.helpers import capture_dataset
+
+KEYS = ("step", "loss", "kd", "ce", "grad_norm", "lr", "positions", "examples", "epoch")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Path:
+    return capture_dataset(tiny_teacher_dir, tmp_path_factory.mktemp("logits") / "ds", count=24)
+
+
+def argv(ds: Path, student: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--data.train", str(ds),
+        "--model.path", str(student),
+        "--train.output", str(out),
+        "--train.epochs", "2",
+        "--data.batch_size", "3",
+        "--data.num_workers", "2",
+        "--data.shuffle_buffer", "4",
+        "--optim.lr", "3e-3",
+        "--log.checkpoint_every", "3",
+        "--log.progress", "false",
+        *extra,
+    ]  # fmt: skip
+
+
+def losses(out: Path) -> list[dict]:
+    return [{k: r[k] for k in KEYS} for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def follow(advice: str) -> int:
+    """Run the command that ``advice`` ends with, exactly as printed."""
+    command = shlex.split(advice.rsplit("to continue, run: ", 1)[1])
+    assert command[:2] == ["logitcache", "train"], command
+    return cli_main(command[1:])
+
+
+@pytest.fixture(scope="module")
+def straight(dataset: Path, tiny_student_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert cli_main(argv(dataset, tiny_student_dir, out)) == 0
+    return losses(out)
+
+
+def test_the_advice_after_stop_after_finishes_the_run(
+    dataset: Path, tiny_student_dir: Path, tmp_path: Path, straight: list[dict], capsys
+) -> None:
+    out = tmp_path / "run"
+    first = argv(dataset, tiny_student_dir, out, "--train.stop_after", "5")
+    assert cli_main(first) == 0
+    advice = capsys.readouterr().out.strip().splitlines()[-1]
+    steps = len(straight)
+    config = out / CONFIG_NAME
+    assert advice == (
+        f"stopped at step 5 of {steps} (train.stop_after); to continue, run: "
+        f"logitcache train --config {config} --resume"
+    )
+    # The saved config is the run's, which ends at its last step, not at this invocation's.
+    assert load_config(config, []).train.stop_after == 0
+    # The same command again is refused, naming --resume; with it, it stops where it was told.
+    assert cli_main(first) == 1
+    assert "already holds a run; pass --resume to continue it" in capsys.readouterr().err
+    assert cli_main([*first, "--resume"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == advice
+    assert follow(advice) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"done: {steps} steps; student saved to {out}/final"
+    )
+    assert losses(out) == straight  # bit for bit, as if never stopped
+
+
+def test_the_advice_after_an_interruption_finishes_the_run(
+    dataset: Path,
+    tiny_student_dir: Path,
+    tmp_path: Path,
+    straight: list[dict],
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lr_at = trainer.lr_at
+
+    def interrupted_at_step_4(step: int, cfg: Config, total: int) -> float:
+        if step == 4:
+            raise KeyboardInterrupt
+        return lr_at(step, cfg, total)
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "lr_at", interrupted_at_step_4)
+        assert cli_main(argv(dataset, tiny_student_dir, out)) == 130
+    advice = capsys.readouterr().err.strip().splitlines()[-1]
+    assert advice == (
+        f"logitcache train: interrupted; to continue, run: "
+        f"logitcache train --config {out / CONFIG_NAME} --resume"
+    )
+    assert follow(advice) == 0
+    assert losses(out) == straight
+
+
+def test_an_interruption_before_the_run_is_set_up_says_to_rerun_the_command(
+    dataset: Path, tiny_student_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    command = argv(dataset, tiny_student_dir, out, "--train.epochs", "0.25")
+    assert cli_main([*command, "--resume"]) == 1  # nothing to resume: told to drop --resume
+    assert "holds no run to resume; drop --resume to start" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "load_student", interrupted)
+        assert cli_main(command) == 130
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith("interrupted; nothing was saved yet; rerun the same command to start the run")
+    )
+    assert cli_main(command) == 0
+    assert "done: " in capsys.readouterr().out
+
+
+def test_under_torchrun_the_advice_relaunches_as_many_processes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resume_command("runs/a b/resolved_config.yaml") == (
+        "torchrun --standalone --nproc-per-node 4 -m logitcache.tools.cli train "
+        "--config 'runs/a b/resolved_config.yaml' --resume"
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes: only the launcher knows the rest
+    assert "on each of the 2 nodes" in resume_command("r/resolved_config.yaml")
