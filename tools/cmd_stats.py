@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from logitcache.cache.reader import open_dataset
-
-from .stats import collect_stats, format_stats, plot_stats
+from logitcache.cache.stats import collect_stats, format_stats, plot_stats
 
 HELP = "top-k mass coverage, teacher entropy and lengths of a dataset"
 

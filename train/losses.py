@@ -413,7 +413,7 @@ class _StudentLogProbs(torch.autograd.Function):
     Autograd's logsumexp / masked_fill / gather would keep a masked copy of the logits and
     build the gradient from several vocab-sized pieces; here only ``z`` and ``top`` are saved
     and the gradient is built in place in one (n, V) buffer, which cut the measured peak of
-    loss + backward (tools/bench_loss.py, dense or per chunk) from 25 to 9 bytes per logit.
+    loss + backward (tools/bench/loss.py, dense or per chunk) from 25 to 9 bytes per logit.
     """
 
     @staticmethod

@@ -8,7 +8,7 @@ import numpy as np
 
 from logitcache.cache.codecs import tail_logmass
 from logitcache.cache.format import DatasetInfo, Example, Sampled, TopK
-from logitcache.tools.reliability.synth import synth_info
+from logitcache.tools.synth import synth_info
 
 make_info = partial(synth_info, teacher="tiny-teacher")
 """The reliability trials' synthetic dataset description, under the test teacher's name."""

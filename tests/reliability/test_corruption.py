@@ -22,7 +22,7 @@ from logitcache.cache.errors import ShardError
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.verify import verify_dataset
 from logitcache.tools.reliability.flips import bit_regions, flip_trial, read_outcome
-from logitcache.tools.reliability.synth import snapshot, synth_examples, synth_info, write_synth
+from logitcache.tools.synth import snapshot, synth_examples, synth_info, write_synth
 
 needs_fork = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per flip")
 

@@ -10,13 +10,13 @@ import pytest
 
 from logitcache.cache.reader import committed_ids, open_dataset
 from logitcache.cache.writer import DatasetWriter
-from logitcache.tools.reliability.synth import synth_examples, synth_info
+from logitcache.tools.synth import synth_examples, synth_info
 
 # Dies (like SIGKILL: no cleanup runs) right before the rename that commits a file in `where`.
 DIE_BEFORE_RENAME = """
 import os, sys
 from logitcache.cache.writer import DatasetWriter
-from logitcache.tools.reliability.synth import synth_examples, synth_info
+from logitcache.tools.synth import synth_examples, synth_info
 
 real_replace, where = os.replace, sys.argv[2]
 commits = []

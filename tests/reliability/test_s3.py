@@ -21,7 +21,7 @@ from logitcache.cache import storage
 from logitcache.cache.reader import committed_ids, open_dataset
 from logitcache.cache.verify import verify_dataset
 from logitcache.tools.reliability.s3 import FlakyS3, transient_policy
-from logitcache.tools.reliability.synth import snapshot, synth_examples, synth_info, write_synth
+from logitcache.tools.synth import snapshot, synth_examples, synth_info, write_synth
 
 INFO = synth_info("topk", k=8)
 EXAMPLES = synth_examples(INFO, 40, seed=7)

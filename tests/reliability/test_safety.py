@@ -13,7 +13,7 @@ import pytest
 
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.writer import DatasetWriter
-from logitcache.tools.reliability.synth import snapshot, synth_examples, synth_info
+from logitcache.tools.synth import snapshot, synth_examples, synth_info
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("cache", "train", "tools", "tests")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logitcache.tools.fidelity import (
+from logitcache.tools.studies.fidelity import (
     Row,
     Settings,
     Variant,

@@ -9,8 +9,9 @@ Each subcommand prints the figures that docs/RELIABILITY.md quotes:
     python -m logitcache.tools.reliability train-crash    # SIGKILL `logitcache train`, --resume
     python -m logitcache.tools.reliability rss            # peak RSS streaming 1×/10×/100× buffer
 
-Everything runs locally (moto serves S3 on 127.0.0.1; the models are tools/tiny.py's) and
-nothing is downloaded. torch is imported only by the subcommands that capture, train or stream.
-Modules: ``synth`` (synthetic datasets, snapshots), ``flips``, ``s3`` (``FlakyS3``), ``memory``,
-``crashes``; tests/reliability/ imports their helpers. ``__main__`` holds the command line.
+Everything runs locally (moto serves S3 on 127.0.0.1; the models are tools/tiny.py's, the
+synthetic datasets and snapshots tools/synth.py's) and nothing is downloaded. torch is imported
+only by the subcommands that capture, train or stream. Modules: ``flips``, ``s3``
+(``FlakyS3``), ``memory``, ``crashes``; tests/reliability/ imports their helpers. ``__main__``
+holds the command line.
 """

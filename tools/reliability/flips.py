@@ -21,7 +21,7 @@ from logitcache.cache.errors import LogitCacheError
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.verify import verify_dataset
 
-from .synth import snapshot, synth_examples, synth_info, write_synth
+from ..synth import snapshot, synth_examples, synth_info, write_synth
 
 # --------------------------------------------------------------------------- bit flips
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from logitcache.cache.writer import DatasetWriter
 
-from .synth import synth_examples, synth_info
+from ..synth import synth_examples, synth_info
 
 # --------------------------------------------------------------------------- memory
 

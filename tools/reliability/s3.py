@@ -18,7 +18,7 @@ from typing import Any
 
 from logitcache.cache.verify import verify_dataset
 
-from .synth import snapshot, synth_examples, synth_info, write_synth
+from ..synth import snapshot, synth_examples, synth_info, write_synth
 
 # --------------------------------------------------------------------------- flaky S3
 

@@ -1,4 +1,8 @@
-"""Synthetic datasets for the reliability trials, and a snapshot of what a reader returns."""
+"""Synthetic datasets, and a snapshot of what a reader returns.
+
+Shared by the reliability trials (tools/reliability/) and the test suite (tests/cache/synth.py,
+tests/reliability/), as tools/tiny.py shares its tiny tokenizer and models.
+"""
 
 from __future__ import annotations
 

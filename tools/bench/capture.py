@@ -1,8 +1,8 @@
 """Capture throughput ÷ bare teacher forward, measured side by side on the same batches.
 
-    python -m logitcache.tools.bench_capture [--prompts 24] [--k 64] [--repeats 3] [--full-pass]
+    python -m logitcache.tools.bench.capture [--prompts 24] [--k 64] [--repeats 3] [--full-pass]
 
-Teacher: SmolLM2-135M-Instruct (tools.teachers.ensure_smollm2) when its package is installed,
+Teacher: SmolLM2-135M-Instruct (tools/teachers.py, ensure_smollm2) when its package is installed,
 else a tiny random Llama. Workload: the demo's context distillation, score mode: the teacher
 sees the few-shot block + prompt, the response is ~60 tokens. Three variants run interleaved,
 ``repeats`` times each, on identical padded batches:
@@ -24,7 +24,6 @@ real capture loop end to end (background writer included).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -40,12 +39,12 @@ import numpy as np
 def _teacher_dir(tmp: Path, force_tiny: bool) -> tuple[str, str]:
     if not force_tiny:
         try:
-            from logitcache.tools.teachers import ensure_smollm2
+            from ..teachers import ensure_smollm2
 
             return str(ensure_smollm2()), "SmolLM2-135M-Instruct (fp32)"
         except (ModuleNotFoundError, FileNotFoundError) as e:
             print(f"SmolLM2 not available ({e}); using the tiny random teacher")
-    from logitcache.tools.tiny import make_tiny_model, make_tiny_tokenizer
+    from ..tiny import make_tiny_model, make_tiny_tokenizer
 
     make_tiny_tokenizer(tmp / "tok")
     make_tiny_model(tmp / "tiny", tmp / "tok", layers=4, hidden=256, heads=4, kv_heads=2)
@@ -53,13 +52,10 @@ def _teacher_dir(tmp: Path, force_tiny: bool) -> tuple[str, str]:
 
 
 def _records(n: int) -> list[dict[str, Any]]:
-    data = Path(__file__).with_name("data")
-    prompts = [json.loads(x) for x in (data / "demo_prompts.jsonl").read_text().splitlines()]
-    answers = [
-        m["content"]
-        for m in json.loads((data / "demo_context.txt").read_text())
-        if m["role"] == "assistant"
-    ]
+    from ..demo.behaviour import load_demo_context, load_demo_prompts
+
+    prompts = load_demo_prompts()
+    answers = [m["content"] for m in load_demo_context() if m["role"] == "assistant"]
     return [
         {
             "id": p["id"],
@@ -71,7 +67,9 @@ def _records(n: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m logitcache.tools.bench.capture", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--prompts", type=int, default=24, help="examples per pass")
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--codec", default="u8")
@@ -106,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     from logitcache.cache.views import Context, ViewRenderer
     from logitcache.cache.writer import DatasetWriter, encode_shard
 
+    from ..demo.behaviour import DEMO_CONTEXT
+
     tmp = Path(tempfile.mkdtemp(prefix="bench_capture-"))
     try:
         folder, name = _teacher_dir(tmp, args.tiny)
-        ctx_file = str(Path(__file__).with_name("data") / "demo_context.txt")
+        ctx_file = str(DEMO_CONTEXT)
         cfg = CaptureConfig(
             input=InputConfig(prompts=("bench",), context=ctx_file),
             teacher=TeacherConfig(path=folder),

@@ -1,6 +1,6 @@
 """Benchmark: peak memory and time of dense vs chunked distillation loss + backward.
 
-Run ``python -m logitcache.tools.bench_loss``. For each vocabulary size it measures, side by
+Run ``python -m logitcache.tools.bench.loss``. For each vocabulary size it measures, side by
 side in one run, ``distill_loss`` on materialised ``hidden @ W.T`` logits ("dense") and
 ``chunked_distill_loss`` on the hidden states ("chunked"), forward plus backward to the
 hidden states and the lm_head, and prints a table with the chunked/dense ratios.
@@ -135,7 +135,7 @@ def _worker(args: argparse.Namespace) -> None:
 
 
 def _run_variant(args: argparse.Namespace, variant: str, vocab: int, chunk_size: int) -> dict:
-    cmd = [sys.executable, "-m", "logitcache.tools.bench_loss", "--worker", variant]
+    cmd = [sys.executable, "-m", "logitcache.tools.bench.loss", "--worker", variant]
     cmd += ["--vocab", str(vocab), "--positions", str(args.positions)]
     cmd += ["--hidden", str(args.hidden), "--topk", str(args.topk)]
     cmd += ["--chunk-size", str(chunk_size), "--repeats", str(args.repeats)]
@@ -151,7 +151,9 @@ def _run_variant(args: argparse.Namespace, variant: str, vocab: int, chunk_size:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m logitcache.tools.bench.loss", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--vocab", type=int, nargs="+", default=[32_000, 128_256])
     parser.add_argument("--positions", type=int, default=4096, help="N loss positions")
     parser.add_argument("--hidden", type=int, default=256, help="H, the student's width")

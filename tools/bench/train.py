@@ -1,7 +1,7 @@
 """Trainer benchmark: offline KD vs plain CE, loader throughput, offline vs online KD.
 
-    python -m logitcache.tools.bench_train            # about 2-4 minutes on 2 CPU cores
-    python -m logitcache.tools.bench_train --quick    # smaller shapes, under a minute
+    python -m logitcache.tools.bench.train            # about 2-4 minutes on 2 CPU cores
+    python -m logitcache.tools.bench.train --quick    # smaller shapes, under a minute
 
 Every figure is measured side by side in one run: the variants take turns within each
 repetition (so drift in a shared machine hits them alike) and the median is reported.
@@ -217,7 +217,7 @@ def bench_loader(args: argparse.Namespace, folder: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m logitcache.tools.bench_train", description=__doc__.split("\n")[0]
+        prog="python -m logitcache.tools.bench.train", description=__doc__.split("\n")[0]
     )
     p.add_argument("--quick", action="store_true", help="small shapes (under a minute)")
     p.add_argument("--vocab", type=int, default=32000)
