@@ -11,9 +11,7 @@ rank 0 finalizes the manifest. Job arrays (``--num-shards``) finalize with
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,30 +20,19 @@ from datetime import timedelta
 from typing import Any
 
 import numpy as np
-import torch
 
 from .capture_config import CONFIG_NAME, CaptureConfig
-from .engine import (
-    BatchResult,
-    Teacher,
-    check_teacher_folder,
-    describe_generation,
-    generate_batch,
-    load_teacher,
-    load_tokenizer,
-    plan_batches,
-    resolve_device,
-    score_batch,
-)
+from .capture_info import check_resume, dataset_info
+from .engine import BatchResult, generate_batch, plan_batches, score_batch
 from .eos import check_turn_end, generation_eos_ids
-from .errors import IncompatibleError, InputError
-from .format import DatasetInfo, TargetSpec
-from .manifest import committed_manifests, finalize
+from .errors import InputError
+from .manifest import finalize
 from .prompts import Skipped, read_prompts
+from .ranks import Ranks
 from .reader import committed_ids
 from .storage import Location
 from .targets import example_keys
-from .tokenizer import tokenizer_fingerprint
+from .teacher import Teacher, check_teacher_folder, load_teacher, load_tokenizer, resolve_device
 from .views import Context, Rendered, ViewRenderer, apply_length_policy
 from .writer import DatasetWriter
 
@@ -107,115 +94,6 @@ class CaptureSummary:
         return out
 
 
-# --------------------------------------------------------------------------- ranks
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int
-    world: int
-    local_rank: int
-
-    @classmethod
-    def from_env(cls) -> Ranks:
-        env = os.environ
-        try:
-            return cls(
-                int(env.get("RANK", "0")),
-                int(env.get("WORLD_SIZE", "1")),
-                int(env.get("LOCAL_RANK", "0")),
-            )
-        except ValueError as e:
-            raise InputError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({e})") from None
-
-    def init(self, device: torch.device) -> bool:
-        """Join the process group (gloo on CPU, nccl on GPU); True when this call created it."""
-        import torch.distributed as dist
-
-        if self.world == 1 or dist.is_initialized():
-            return False
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, timeout=_BARRIER_TIMEOUT)
-        return True
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
-        """Element-wise sum over ranks (nccl reduces GPU tensors only, gloo CPU ones)."""
-        if self.world == 1:
-            return values
-        import torch.distributed as dist
-
-        on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor(values, dtype=torch.float64, device=on)
-        dist.all_reduce(t)
-        return t.cpu().tolist()
-
-
-# --------------------------------------------------------------------------- info
-
-
-def dataset_info(
-    cfg: CaptureConfig, teacher: Teacher, renderer: ViewRenderer, max_length: int | None
-) -> DatasetInfo:
-    """The dataset's description: identical on every rank and every resumed run."""
-    t = cfg.targets
-    spec = TargetSpec(
-        kind=t.kind,
-        k=t.k if t.kind == "topk" else 0,
-        n=t.n,  # sampled: draws; top-k: draws from the tail (0: none)
-        codec=t.codec,
-        sampling=t.sampling,
-    )
-    capture = {
-        "temperature": t.temperature,
-        "mode": t.mode,
-        "templates": renderer.describe(),
-        "generation": describe_generation(cfg.generate, teacher) if t.mode == "generate" else None,
-        "max_length": max_length,
-        "truncation": cfg.input.truncation,
-        "targets_from": "log_softmax(logits / temperature) in fp32, on the teacher's device",
-        "dtype": str(teacher.model.dtype).removeprefix("torch."),
-        "seed": cfg.generate.seed if (t.n or t.mode == "generate") else None,
-    }
-    # JSON-normalized so that it compares equal to what journals and shards carry.
-    return DatasetInfo(
-        vocab_size=teacher.vocab_size,
-        tokenizer_fingerprint=tokenizer_fingerprint(teacher.tokenizer),
-        targets=spec,
-        teacher=json.loads(json.dumps(teacher.identity)),
-        capture=json.loads(json.dumps(capture)),
-    )
-
-
-def check_resume(loc: Location, info: DatasetInfo) -> None:
-    """Refuse to add to a folder captured with other settings, naming each difference."""
-    new = info.to_json()
-    for where, committed in committed_manifests(loc):
-        old = committed.info.to_json()
-        diffs = [
-            f"{group}.{key}: was {json.dumps(old[group].get(key))[:120]}, now {json.dumps(new[group].get(key))[:120]}"
-            for group in ("tokenizer", "targets", "teacher", "capture")
-            for key in sorted(set(old[group]) | set(new[group]))
-            if old[group].get(key) != new[group].get(key)
-        ]
-        if diffs:
-            raise IncompatibleError(
-                f"{where}: the folder {loc} holds a capture with other settings:\n  "
-                + "\n  ".join(diffs)
-                + f"\nrerun with the original flags to resume (see {CONFIG_NAME} in the folder), "
-                "or write to a new --out"
-            )
-
-
 # --------------------------------------------------------------------------- capture
 
 
@@ -233,22 +111,16 @@ def capture(
     problems = cfg.validate()
     if problems:
         raise InputError("invalid settings:\n  " + "\n  ".join(problems))
-    ranks = Ranks.from_env()
-    device = resolve_device(cfg.teacher.device)
-    created = ranks.init(device)
+    ranks = Ranks.from_env().start(resolve_device(cfg.teacher.device), timeout=_BARRIER_TIMEOUT)
     try:
-        return _capture(cfg, ranks, device, storage_options, on_batch)
+        return _capture(cfg, ranks, storage_options, on_batch)
     finally:
-        if created:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        ranks.close()
 
 
 def _capture(
     cfg: CaptureConfig,
     ranks: Ranks,
-    device: torch.device,
     storage_options: dict[str, Any] | None,
     on_batch: Callable[[int], None] | None,
 ) -> CaptureSummary:
@@ -287,12 +159,13 @@ def _capture(
         if inp.render == "chat" or any(not isinstance(r.student, str) for _, r in mine.records):
             check_turn_end(cfg, tokenizer, eos_ids, eos_from)
 
-    teacher = load_teacher(cfg.teacher, device, tokenizer, eos_ids)
-    max_length = inp.max_length or _context_size(teacher)
+    teacher = load_teacher(cfg.teacher, ranks.device, tokenizer, eos_ids)
+    max_length = inp.max_length or teacher.context_size
     info = dataset_info(cfg, teacher, renderer, max_length)
-    if tgt.kind == "topk" and tgt.k > teacher.vocab_size:
+    if info.targets.k > teacher.vocab_size:  # k is 0 for sampled targets
         raise InputError(
-            f"--k is {tgt.k} but the teacher's vocabulary has {teacher.vocab_size} ids; lower --k"
+            f"--k is {info.targets.k} but the teacher's vocabulary has {teacher.vocab_size} ids; "
+            "lower --k"
         )
     skipped: list[Skipped] = [s for _, s in mine.skipped] + [r.skipped(why) for r, why in bad]
     reserve = cfg.generate.max_new_tokens if tgt.mode == "generate" else 0
@@ -332,15 +205,14 @@ def _capture(
     writer.close(finalize_dataset=False)
     seconds = time.perf_counter() - t0
 
-    totals = ranks.sum(
-        device=device,
-        values=[
+    totals = ranks.sum_values(
+        [
             *stats,
             len(kept) - len(pending),
             len(skipped),
             too_long.dropped,
             too_long.truncated_teacher + too_long.truncated_student,
-        ],
+        ]
     )
     summary = CaptureSummary(
         examples=int(totals[0]),
@@ -362,11 +234,6 @@ def _capture(
         summary.dataset_bytes = m.num_bytes
     ranks.barrier()  # nobody leaves before the manifest exists
     return summary
-
-
-def _context_size(teacher: Teacher) -> int | None:
-    size = getattr(teacher.model.config, "max_position_embeddings", None)
-    return int(size) if size else None
 
 
 def run_batches(
@@ -397,7 +264,7 @@ def run_batches(
     t0 = time.perf_counter()
 
     def emit(result: BatchResult) -> None:
-        for ex in result.to_examples(tgt.kind):
+        for ex in result.to_examples():
             writer.add(ex)
         positions = sum(len(r) for r in result.response_ids)
         stats[:] += (len(result.examples), positions, result.tokens, result.finished)

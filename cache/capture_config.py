@@ -1,118 +1,137 @@
 """CaptureConfig: every setting of `logitcache build`, grouped by concern, validated up front.
 
-The command line mirrors these fields one for one (tools/cmd_build.py); the resolved config is
-saved as ``capture_config.json`` inside the dataset folder. Fields that change what is stored
-(teacher, views, targets, generation) are also in the manifest's ``capture``/``teacher`` and
-must match when a capture is resumed; the rest (batch size, device, progress) may change.
+The command line is generated from these fields (cache/settings.py): each field's docstring is
+its help and its flag is ``--field-name`` unless its metadata spells it otherwise. The
+resolved config is saved as ``capture_config.json`` inside the dataset folder, and
+``logitcache build --config`` reads it back. Fields that change what is stored (teacher, views,
+targets, generation) are also in the manifest's ``capture``/``teacher`` and must match when a
+capture is resumed; the rest (batch size, device, progress) may change.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
-from .codecs import CODECS, Codec
-from .format import MAX_SAMPLE_DRAWS, SAMPLINGS, Sampling
+from .errors import InputError
+from .format import TargetSpec
+from .settings import (
+    Source,
+    build,
+    file_sources,
+    flag,
+    format_problems,
+    inline,
+    mapping_sources,
+    settings,
+    to_dict,
+)
 
 Mode = Literal["score", "generate"]
-TargetKind = Literal["topk", "sampled"]
 Render = Literal["chat", "plain"]
 Truncation = Literal["error", "left", "drop"]
 OnError = Literal["raise", "skip"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 CONFIG_NAME = "capture_config.json"
 
+DEFAULT_TARGETS = TargetSpec("topk", k=32, n=32, codec="u8", sampling="systematic")
+"""What `logitcache build` stores unless told otherwise: top-32 + 32 systematic tail draws, u8
+(docs/RESULTS.md says why)."""
+
 
 @dataclass(frozen=True)
 class InputConfig:
     """Where the prompts come from and how they become the two views."""
 
-    prompts: tuple[str, ...]
-    """--prompts: JSONL, JSONL.zst, Parquet files, `datasets` folders, globs or fsspec URLs."""
-    context: str | None = None
-    """--context: shared teacher-only context file (text, or a JSON list of chat messages)."""
+    prompts: tuple[str, ...] = field(metadata=flag(metavar="SRC"))
+    """Prompt records: *.jsonl, *.jsonl.zst, *.parquet, a datasets save_to_disk folder, a folder
+    of such files, a glob, or an fsspec URL."""
+    context: str | None = field(default=None, metadata=flag(metavar="FILE"))
+    """Shared context shown to the teacher only: plain text (a system prompt), or a JSON list of
+    chat messages (a few-shot block)."""
     render: Render = "chat"
-    """--render: how text prompts are shown, through the chat template or as plain text."""
+    """Text prompts through the chat template, or as plain text; 'messages' records always use
+    the chat template."""
     on_error: OnError = "raise"
-    """--on-error: stop on a malformed record, or skip it (listed in the manifest's extra)."""
-    max_length: int | None = None
-    """--max-length: tokens per view (prompt + response); default: the teacher's context size."""
+    """On a malformed record: stop, or skip it and list it in the manifest's extra.skipped."""
+    max_length: int | None = field(default=None, metadata=flag(metavar="N"))
+    """Tokens per view, prompt + response; default: the teacher's context size."""
     truncation: Truncation = "error"
-    """--truncation: over-long examples raise, lose teacher context from the left, or are dropped."""
+    """Over-long examples: raise, cut the teacher context from the left, or drop them (counted
+    in the manifest)."""
 
 
 @dataclass(frozen=True)
 class TeacherConfig:
     """Which teacher and how it runs."""
 
-    path: str
-    """--teacher: local folder of a causal LM (config.json + *.safetensors)."""
-    tokenizer: str | None = None
-    """--tokenizer: folder of the tokenizer; default: the teacher folder."""
+    path: str = field(metadata=flag("--teacher", metavar="DIR"))
+    """Local folder of a causal LM: config.json + *.safetensors."""
+    tokenizer: str | None = field(default=None, metadata=flag(metavar="DIR"))
+    """Folder of the tokenizer; default: the teacher folder."""
     dtype: Dtype = "auto"
-    """--dtype: auto is bfloat16 on GPU and float32 on CPU."""
+    """auto is bfloat16 on GPU and float32 on CPU."""
     device: str = "auto"
-    """--device: auto is cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    """auto is cuda:LOCAL_RANK when CUDA is available, else cpu."""
     trust_remote_code: bool = False
-    """--trust-remote-code: allow the folder's own modelling code (off by default)."""
+    """Allow the model folder's own modelling code (off by default)."""
 
 
 @dataclass(frozen=True)
 class TargetConfig:
-    """What is stored per response position."""
+    """What is stored per response position, and how the teacher makes it."""
 
     mode: Mode = "score"
-    """--mode: score a given response (teacher forcing) or let the teacher generate it."""
-    kind: TargetKind = "topk"
-    """--targets: top-k log-probs with the tail mass and N draws from the tail (the default:
-    see docs/RESULTS.md), or N draws from the whole distribution (sampled)."""
-    k: int = 32
-    """--k: ids per position for top-k targets."""
-    n: int = 32
-    """--n: draws per position (≤ 255): from the tail for top-k (0: none), or sampled."""
-    sampling: Sampling = "systematic"
-    """--sampling: systematic (low-variance, unbiased) or multinomial (independent) draws."""
-    codec: Codec = "u8"
-    """--codec: storage of top-k log-probs (f32, f16, u8, u16; see docs/FORMAT.md)."""
+    """score: teacher-force each record's response; generate: the teacher writes it."""
+    spec: TargetSpec = field(default=DEFAULT_TARGETS, metadata=inline(kind="--targets"))
+    """The targets as given (kind, k, n, codec, sampling: the flags --targets, --k, --n, --codec,
+    --sampling); the manifest holds what they mean for the data (:meth:`stored`)."""
     temperature: float = 1.0
-    """--temperature: targets are log_softmax(logits / temperature)."""
+    """Targets are log_softmax(logits / temperature)."""
+
+    def stored(self) -> TargetSpec:
+        """The dataset's targets: the spec with k = 0 for sampled targets (and, without draws,
+        no sampling scheme: :meth:`TargetSpec.stored`)."""
+        spec = replace(self.spec, k=0) if self.spec.kind == "sampled" else self.spec
+        return spec.stored()
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """How the teacher writes responses in generate mode."""
+    """How the teacher writes responses in generate mode (--mode generate)."""
 
     max_new_tokens: int = 256
-    """--max-new-tokens: response length limit."""
-    temperature: float = 0.0
-    """--gen-temperature: 0 is greedy; above 0 samples."""
+    """Response length limit."""
+    temperature: float = field(default=0.0, metadata=flag("--gen-temperature"))
+    """0 is greedy; above 0 samples at this temperature."""
     top_p: float = 1.0
-    """--top-p: nucleus sampling mass (with --gen-temperature > 0)."""
+    """Nucleus sampling mass (with --gen-temperature > 0)."""
     seed: int = 0
-    """--seed: seeds generation sampling and sampled targets, per example id."""
-    eos_token_ids: tuple[int, ...] | None = None
-    """--eos-token-ids: ids that end a response; default: the teacher folder's
-    generation_config.json, else its config.json, else the tokenizer's eos token."""
+    """Seeds generation sampling and the draws of the targets, per example id."""
+    eos_token_ids: tuple[int, ...] | None = field(default=None, metadata=flag(metavar="ID"))
+    """Ids that end a response; default: the teacher folder's generation_config.json, else its
+    config.json, else the tokenizer's eos token."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """Output, batching and how the work is split."""
 
-    out: str
-    """--out: dataset folder (local path or fsspec URL)."""
+    out: str = field(metadata=flag(metavar="DIR"))
+    """Dataset folder (local path or fsspec URL)."""
     max_batch_tokens: int = 8192
-    """--max-batch-tokens: padded tokens per batch (generate: prompt + max new tokens)."""
+    """Padded tokens per batch (generate: prompt + max new tokens)."""
     shard_positions: int = 1 << 20
-    """--shard-positions: response positions per shard."""
+    """Response positions per shard."""
     num_shards: int = 1
-    """--num-shards: job-array parts (without torchrun); finalize with `logitcache finalize`."""
+    """Split the prompts into this many job-array parts (without torchrun); finalize with
+    `logitcache finalize OUT` after the last one."""
     shard_index: int = 0
-    """--shard-index: this job's part, 0 ≤ index < num-shards."""
+    """This job's part, 0 ≤ index < num-shards."""
     progress: bool = True
-    """--no-progress turns the progress bar off."""
+    """Show a progress bar (--no-progress turns it off)."""
 
 
 @dataclass(frozen=True)
@@ -141,18 +160,7 @@ class CaptureConfig:
             p.append(f"--max-length is {i.max_length}; expected ≥ 2 tokens")
         if t.mode not in ("score", "generate"):
             p.append(f"--mode is {t.mode!r}; expected score or generate")
-        if t.kind not in ("topk", "sampled"):
-            p.append(f"--targets is {t.kind!r}; expected topk or sampled")
-        if t.kind == "topk" and t.k < 1:
-            p.append(f"--k is {t.k}; top-k targets need k ≥ 1")
-        if t.kind == "sampled" and not 1 <= t.n <= MAX_SAMPLE_DRAWS:
-            p.append(f"--n is {t.n}; sampled targets need 1 ≤ n ≤ {MAX_SAMPLE_DRAWS}")
-        if t.kind == "topk" and not 0 <= t.n <= MAX_SAMPLE_DRAWS:
-            p.append(f"--n is {t.n}; top-k tail draws need 0 ≤ n ≤ {MAX_SAMPLE_DRAWS} (0: none)")
-        if t.codec not in CODECS:
-            p.append(f"--codec is {t.codec!r}; expected one of {', '.join(CODECS)}")
-        if t.sampling not in SAMPLINGS:
-            p.append(f"--sampling is {t.sampling!r}; expected one of {', '.join(SAMPLINGS)}")
+        p += t.spec.validate(target_flags())
         if not t.temperature > 0:
             p.append(f"--temperature is {t.temperature}; expected > 0 (1.0: the teacher as is)")
         if g.max_new_tokens < 1:
@@ -187,38 +195,33 @@ class CaptureConfig:
         return p
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Five groups of settings, the targets' fields in the ``targets`` group."""
+        return to_dict(self)
 
     def dumps(self) -> bytes:
         return (json.dumps(self.to_json(), indent=1) + "\n").encode()
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str = "capture config") -> CaptureConfig:
-        """Inverse of :meth:`to_json`; an unknown or missing key is an error naming it."""
-        from .errors import InputError
+        """Inverse of :meth:`to_json`; unknown keys, wrong types and missing keys are errors
+        naming them."""
+        sources, problems = mapping_sources(obj, where)
+        cfg, more = build(cls, sources, command="build", example="targets.k")
+        if problems or more:
+            raise InputError(format_problems(problems + more))
+        return cfg
 
-        groups = {f.name: f.type for f in dataclasses.fields(cls)}
-        classes = {
-            "input": InputConfig,
-            "teacher": TeacherConfig,
-            "run": RunConfig,
-            "targets": TargetConfig,
-            "generate": GenerateConfig,
-        }
-        unknown = sorted(set(obj) - set(groups))
-        parts: dict[str, Any] = {}
-        for name, klass in classes.items():
-            sub = dict(obj.get(name, {}))
-            names = {f.name for f in dataclasses.fields(klass)}
-            unknown += [f"{name}.{k}" for k in sorted(set(sub) - names)]
-            if "prompts" in sub:
-                sub["prompts"] = tuple(sub["prompts"])
-            if sub.get("eos_token_ids") is not None:
-                sub["eos_token_ids"] = tuple(sub["eos_token_ids"])
-            try:
-                parts[name] = klass(**{k: v for k, v in sub.items() if k in names})
-            except TypeError as e:
-                raise InputError(f"{where}: {name}: {e}") from None
-        if unknown:
-            raise InputError(f"{where}: unknown key(s) {unknown}; remove them")
-        return cls(**parts)
+
+def target_flags() -> dict[str, str]:
+    """The flag of each TargetSpec field: what validation calls it (``{"k": "--k", ...}``)."""
+    return {s.path[2]: s.flag for s in settings(CaptureConfig) if s.path[:2] == ("targets", "spec")}
+
+
+def load_capture_config(path: str | Path | None, flags: list[Source]) -> CaptureConfig:
+    """The capture's settings: defaults, then the file at ``path`` (a ``capture_config.json``,
+    or YAML of the same groups), then ``flags``; raises InputError listing every problem."""
+    sources = file_sources(path, CaptureConfig) if path is not None else []
+    cfg, problems = build(CaptureConfig, sources + flags, command="build", example="targets.k")
+    if problems:
+        raise InputError(format_problems(problems))
+    return cfg

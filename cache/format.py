@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -36,33 +37,28 @@ SAMPLINGS: tuple[str, ...] = ("systematic", "multinomial")
 
 @dataclass(frozen=True)
 class TargetSpec:
-    """What the teacher's per-position targets are and how they are stored."""
+    """What the teacher's per-position targets are and how they are stored.
+
+    The one description of targets: the manifest's ``targets`` (as :meth:`stored`), and the
+    ``targets`` flags of `logitcache build` (cache/capture_config.py wraps it, as given)."""
 
     kind: TargetKind
-    """"topk": the k most likely ids with log-probs and the tail mass (plus, with n > 0, n
-    draws from the tail); "sampled": N draws from the whole distribution."""
+    """topk: the k most likely ids with their log-probs and the tail mass, plus n draws from the
+    tail (n > 0); sampled: n draws from the whole distribution."""
     k: int = 0
-    """Ids per position for top-k targets."""
+    """Ids per position for top-k targets (unused for sampled targets)."""
     n: int = 0
-    """Draws per position (≤ 255): from the whole distribution for sampled targets; for top-k
-    targets, from the teacher's distribution outside the top k (0 = none, the tail is only its
-    mass). Top-k plus tail draws is an unbiased estimate of the full distribution whose only
-    noise is in the tail."""
+    """Draws per position (≤ 255): for top-k targets from the teacher's distribution outside
+    the top k (0: none, the tail is only its mass; top-k plus tail draws is an unbiased
+    estimate of the full distribution whose only noise is in the tail); for sampled targets
+    from the whole distribution."""
     codec: Codec = "u8"
-    """Codec of top-k log-probs and the tail mass (unused for sampled targets)."""
+    """Storage of top-k log-probs and the tail mass: f32, f16, u8 or u16 (see docs/FORMAT.md;
+    unused for sampled targets)."""
     sampling: Sampling | None = "multinomial"
-    """How the N draws were made: "multinomial" (independent) or "systematic" (one uniform per
-    position, N evenly spaced points on the CDF). Both give unbiased counts; systematic counts
-    are within 1 of N·p for every id (lower variance). None when there are no draws (top-k with
-    n = 0), whatever was asked for; the manifest then has no "sampling" key."""
-
-    def __post_init__(self) -> None:
-        # Without draws the scheme means nothing: it is None (and left out of the manifest), so
-        # that two top-k datasets without draws always compare equal. Manifests written before
-        # said "multinomial" there; they read as None too. An unknown word is kept, for
-        # validate() to name.
-        if not self.has_draws and self.sampling in SAMPLINGS:
-            object.__setattr__(self, "sampling", None)
+    """How the n draws are made: systematic (one uniform per position, n evenly spaced points on
+    the CDF: counts within 1 of n·p for every id, lower variance) or multinomial (independent);
+    both give unbiased counts. Without draws it means nothing and the manifest has none."""
 
     @property
     def has_draws(self) -> bool:
@@ -77,22 +73,42 @@ class TargetSpec:
         tail = f" + {self.n} tail draws" if self.n else ""
         return f"top-{self.k} {self.codec}{tail}"
 
-    def validate(self) -> list[str]:
-        """Every problem with this spec, as messages naming the field and the fix."""
+    def stored(self) -> TargetSpec:
+        """This spec as a dataset records it: without draws, no sampling scheme (None, and no
+        "sampling" key in the manifest), so that two top-k datasets without draws compare
+        equal whatever ``--sampling`` said. Manifests written before said "multinomial" there;
+        they read as None too. An unknown word is kept, for :meth:`validate` to name."""
+        if not self.has_draws and self.sampling in SAMPLINGS:
+            return replace(self, sampling=None)
+        return self
+
+    def validate(self, names: Mapping[str, str] | None = None) -> list[str]:
+        """Every problem, each naming the field as the user wrote it, the value and the fix.
+
+        ``names`` spells fields as the user typed them (`logitcache build`: ``{"k": "--k"}``
+        ...); a field it leaves out is ``targets.<field>``, as in the manifest."""
+        name = {f: f"targets.{f}" for f in asdict(self)} | dict(names or {})
         problems = []
         if self.kind not in ("topk", "sampled"):
-            problems.append(f"targets.kind is {self.kind!r}; expected 'topk' or 'sampled'")
+            problems.append(f"{name['kind']} is {self.kind!r}; expected topk or sampled")
         if self.kind == "topk" and self.k < 1:
-            problems.append(f"targets.k is {self.k}; top-k targets need k ≥ 1")
+            problems.append(f"{name['k']} is {self.k}; top-k targets need k ≥ 1")
         if self.kind == "sampled" and not 1 <= self.n <= MAX_SAMPLE_DRAWS:
-            problems.append(f"targets.n is {self.n}; sampled targets need 1 ≤ n ≤ 255")
+            problems.append(
+                f"{name['n']} is {self.n}; sampled targets need 1 ≤ n ≤ {MAX_SAMPLE_DRAWS}"
+            )
         if self.kind == "topk" and not 0 <= self.n <= MAX_SAMPLE_DRAWS:
-            problems.append(f"targets.n is {self.n}; top-k tail draws need 0 ≤ n ≤ 255")
+            problems.append(
+                f"{name['n']} is {self.n}; top-k tail draws need 0 ≤ n ≤ {MAX_SAMPLE_DRAWS} "
+                "(0: none)"
+            )
         if self.codec not in CODECS:
-            problems.append(f"targets.codec is {self.codec!r}; expected one of {list(CODECS)}")
+            problems.append(
+                f"{name['codec']} is {self.codec!r}; expected one of {', '.join(CODECS)}"
+            )
         if self.sampling not in SAMPLINGS and (self.has_draws or self.sampling is not None):
             problems.append(
-                f"targets.sampling is {self.sampling!r}; expected one of {list(SAMPLINGS)}"
+                f"{name['sampling']} is {self.sampling!r}; expected one of {', '.join(SAMPLINGS)}"
             )
         return problems
 
@@ -111,6 +127,9 @@ class DatasetInfo:
     """name_or_path, revision and config_hash of the teacher."""
     capture: dict[str, Any] = field(default_factory=dict)
     """temperature, mode, templates (teacher and student views) and other capture settings."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", self.targets.stored())
 
     @property
     def id_bytes(self) -> int:

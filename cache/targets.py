@@ -14,10 +14,17 @@ so a crashed-and-resumed capture, or one on 2 ranks, stores what a single clean 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from .format import Sampled, TopK
+
+if TYPE_CHECKING:
+    from .capture_config import TargetConfig
 
 _M32 = 0xFFFFFFFF
 STREAM_TARGETS = 0x5A17
@@ -89,7 +96,48 @@ def unit_interval(h: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class SampledTensors:
+    """Sampled targets of P positions (a batch's, flat): unique drawn ids with counts."""
+
+    ids: torch.Tensor
+    """(U,) int32 unique drawn ids, ascending within each position."""
+    counts: torch.Tensor
+    """(U,) int32 draws of each id."""
+    nunique: torch.Tensor
+    """(P,) int32 unique ids per position."""
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SampledTensors:
+        """These targets with ``fn`` applied to every tensor (to move or pin them)."""
+        return _map_tensors(self, fn)
+
+    def split(self, bounds: np.ndarray) -> list[Sampled]:
+        """One :class:`Sampled` per example; example i holds positions bounds[i]:bounds[i + 1]
+        (host tensors; the arrays are views of them)."""
+        ids, counts, nunique = self.ids.numpy(), self.counts.numpy(), self.nunique.numpy()
+        ubounds = np.concatenate([[0], np.cumsum(nunique)])[bounds]  # (E + 1,) into ids
+        return [
+            Sampled(ids[u0:u1], counts[u0:u1], nunique[p0:p1])
+            for p0, p1, u0, u1 in zip(
+                bounds[:-1], bounds[1:], ubounds[:-1], ubounds[1:], strict=True
+            )
+        ]
+
+
+@dataclass
+class SampleDraws:
+    """Sampled targets before :meth:`reduced`: the N drawn ids of each of P positions."""
+
+    ids: torch.Tensor
+    """(P, n) int64 drawn ids."""
+
+    def reduced(self) -> SampledTensors:
+        return unique_counts(self.ids)
+
+
+@dataclass
 class TopKTensors:
+    """Top-k targets of P positions (a batch's, flat)."""
+
     ids: torch.Tensor
     """(P, k) int32 token ids, most likely first."""
     logprobs: torch.Tensor
@@ -99,16 +147,49 @@ class TopKTensors:
     tail_draws: torch.Tensor | None = None
     """(P, n) int64 ids drawn from the distribution outside the top k (renormalised there),
     when uniforms were given; rows whose tail holds no mass hold meaningless ids."""
+    tail_sampled: SampledTensors | None = None
+    """The tail draws as unique ids with counts (:meth:`reduced`); none where the tail is empty."""
+
+    def reduced(self) -> TopKTensors:
+        """Tail draws reduced to unique ids with counts; a row whose tail holds no mass keeps
+        none."""
+        if self.tail_draws is None:
+            return self
+        keep = self.tail > float("-inf")  # (P,)
+        return replace(self, tail_draws=None, tail_sampled=unique_counts(self.tail_draws, keep))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TopKTensors:
+        """These targets with ``fn`` applied to every tensor (to move or pin them)."""
+        return _map_tensors(self, fn)
+
+    def split(self, bounds: np.ndarray) -> list[TopK]:
+        """One :class:`TopK` per example; example i holds positions bounds[i]:bounds[i + 1]
+        (host tensors, after :meth:`reduced`; the arrays are views of them)."""
+        ids, logprobs, tail = self.ids.numpy(), self.logprobs.numpy(), self.tail.numpy()
+        n = len(bounds) - 1
+        draws = self.tail_sampled.split(bounds) if self.tail_sampled is not None else [None] * n
+        return [
+            TopK(ids[p0:p1], logprobs[p0:p1], tail[p0:p1], d)
+            for p0, p1, d in zip(bounds[:-1], bounds[1:], draws, strict=True)
+        ]
 
 
-@dataclass
-class SampledTensors:
-    ids: torch.Tensor
-    """(U,) int32 unique drawn ids, ascending within each position."""
-    counts: torch.Tensor
-    """(U,) int32 draws of each id."""
-    nunique: torch.Tensor
-    """(P,) int32 unique ids per position."""
+RowTargets = TopKTensors | SampleDraws
+"""Targets as computed, one row per position: what chunks and generation steps concatenate."""
+BatchTargets = TopKTensors | SampledTensors
+"""A batch's targets as stored, flat over its positions: :meth:`split` cuts them per example."""
+
+
+def _map_tensors(t: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``t`` (target tensors) with ``fn`` applied to each tensor field, nested ones included."""
+    out = {}
+    for f in fields(t):
+        v = getattr(t, f.name)
+        if isinstance(v, torch.Tensor):
+            out[f.name] = fn(v)
+        elif v is not None:  # nested target tensors: a top-k batch's tail draws
+            out[f.name] = v.map(fn)
+    return replace(t, **out)
 
 
 def log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -213,3 +294,56 @@ def sampled_targets(
 def chunk_rows(vocab_size: int, budget_elements: int = 1 << 27) -> int:
     """Rows of (rows, V) fp32 work per chunk, so the log-softmax temporaries stay bounded."""
     return max(1, budget_elements // vocab_size)
+
+
+# --------------------------------------------------------------------------- assembly
+
+
+def row_targets(
+    logits: torch.Tensor,
+    targets: TargetConfig,
+    keys: torch.Tensor,
+    positions: torch.Tensor,
+    inplace: bool = False,
+) -> RowTargets:
+    """Targets of (R, V) logits, before draws are reduced to unique ids; ``keys``/``positions``
+    (R,) seed the draws. ``inplace``: the logits are ours to overwrite."""
+    spec = targets.spec
+    if spec.kind == "sampled":
+        u = uniforms(row_keys(keys, positions, STREAM_TARGETS), spec.n, spec.sampling)
+        return SampleDraws(sample_ids(log_probs(logits, targets.temperature), u))
+    u = None
+    if spec.n:
+        u = uniforms(row_keys(keys, positions, STREAM_TARGETS), spec.n, spec.sampling)
+    return topk_targets(logits, spec.k, targets.temperature, inplace=inplace, tail_uniforms=u)
+
+
+def join_rows(parts: list[RowTargets], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:
+    """One set of row targets from several of one kind: ``join`` combines each field's tensors."""
+    first = parts[0]
+    joined = {
+        f.name: join([getattr(p, f.name) for p in parts])
+        for f in fields(first)
+        if getattr(first, f.name) is not None
+    }
+    return replace(first, **joined)
+
+
+def assemble_targets(
+    logits: torch.Tensor, targets: TargetConfig, keys: torch.Tensor, positions: torch.Tensor
+) -> BatchTargets:
+    """Targets of (P, V) logits, in row chunks; ``keys``/``positions`` (P,) seed the draws.
+
+    What :meth:`~TopKTensors.split` cuts into examples. May overwrite ``logits`` (pass a copy
+    to keep them)."""
+    step = chunk_rows(logits.shape[-1])
+    parts = []
+    for i in range(0, max(len(logits), 1), step):
+        sl = slice(i, i + step)
+        parts.append(row_targets(logits[sl], targets, keys[sl], positions[sl], inplace=True))
+    return join_rows(parts, torch.cat).reduced()
+
+
+def stack_steps(steps: list[RowTargets], valid: torch.Tensor) -> BatchTargets:
+    """Generation's per-step (B,) row targets → the (B, S) ``valid`` ones, example-major."""
+    return join_rows(steps, lambda xs: torch.stack(xs, 1)[valid]).reduced()

@@ -6,7 +6,6 @@ import argparse
 import os
 import shlex
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 HELP = "train a student from a logit dataset (streams shards; never loads the teacher)"
@@ -23,7 +22,8 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Only the config module (no torch) is imported to build --help.
-    from logitcache.train.config import SECTIONS, describe_field
+    from logitcache.cache.settings import add_flags
+    from logitcache.train.config import Config
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EXAMPLE
@@ -43,15 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plot", metavar="FILE.png", help="write loss curves here at the end (= log.plot)"
     )
-    for section, cls in SECTIONS.items():
-        group = parser.add_argument_group(f"{section} ({cls.__doc__})")
-        for f in fields(cls):
-            group.add_argument(
-                f"--{section}.{f.name}",
-                dest=f"field:{section}.{f.name}",
-                metavar="V",
-                help=describe_field(section, f.name).replace("%", "%%"),
-            )
+    add_flags(parser, Config, dotted=True)
 
 
 def overrides_from_args(args: argparse.Namespace) -> list[tuple[str, str, str]]:

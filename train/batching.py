@@ -14,16 +14,16 @@ as many as fit in ``rows × longest ≤ max_tokens`` (padding included).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
 import torch
 
-from logitcache.cache.format import DatasetInfo, Example, Sampled, TopK
-from logitcache.train.losses import SampledTargets, TopKTargets
+from logitcache.cache.format import DatasetInfo, Example
 
+from .loss_inputs import Targets, stack_targets
 from .stream import StreamItem
 
 _Item = TypeVar("_Item")
@@ -41,7 +41,7 @@ class Batch:
     """(N,) int64 flat index ``b * T + t`` of the logit that predicts each target."""
     labels: torch.Tensor
     """(N,) int64 the response token at each loss position (for the CE term)."""
-    targets: TopKTargets | SampledTargets
+    targets: Targets
     """Teacher targets, N rows."""
     ids: list[str] = field(default_factory=list)
     """Example ids, in row order."""
@@ -63,49 +63,21 @@ class Batch:
         return int(self.positions.numel())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        def mv(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device, non_blocking=non_blocking)
-
-        t = self.targets
-        targets: TopKTargets | SampledTargets
-        if isinstance(t, TopKTargets):
-            targets = TopKTargets(mv(t.ids), mv(t.logprobs), mv(t.tail_logmass))
-        else:
-            targets = SampledTargets(mv(t.ids), mv(t.weights))
-        return Batch(
-            mv(self.input_ids),
-            mv(self.attention_mask),
-            mv(self.positions),
-            mv(self.labels),
-            targets,
-            self.ids,
-            self.epoch,
-            self.state,
-            self.truncated,
-            self.dropped_targets,
-        )
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        out = self.to("cpu")
-        for name in ("input_ids", "attention_mask", "positions", "labels"):
-            setattr(out, name, getattr(out, name).pin_memory())
-        t = out.targets
-        if isinstance(t, TopKTargets):
-            out.targets = TopKTargets(
-                t.ids.pin_memory(), t.logprobs.pin_memory(), t.tail_logmass.pin_memory()
-            )
-        else:
-            out.targets = SampledTargets(t.ids.pin_memory(), t.weights.pin_memory())
-        return out
+        return self._map(torch.Tensor.pin_memory)
 
-
-def select_rows(
-    targets: TopKTargets | SampledTargets, index: torch.Tensor
-) -> TopKTargets | SampledTargets:
-    """The rows ``index`` (N',) of ``targets``."""
-    if isinstance(targets, TopKTargets):
-        return TopKTargets(targets.ids[index], targets.logprobs[index], targets.tail_logmass[index])
-    return SampledTargets(targets.ids[index], targets.weights[index])
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        """This batch with ``fn`` applied to each of its tensors, the targets' included."""
+        return replace(
+            self,
+            input_ids=fn(self.input_ids),
+            attention_mask=fn(self.attention_mask),
+            positions=fn(self.positions),
+            labels=fn(self.labels),
+            targets=self.targets.map(fn),
+        )
 
 
 def fit_length(prompt_len: int, response_len: int, max_seq_len: int) -> tuple[int, int]:
@@ -126,9 +98,8 @@ def collate(
 ) -> Batch:
     """Pad ``examples`` into one :class:`Batch` (see the module docstring for the layout).
 
-    ``tail_draws``: a top-k dataset's tail draws are used, so the targets are
-    :class:`SampledTargets` holding the top-k ids at their probabilities and each drawn tail id
-    at ``exp(tail_logmass) · count / n``; otherwise top-k datasets give :class:`TopKTargets`.
+    ``tail_draws``: a top-k dataset's tail draws are used (see
+    :func:`~logitcache.train.loss_inputs.stack_targets`).
     """
     lengths = [fit_length(len(ex.prompt_ids), len(ex.response_ids), max_seq_len) for ex in examples]
     B, T = len(examples), max([p + r for p, r in lengths] + [1])
@@ -148,13 +119,14 @@ def collate(
             positions.append(b * T + L - 1 + np.arange(first, P))
             rows.append((ex, first, P))
     pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    labels = _cat([np.asarray(ex.response_ids)[a:z] for ex, a, z in rows], (0,))
+    spans = [np.asarray(ex.response_ids)[a:z] for ex, a, z in rows]
+    labels = np.concatenate(spans) if spans else np.zeros(0, np.int64)
     return Batch(
         input_ids=torch.from_numpy(input_ids),
         attention_mask=torch.from_numpy(mask),
         positions=torch.from_numpy(pos.astype(np.int64)),
         labels=torch.from_numpy(labels.astype(np.int64)),
-        targets=_targets(rows, info, tail_draws),
+        targets=stack_targets(rows, info.targets, tail_draws),
         ids=[ex.id for ex in examples],
         truncated=int(truncated),
         dropped_targets=int(dropped),
@@ -169,78 +141,6 @@ def idle_batch(info: DatasetInfo, *, pad_id: int = 0, tail_draws: bool = False) 
     batch.input_ids = torch.full((1, 1), pad_id, dtype=torch.int64)
     batch.attention_mask = torch.ones((1, 1), dtype=torch.int64)
     return batch
-
-
-def _targets(
-    rows: list[tuple[Example, int, int]], info: DatasetInfo, tail_draws: bool = False
-) -> TopKTargets | SampledTargets:
-    """Stack each row's targets ``[a, z)`` into N flat rows."""
-    spec = info.targets
-    if spec.kind == "topk" and tail_draws:
-        if not spec.n:
-            raise ValueError(f"tail_draws=True, but the dataset stores {spec.label} (no draws)")
-        return _head_and_tail(rows, spec.k, spec.n)
-    if spec.kind == "topk":
-        ids, lps, tail = _stacked_topk(rows, spec.k)
-        return TopKTargets(
-            torch.from_numpy(ids.astype(np.int64)),  # (N, K)
-            torch.from_numpy(lps.astype(np.float32)),  # (N, K)
-            torch.from_numpy(tail.astype(np.float32)),  # (N,)
-        )
-    draws = [(ex.targets, a, z) for ex, a, z in rows]
-    ids, weights = _padded_draws(draws, spec.n)  # type: ignore[arg-type]
-    return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))  # (N, S) each
-
-
-def _padded_draws(rows: list[tuple[Sampled, int, int]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, S) ids and count / n weights of positions ``[a, z)`` of each row's draws, padded
-    with id 0 at weight 0 to the most distinct ids S of a position."""
-    # Position p's unique ids are a run of nunique[p] entries; pad runs to S.
-    ids_l, counts_l, nun_l = [], [], []
-    for t, a, z in rows:
-        off = np.concatenate([[0], np.cumsum(t.nunique)])
-        ids_l.append(t.ids[off[a] : off[z]])
-        counts_l.append(t.counts[off[a] : off[z]])
-        nun_l.append(t.nunique[a:z])
-    nunique = _cat(nun_l, (0,)).astype(np.int64)
-    N, S = len(nunique), max(int(nunique.max(initial=0)), 1)
-    flat_ids, flat_counts = _cat(ids_l, (0,)), _cat(counts_l, (0,))
-    row = np.repeat(np.arange(N), nunique)
-    col = np.arange(len(flat_ids)) - np.repeat(np.cumsum(nunique) - nunique, nunique)
-    ids = np.zeros((N, S), dtype=np.int64)
-    weights = np.zeros((N, S), dtype=np.float32)
-    ids[row, col] = flat_ids
-    weights[row, col] = flat_counts.astype(np.float32) / n
-    return ids, weights
-
-
-def _stacked_topk(
-    rows: list[tuple[Example, int, int]], k: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's top-k positions ``[a, z)`` stacked: (N, k) ids and log-probs, (N,) tails."""
-    tops: list[TopK] = [ex.targets for ex, _, _ in rows]  # type: ignore[misc]
-    spans = [(a, z) for _, a, z in rows]
-    ids = _cat([t.ids[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
-    lps = _cat([t.logprobs[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
-    tail = _cat([t.tail_logmass[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0,))
-    return ids, lps, tail
-
-
-def _head_and_tail(rows: list[tuple[Example, int, int]], k: int, n: int) -> SampledTargets:
-    """Top-k with tail draws as one sparse distribution: (N, k + S) ids and weights."""
-    head_ids, head_lp, tail = _stacked_topk(rows, k)
-    draws = [(ex.targets.tail_draws, a, z) for ex, a, z in rows]  # type: ignore[union-attr]
-    tail_ids, tail_w = _padded_draws(draws, n)  # type: ignore[arg-type]
-    ids = np.concatenate([head_ids.astype(np.int64), tail_ids], axis=1)
-    weights = np.concatenate(
-        [np.exp(head_lp, dtype=np.float32), tail_w * np.exp(tail, dtype=np.float32)[:, None]],
-        axis=1,
-    )
-    return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))
-
-
-def _cat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(empty_shape)
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,14 @@ A dataset's manifest records what its targets mean: the tokenizer they index (fi
 kind of targets, and the temperature they were captured at (``log_softmax(logits / T)``). A run
 whose settings mean something else does not fail; it trains on the wrong thing. So every such
 disagreement, with the training and the held-out set alike, is collected here and refused in one
-error. (That the student's lm_head covers each dataset's vocabulary needs the built student:
+error, with what the loss cannot do with the training set (:func:`loss_problems`). (That the
+student's lm_head covers each dataset's vocabulary needs the built student:
 :func:`logitcache.train.student.load_student` checks it.)
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from typing import Any
 
 from logitcache.cache.errors import IncompatibleError, InputError
@@ -19,10 +19,11 @@ from logitcache.cache.format import DatasetInfo
 from logitcache.cache.tokenizer import tokenizer_fingerprint
 
 from .config import Config
+from .loss_plan import LossPlan, plan_loss
 
 
-def check_datasets(cfg: Config, infos: dict[str, DatasetInfo], tokenizer: Any) -> Config:
-    """``cfg`` with loss.tail resolved for the training set, or one error listing every problem.
+def check_datasets(cfg: Config, infos: dict[str, DatasetInfo], tokenizer: Any) -> LossPlan:
+    """The run's loss resolved for the training set, or one error listing every problem.
 
     ``infos`` maps each config key (``data.train``, ``data.eval``) to its dataset's info. A
     tokenizer mismatch raises IncompatibleError (another student or dataset is needed); the
@@ -38,19 +39,8 @@ def check_datasets(cfg: Config, infos: dict[str, DatasetInfo], tokenizer: Any) -
         for key, info in infos.items()
         if info.tokenizer_fingerprint != found
     ]
-    problems = temperature_problems(cfg, infos)
-    train = infos["data.train"]
-    tail = cfg.loss.tail
-    try:
-        tail = cfg.loss.tail_for(train.targets, cfg.data.train)
-    except InputError as e:
-        problems.append(str(e))
-    if train.targets.kind == "sampled" and cfg.loss.divergence != "forward_kl":
-        problems.append(
-            f"loss.divergence={cfg.loss.divergence} cannot be estimated from sampled targets "
-            f"({cfg.data.train}); use loss.divergence=forward_kl or a top-k dataset"
-        )
-    problems = incompatible + problems
+    plan = plan_loss(cfg.loss, infos["data.train"].targets)
+    problems = incompatible + temperature_problems(cfg, infos) + loss_problems(plan, cfg.data.train)
     if len(problems) > 1:
         listed = "\n  - ".join(problems)
         problems = [
@@ -58,7 +48,26 @@ def check_datasets(cfg: Config, infos: dict[str, DatasetInfo], tokenizer: Any) -
         ]
     if problems:
         raise (IncompatibleError if incompatible else InputError)(problems[0])
-    return replace(cfg, loss=replace(cfg.loss, tail=tail))
+    return plan
+
+
+def loss_problems(plan: LossPlan, url: str) -> list[str]:
+    """What the loss cannot do with the training set at ``url``: train on tail draws it does
+    not store, or estimate anything but forward KL from sampled targets."""
+    problems = []
+    if plan.tail_draws and not plan.stored_draws:
+        problems.append(
+            f"loss.tail=draws, but {url} holds {plan.targets.label} targets without tail draws; "
+            "capture with `logitcache build --k K --n N` for tail draws, or set loss.tail=auto"
+        )
+    divergence = plan.loss.divergence
+    if plan.sampled and divergence != "forward_kl":
+        other = "loss.tail=bucket" if plan.tail_draws else "a top-k dataset"
+        problems.append(
+            f"loss.divergence={divergence} cannot be estimated from sampled targets ({url}); "
+            f"use loss.divergence=forward_kl or {other}"
+        )
+    return problems
 
 
 def capture_temperature(info: DatasetInfo) -> float | None:

@@ -3,28 +3,20 @@
 Every field has a one-line docstring; the command line mirrors the fields as
 ``--section.field VALUE`` (and ``--set section.field=VALUE``), with those docstrings as help.
 Unknown keys, wrong types and bad values are all reported at once, each naming the key, where
-it came from (file and line, or flag), the value seen and the fix.
+it came from (file and line, or flag), the value seen and the fix (cache/settings.py).
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import itertools
-import json
-import textwrap
-import types
-import typing
-from dataclasses import dataclass, field, fields, replace
-from functools import cache
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from logitcache.cache.errors import InputError
-from logitcache.cache.format import TargetSpec
+from logitcache.cache.settings import Source, build, file_sources, format_problems, sections
 
 
 @dataclass(frozen=True)
@@ -85,26 +77,6 @@ class LossConfig:
     """Top-k tail: draws (stored tail draws; forward_kl), bucket (K+1 buckets), renorm, or auto (draws if stored, else bucket)."""
     chunk_size: int = 0
     """Loss positions per lm_head chunk (memory ∝ chunk_size × vocab); 0: about 2^25 logits."""
-
-    @property
-    def topk_tail(self) -> str:
-        """What the losses take for top-k targets: renorm or bucket (with draws, the targets
-        reach them as sampled targets, and held-out top-k sets are scored on the bucket)."""
-        return "renorm" if self.tail == "renorm" else "bucket"
-
-    def tail_for(self, targets: TargetSpec, url: str) -> str:
-        """The tail mode training on ``targets`` (the dataset at ``url``) uses: ``auto``
-        resolved; ``draws`` refused, naming the dataset, when it holds no tail draws."""
-        has_draws = targets.kind == "topk" and targets.n > 0
-        if self.tail == "auto":
-            return "draws" if has_draws and self.divergence == "forward_kl" else "bucket"
-        if self.tail == "draws" and not has_draws:
-            raise InputError(
-                f"loss.tail=draws, but {url} holds {targets.label} targets without tail draws; "
-                "capture with `logitcache build --k K --n N` for tail draws, or set "
-                "loss.tail=auto"
-            )
-        return self.tail
 
 
 @dataclass(frozen=True)
@@ -254,151 +226,7 @@ class Config:
         return p
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "loss": LossConfig,
-    "optim": OptimConfig,
-    "train": TrainConfig,
-    "log": LogConfig,
-}
-
-
-@cache
-def field_docs(cls: type) -> dict[str, str]:
-    """Each field's one-line docstring (the string literal right after it in the class body)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = nxt.value.value.strip()
-    return docs
-
-
-def all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
-
-
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    args = typing.get_args(tp)
-    if type(None) in args:
-        return " | ".join(_describe(a) for a in args if a is not type(None)) + " | null"
-    return getattr(tp, "__name__", str(tp))
-
-
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def coerce(tp: Any, value: Any, *, from_text: bool) -> Any:
-    """``value`` as type ``tp``; raises ValueError naming the expected type."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"expected one of {_describe(tp)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (from_text and value in ("none", "null"))):
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return coerce(inner[0], value, from_text=from_text)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if from_text and str(value).lower() in _TRUE | _FALSE:
-            return str(value).lower() in _TRUE
-        raise ValueError("expected true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError("expected an integer")
-        if isinstance(value, int):
-            return value
-        if from_text:
-            try:
-                return int(str(value))
-            except ValueError:
-                pass
-        raise ValueError("expected an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError("expected a number")
-        if isinstance(value, int | float):
-            return float(value)
-        if from_text:
-            try:
-                return float(str(value))
-            except ValueError:
-                pass
-        raise ValueError("expected a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError("expected a string")
-    raise AssertionError(f"unsupported config type {tp}")
-
-
-@dataclass
-class _Source:
-    """One value to apply: the dotted key, the value, where it came from."""
-
-    key: str
-    value: Any
-    where: str
-    from_text: bool
-
-
-def _file_values(path: Path) -> list[_Source]:
-    """``section.field`` values of a YAML/JSON file, each with its line number."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(
-            f"--config {path}: cannot read it ({e.strerror}); check the path"
-        ) from None
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise InputError(f"--config {path}: not valid YAML/JSON: {e}") from None
-    if root is None:
-        return []
-    constructor = yaml.constructor.SafeConstructor()
-    out: list[_Source] = []
-    problems: list[str] = []
-    if not isinstance(root, yaml.MappingNode):
-        raise InputError(f"--config {path}: expected a mapping of sections ({', '.join(SECTIONS)})")
-    for k_node, v_node in root.value:
-        section, line = str(k_node.value), k_node.start_mark.line + 1
-        if not isinstance(v_node, yaml.MappingNode):
-            problems.append(f"{path}:{line}: {section} must be a mapping of fields")
-            continue
-        for fk, fv in v_node.value:
-            out.append(
-                _Source(
-                    f"{section}.{fk.value}",
-                    constructor.construct_object(fv, deep=True),
-                    f"{path}:{fk.start_mark.line + 1}",
-                    from_text=False,
-                )
-            )
-        if not v_node.value:
-            out.append(_Source(section, None, f"{path}:{line}", from_text=False))
-    if problems:
-        raise InputError("\n".join(problems))
-    return out
+SECTIONS: dict[str, type] = sections(Config)
 
 
 def load_config(
@@ -410,52 +238,11 @@ def load_config(
 
     Raises InputError listing every problem.
     """
-    sources = _file_values(Path(path)) if path is not None else []
-    sources += [_Source(k, v, w, from_text=True) for k, v, w in overrides or []]
-    values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
-    problems = []
-    for src in sources:
-        section, _, name = src.key.partition(".")
-        if section in SECTIONS and not name and src.value is None:
-            continue  # an empty section in a file
-        cls = SECTIONS.get(section)
-        if cls is None or name not in {f.name for f in fields(cls)}:
-            problems.append(_unknown(src))
-            continue
-        tp = _field_type(cls, name)
-        try:
-            values[section][name] = coerce(tp, src.value, from_text=src.from_text)
-        except ValueError as e:
-            problems.append(f"{src.where}: {src.key}={src.value!r}: {e}")
-    cfg = Config()
+    sources = file_sources(path, Config) if path is not None else []
+    sources += [Source(k, v, w, from_text=True) for k, v, w in overrides or []]
+    cfg, problems = build(Config, sources, command="train", example="optim.lr")
     if not problems:
-        cfg = Config(**{s: replace(getattr(cfg, s), **v) for s, v in values.items()})
         problems = cfg.validate()
     if problems:
-        raise InputError(_format(problems))
+        raise InputError(format_problems(problems))
     return cfg
-
-
-def _unknown(src: _Source) -> str:
-    section, _, _ = src.key.partition(".")
-    if section in SECTIONS:
-        valid = ", ".join(f.name for f in fields(SECTIONS[section]))
-        return f"{src.where}: unknown key {src.key!r}; valid keys of {section}: {valid}"
-    return (
-        f"{src.where}: unknown key {src.key!r}; keys are section.field with sections "
-        f"{', '.join(SECTIONS)} (e.g. optim.lr); run `logitcache train --help` for all"
-    )
-
-
-def _format(problems: list[str]) -> str:
-    if len(problems) == 1:
-        return f"invalid config: {problems[0]}"
-    return f"invalid config ({len(problems)} problems):\n  - " + "\n  - ".join(problems)
-
-
-def describe_field(section: str, name: str) -> str:
-    """Help text for ``--section.name``: its docstring, type and default."""
-    cls = SECTIONS[section]
-    default = getattr(cls(), name)
-    tp = _describe(_field_type(cls, name))
-    return f"{field_docs(cls).get(name, '')} [{tp}; default {json.dumps(default)}]"

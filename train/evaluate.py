@@ -19,20 +19,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .batching import Batch, select_rows
-from .losses import SampledTargets, TopKTargets, auto_chunk_size, ce_loss, kd_loss
+from .batching import Batch
+from .losses import auto_chunk_size, ce_loss, kd_loss
+from .row_losses import TailMode
 
 HiddenFn = Callable[[Batch], torch.Tensor]
 """Batch → (N, H) final hidden states at its loss positions."""
-
-
-def teacher_top1(targets: TopKTargets | SampledTargets) -> torch.Tensor:
-    """(N,) the teacher's most likely id per row."""
-    if isinstance(targets, TopKTargets):
-        best = targets.logprobs.argmax(dim=-1, keepdim=True)  # (N, 1)
-    else:
-        best = targets.weights.argmax(dim=-1, keepdim=True)  # (N, 1)
-    return targets.ids.gather(1, best).squeeze(1)
 
 
 @torch.no_grad()
@@ -42,7 +34,7 @@ def evaluate(
     lm_head: torch.nn.Module,
     *,
     device: torch.device,
-    tail: str = "bucket",
+    tail: TailMode = "bucket",
     temperature: float = 1.0,
     chunk_size: int = 0,
     max_batches: int = 0,
@@ -63,13 +55,13 @@ def evaluate(
         for start in range(0, batch.num_positions, chunk_size):
             rows = torch.arange(start, min(start + chunk_size, batch.num_positions), device=device)
             logits = lm_head(hidden[rows]).float()  # (n, V)
-            targets = select_rows(batch.targets, rows)
+            targets = batch.targets[rows]
             mask = torch.ones(len(rows), dtype=torch.bool, device=device)
             n = len(rows)
             tempered = logits if temperature == 1.0 else logits / temperature  # (n, V)
-            kl = kd_loss(tempered, targets, mask, divergence="forward_kl", tail=tail)  # type: ignore[arg-type]
+            kl = kd_loss(tempered, targets, mask, divergence="forward_kl", tail=tail)
             ce = ce_loss(logits, batch.labels[rows], mask)
-            agree = (logits.argmax(dim=-1) == teacher_top1(targets)).sum()
+            agree = (logits.argmax(dim=-1) == targets.top1()).sum()
             sums[0] += kl.double() * n
             sums[1] += ce.double() * n
             sums[2] += agree.double()

@@ -1,11 +1,9 @@
 """Stream a logit dataset as training batches: deterministic, split across ranks and workers,
 resumable mid-epoch, in bounded memory.
 
-One epoch's order is fixed by ``(seed, epoch)``: the shards are permuted, their rows laid end to
-end, and that sequence cut into ``world_size × num_workers`` contiguous, near-equal *slots*
-(sizes differ by at most one example), so the slots are complete and disjoint and each reads
-about 1/slots of the bytes. Each slot then passes its range through a shuffle buffer of
-``shuffle_buffer`` examples, seeded by ``(seed, epoch, slot)``.
+Each DataLoader worker of each rank is one *slot* and reads its share of each epoch's order
+(:mod:`logitcache.train.order`: the shards permuted by ``(seed, epoch)``, cut into contiguous,
+near-equal slots, each passed through a shuffle buffer seeded by ``(seed, epoch, slot)``).
 
 A run of ``epochs`` passes ends: each slot emits its range once per epoch (a fractional last
 epoch: the first ⌈fraction × range⌉ of that epoch's order), then stops, so every example is
@@ -13,11 +11,11 @@ emitted exactly once per whole epoch. :meth:`LogitStream.epoch_rows` gives a slo
 without reading anything, which is how a run's length is counted beforehand
 (:mod:`logitcache.train.epochs`).
 
-The buffer is shuffled as *indices* (:class:`_Shuffle`), so a slot's position is just
-``(epoch, emitted)``: resuming replays the index arithmetic (no I/O), then reads back only the
-≤ ``shuffle_buffer`` examples that were pending. Examples are copied out of their record batch,
-and at most two shards are held at once (the one being read, the next one fetched in the
-background), so memory does not grow with the dataset.
+The buffer is shuffled as *indices* (:class:`~logitcache.train.order.Shuffle`), so a slot's
+position is just ``(epoch, emitted)``: resuming replays the index arithmetic (no I/O), then
+reads back only the ≤ ``shuffle_buffer`` examples that were pending. Examples are copied out
+of their record batch, and at most two shards are held at once (the one being read, the next
+one fetched in the background), so memory does not grow with the dataset.
 
 Shards are read only through :mod:`logitcache.cache.reader`; remote shards can be kept in its
 local ``cache_dir``.
@@ -32,7 +30,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,109 +38,25 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.cache.errors import InputError
-from logitcache.cache.format import Example, Sampled, TopK
+from logitcache.cache.format import Example
 from logitcache.cache.reader import LogitDataset, ShardReader, open_dataset
 
+from .order import Shuffle, shard_order, slot_range, slot_segments
+
 STATE_VERSION = 1
-
-
-# --------------------------------------------------------------------------- epoch plan
-
-
-def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """The order the shards are laid end to end in ``epoch``."""
-    if not shuffle:
-        return list(range(num_shards))
-    return [int(i) for i in np.random.default_rng([seed, epoch, 0]).permutation(num_shards)]
-
-
-def slot_range(num_examples: int, slot: int, num_slots: int) -> tuple[int, int]:
-    """The contiguous range ``[lo, hi)`` of the epoch's sequence that ``slot`` reads."""
-    return num_examples * slot // num_slots, num_examples * (slot + 1) // num_slots
-
-
-def slot_segments(
-    shard_rows: list[int], order: list[int], slot: int, num_slots: int
-) -> list[tuple[int, int, int]]:
-    """``(shard, row_lo, row_hi)`` pieces of shards, in order, that make up ``slot``'s range."""
-    lo, hi = slot_range(sum(shard_rows), slot, num_slots)
-    out, start = [], 0
-    for shard in order:
-        end = start + shard_rows[shard]
-        a, b = max(lo, start), min(hi, end)
-        if a < b:
-            out.append((shard, a - start, b - start))
-        start = end
-    return out
-
-
-class _Shuffle:
-    """The order in which a buffer of ``size`` emits source items ``0 … n-1``.
-
-    The buffer first fills with ``size`` items; then each step emits a uniformly chosen
-    buffered item and reads the next source item into its place; at the end it drains in
-    random order. So item ``t`` of the output has source index ``< size + t`` and at most
-    ``size`` items are ever pending. ``size ≤ 1`` keeps the source order.
-    """
-
-    def __init__(self, n: int, size: int, seed: list[int]):
-        self.n, self.size = n, max(size, 1)
-        self.rng = np.random.default_rng(seed)
-        self.read = 0
-        """Source items read into the buffer so far."""
-        self.pending: list[int] = []
-        self.emitted = 0
-        self._draws = np.empty(0)
-        self._next_draw = 0
-
-    def fill(self) -> list[int]:
-        """Read source items until the buffer is full; returns the newly read ones."""
-        new = list(range(self.read, min(self.n, self.read + self.size - len(self.pending))))
-        self.pending += new
-        self.read += len(new)
-        return new
-
-    def emit(self) -> int | None:
-        """The next item of the output (the caller refills afterwards), or None at the end."""
-        if not self.pending:
-            return None
-        j = self._draw(len(self.pending)) if self.size > 1 else 0
-        item = self.pending[j]
-        if self.size > 1:
-            self.pending[j] = self.pending[-1]
-            self.pending.pop()
-        else:
-            self.pending.pop(0)
-        self.emitted += 1
-        return item
-
-    def _draw(self, m: int) -> int:
-        # Uniforms are drawn in blocks (one numpy call per 4096 steps); the sequence is the
-        # same whether the steps are replayed or run for real.
-        if self._next_draw == len(self._draws):
-            self._draws, self._next_draw = self.rng.random(4096), 0
-        u = self._draws[self._next_draw]
-        self._next_draw += 1
-        return min(int(u * m), m - 1)
 
 
 # --------------------------------------------------------------------------- reading rows
 
 
-def _copy_example(ex: Example) -> Example:
-    """A standalone copy, so a buffered example does not keep its whole record batch alive."""
-
-    def draws(d: Sampled) -> Sampled:
-        return Sampled(d.ids.copy(), d.counts.copy(), d.nunique.copy())
-
-    t = ex.targets
-    targets: TopK | Sampled
-    if isinstance(t, TopK):
-        tail = None if t.tail_draws is None else draws(t.tail_draws)
-        targets = TopK(t.ids.copy(), t.logprobs.copy(), t.tail_logmass.copy(), tail)
-    else:
-        targets = draws(t)
-    return Example(ex.id, ex.prompt_ids.copy(), ex.response_ids.copy(), targets)
+def _standalone(x: Any) -> Any:
+    """``x`` with every array in it copied (dataclasses field by field, whatever the kind of
+    targets), so that a buffered example does not keep its whole record batch alive."""
+    if isinstance(x, np.ndarray):
+        return x.copy()
+    if is_dataclass(x):
+        return type(x)(*[_standalone(getattr(x, f.name)) for f in fields(x)])
+    return x
 
 
 class _OpenShard:
@@ -159,7 +73,7 @@ class _OpenShard:
         b = bisect.bisect_right(self.starts, row) - 1
         if b != self._batch_index:
             self._batch, self._batch_index = self.reader.batch(b), b
-        return _copy_example(self._batch.example(row - self.starts[b]))
+        return _standalone(self._batch.example(row - self.starts[b]))
 
 
 class _SlotSource:
@@ -333,12 +247,12 @@ class LogitStream(IterableDataset):
             _, shard, row = source.locate(pos)
             yield shard, row
 
-    def _epoch_plan(self, slot: int, num_slots: int, epoch: int) -> tuple[_SlotSource, _Shuffle]:
+    def _epoch_plan(self, slot: int, num_slots: int, epoch: int) -> tuple[_SlotSource, Shuffle]:
         """The slot's range in ``epoch`` and the order its shuffle buffer emits it in."""
         order = shard_order(len(self.shard_rows), self.seed, epoch, self.shuffle)
         source = _SlotSource(self.dataset, slot_segments(self.shard_rows, order, slot, num_slots))
         size = self.shuffle_buffer if self.shuffle else 1
-        return source, _Shuffle(source.n, size, [self.seed, epoch, 1, slot])
+        return source, Shuffle(source.n, size, [self.seed, epoch, 1, slot])
 
     def _epoch_items(
         self, slot: int, num_slots: int, epoch: int, skip: int

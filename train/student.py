@@ -8,18 +8,18 @@ in :mod:`logitcache.train.compat`.)
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
+from logitcache.cache.ranks import Ranks as Dist  # training calls its ranks helper Dist
 
-from .batching import Batch
+from .chunked import chunked_distill_loss
 from .config import Config
-from .losses import SampledTargets, TopKTargets, chunked_distill_loss
+from .loss_inputs import Targets
+from .loss_plan import LossPlan
 
 # Set on a student's config when its logits are not just `hidden @ lm_head.T (+ bias)`.
 _LOGIT_TRANSFORMS = (
@@ -30,53 +30,17 @@ _LOGIT_TRANSFORMS = (
 )
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a (possibly single-process) run."""
-
-    rank: int
-    world: int
-    device: torch.device
-    owns_group: bool = False
-    """True when :func:`setup_dist` created the process group (and so must destroy it)."""
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.owns_group:
-            torch.distributed.destroy_process_group()
-
-
 def setup_dist(cfg: Config) -> Dist:
     """Read torchrun's environment; init the process group when there are several ranks."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    ranks = Dist.from_env()
     want = cfg.train.device
     if want == "cuda" and not torch.cuda.is_available():
         raise InputError("train.device=cuda but torch sees no CUDA device; use train.device=cpu")
     cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    device = torch.device(f"cuda:{ranks.local_rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    owns = world > 1 and not torch.distributed.is_initialized()
-    if owns:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world, device, owns)
+    return ranks.start(device)
 
 
 def load_tokenizer(cfg: Config) -> Any:
@@ -144,23 +108,30 @@ def load_student(
     return model
 
 
+def final_hidden(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor,  # (B, T)
+    positions: torch.Tensor,  # (N,)
+) -> torch.Tensor:
+    """(N, H) the model's final hidden states (after the last norm) at the loss positions."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state.flatten(0, 1).index_select(0, positions)  # (N, H)
+
+
 class DistillStudent(torch.nn.Module):
     """The student plus the loss, as one module so DDP sees every parameter use in forward."""
 
-    def __init__(self, model: torch.nn.Module, cfg: Config, kind: str):
+    def __init__(self, model: torch.nn.Module, plan: LossPlan):
         super().__init__()
         self.model = model
-        self.loss = cfg.loss
-        self.kind = kind
+        self.plan = plan
 
     def hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
         """(N, H) final hidden states (after the last norm) at the loss positions."""
-        out = self.model.get_decoder()(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        )
-        return out.last_hidden_state.flatten(0, 1).index_select(0, positions)  # (N, H)
+        return final_hidden(self.model, input_ids, attention_mask, positions)
 
     def forward(
         self,
@@ -168,14 +139,11 @@ class DistillStudent(torch.nn.Module):
         attention_mask: torch.Tensor,  # (B, T)
         positions: torch.Tensor,  # (N,)
         labels: torch.Tensor,  # (N,)
-        *target_tensors: torch.Tensor,
+        targets: Targets,  # N rows
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        targets = (
-            TopKTargets(*target_tensors) if self.kind == "topk" else SampledTargets(*target_tensors)
-        )
         hidden = self.hidden(input_ids, attention_mask, positions)
         head = self.model.get_output_embeddings()
-        lo = self.loss
+        lo = self.plan.loss
         out = chunked_distill_loss(
             hidden,
             head.weight,
@@ -188,14 +156,6 @@ class DistillStudent(torch.nn.Module):
             divergence=lo.divergence,
             beta=lo.beta,
             temperature=lo.temperature,
-            tail=lo.topk_tail,
+            tail=self.plan.topk_tail,
         )
         return out.total, out.kd, out.ce
-
-
-def target_tensors(batch: Batch) -> tuple[torch.Tensor, ...]:
-    """The batch's targets as the positional tensors :class:`DistillStudent` takes."""
-    t = batch.targets
-    if isinstance(t, TopKTargets):
-        return t.ids, t.logprobs, t.tail_logmass
-    return t.ids, t.weights

@@ -35,14 +35,7 @@ from .epochs import micro_batches, steps_for
 from .evaluate import evaluate
 from .optim import clipped_step, lr_at, make_optimizer, set_lr
 from .stream import LogitStream, StreamLoader
-from .student import (
-    Dist,
-    DistillStudent,
-    load_student,
-    load_tokenizer,
-    setup_dist,
-    target_tensors,
-)
+from .student import Dist, DistillStudent, load_student, load_tokenizer, setup_dist
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "resolved_config.yaml"
@@ -76,8 +69,17 @@ def total_steps(cfg: Config, loader: StreamLoader, dist: Dist) -> int:
 
 
 def make_loader(
-    cfg: Config, url: str, info: DatasetInfo, dist: Dist, *, train: bool, pad_id: int
+    cfg: Config,
+    url: str,
+    info: DatasetInfo,
+    dist: Dist,
+    *,
+    train: bool,
+    pad_id: int,
+    tail_draws: bool = False,
 ) -> StreamLoader:
+    """The batches of the dataset at ``url``: the training stream (``train``) or one pass over
+    a held-out set; ``tail_draws`` as :class:`~logitcache.train.loss_plan.LossPlan` says."""
     d = cfg.data
     batcher = Batcher(
         info,
@@ -85,8 +87,7 @@ def make_loader(
         batch_size=d.batch_size,
         max_tokens=d.max_tokens,
         pad_id=pad_id,
-        # Held-out sets are scored on their exact top-k and tail mass, never on draws.
-        tail_draws=train and cfg.loss.tail == "draws",
+        tail_draws=tail_draws,
     )
     stream = LogitStream(
         url,
@@ -208,8 +209,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         eval_info = open_dataset(cfg.data.eval).info
     infos = {"data.train": info} | ({"data.eval": eval_info} if cfg.data.eval is not None else {})
     # Tokenizer, capture temperature, tail and divergence against the datasets, all at once;
-    # the tail mode (auto resolved) is recorded in the run's config.
-    cfg = check_datasets(cfg, infos, tokenizer)
+    # the loss resolved for the training set (loss.tail auto resolved) is the run's from here.
+    plan = check_datasets(cfg, infos, tokenizer)
+    cfg = replace(cfg, loss=plan.loss)
     readers = dist.world * max(cfg.data.num_workers, 1)
     if train_ds.num_examples < readers:
         raise InputError(
@@ -217,12 +219,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             f"the {readers} readers (ranks × data.num_workers); lower data.num_workers"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loader = make_loader(cfg, cfg.data.train, info, dist, train=True, pad_id=pad_id)
+    loader = make_loader(
+        cfg, cfg.data.train, info, dist, train=True, pad_id=pad_id, tail_draws=plan.tail_draws
+    )
     steps = total_steps(cfg, loader, dist)
 
     model = load_student(cfg, info, infos.get("data.eval")).to(dist.device)
-    kind = "sampled" if cfg.loss.tail == "draws" else info.targets.kind  # as the loader gives
-    module: torch.nn.Module = DistillStudent(model, cfg, kind)
+    module: torch.nn.Module = DistillStudent(model, plan)
     student = module
     if dist.world > 1:
         module = torch.nn.parallel.DistributedDataParallel(
@@ -267,6 +270,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         if cfg.data.eval is None:
             return
         model.eval()
+        # Scored on its exact top-k and tail mass (plan.topk_tail), never on draws.
         eval_loader = make_loader(cfg, cfg.data.eval, eval_info, dist, train=False, pad_id=pad_id)
         with autocast():
             result = evaluate(
@@ -274,9 +278,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 lambda b: student.hidden(b.input_ids, b.attention_mask, b.positions),
                 model.get_output_embeddings(),
                 device=dist.device,
-                tail=cfg.loss.topk_tail,
-                temperature=cfg.loss.temperature,
-                chunk_size=cfg.loss.chunk_size,
+                tail=plan.topk_tail,
+                temperature=plan.loss.temperature,
+                chunk_size=plan.loss.chunk_size,
                 max_batches=cfg.log.eval_batches,
                 all_reduce=dist.sum,
             )
@@ -318,7 +322,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     )
     batches: Iterator[Batch] = iter(loader)
     # What a rank trains on in the last steps of an epochs run once its own batches are spent.
-    idle = idle_batch(info, pad_id=pad_id, tail_draws=cfg.loss.tail == "draws")
+    idle = idle_batch(info, pad_id=pad_id, tail_draws=plan.tail_draws)
     idle.epoch = math.ceil(cfg.train.epochs) - 1
     if step == 0:
         run_eval()
@@ -349,7 +353,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                         batch.attention_mask,
                         batch.positions,
                         batch.labels,
-                        *target_tensors(batch),
+                        batch.targets,
                     )
                 n = batch.num_positions
                 # DDP averages gradients over ranks; scale back to a sum, then divide by all.

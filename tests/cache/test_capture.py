@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from logitcache.cache.capture import capture
 from logitcache.cache.capture_config import (
     CONFIG_NAME,
+    DEFAULT_TARGETS,
     CaptureConfig,
     GenerateConfig,
     InputConfig,
@@ -57,9 +59,14 @@ def make_cfg(
             out=str(out), **{"max_batch_tokens": 256, "progress": False, **groups.get("run", {})}
         ),
         # The library's default targets (top-32 + 32 tail draws) unless a test asks otherwise.
-        targets=TargetConfig(**groups.get("targets", {})),
+        targets=target_config(**groups.get("targets", {})),
         generate=GenerateConfig(**groups.get("generate", {})),
     )
+
+
+def target_config(mode: str = "score", temperature: float = 1.0, **spec: Any) -> TargetConfig:
+    """The capture's targets: the default ones with ``spec``'s changes (kind, k, n, ...)."""
+    return TargetConfig(mode, replace(DEFAULT_TARGETS, **spec), temperature)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -609,8 +616,8 @@ def test_cli_build(tmp_path, tiny_teacher_dir, ctx_file, capsys) -> None:
     printed = capsys.readouterr().out
     assert "captured 4 examples" in printed and "bytes/position" in printed
     saved = CaptureConfig.from_json(json.loads((out / CONFIG_NAME).read_text()))
-    assert saved.targets.k == 8 and saved.input.context == ctx_file
-    assert saved.targets.kind == "topk" and saved.targets.n == 32  # top-8 + 32 tail draws
+    assert saved.targets.spec.k == 8 and saved.input.context == ctx_file
+    assert saved.targets.spec.kind == "topk" and saved.targets.spec.n == 32  # top-8 + 32 draws
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["teacher"]["config_hash"].startswith("sha256:")
     assert manifest["capture"]["templates"]["teacher"]["context"] == CONTEXT
@@ -662,7 +669,7 @@ def test_lm_head_fallbacks_store_the_same_targets(
     tmp_path, tiny_teacher_dir, ctx_file, monkeypatch, support
 ) -> None:
     """The boolean keep mask (default), the integer window, and full logits agree."""
-    from logitcache.cache import engine
+    from logitcache.cache import teacher
 
     prompts = write_jsonl(tmp_path / "p.jsonl", records(6))
     capture(
@@ -674,7 +681,7 @@ def test_lm_head_fallbacks_store_the_same_targets(
             targets=dict(k=8, codec="f32"),
         )
     )
-    monkeypatch.setattr(engine, "_logits_to_keep_support", lambda model: support)
+    monkeypatch.setattr(teacher, "logits_to_keep_support", lambda model: support)
     capture(
         make_cfg(
             prompts,
@@ -733,6 +740,6 @@ def test_cli_target_flags(flags, want, error) -> None:
         with pytest.raises(InputError, match=error):
             config_from_args(args)
         return
-    t = config_from_args(args).targets
+    t = config_from_args(args).targets.spec
     assert (t.kind, t.k, t.n) == want
     assert t.sampling == "systematic"

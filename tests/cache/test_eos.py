@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from logitcache.cache import capture as capture_mod
 from logitcache.cache.capture import capture
 from logitcache.cache.capture_config import (
     CONFIG_NAME,
+    DEFAULT_TARGETS,
     CaptureConfig,
     GenerateConfig,
     InputConfig,
@@ -50,7 +52,7 @@ def cfg(prompts: str, teacher: Path, out: Path, render: str = "chat", **gen: Any
         input=InputConfig(prompts=(prompts,), render=render),  # type: ignore[arg-type]
         teacher=TeacherConfig(path=str(teacher)),
         run=RunConfig(out=str(out), progress=False),
-        targets=TargetConfig(mode="generate", k=4, n=0),
+        targets=TargetConfig(mode="generate", spec=replace(DEFAULT_TARGETS, k=4, n=0)),
         generate=GenerateConfig(max_new_tokens=8, **gen),
     )
 
@@ -123,6 +125,4 @@ def test_eos_token_ids_are_checked(tiny_teacher_dir: Path, prompts: str, tmp_pat
 
 
 def replace_targets(c: CaptureConfig) -> CaptureConfig:
-    from dataclasses import replace
-
     return replace(c, targets=replace(c.targets, mode="score"))

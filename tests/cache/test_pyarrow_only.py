@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,7 @@ def test_views_recomputed_from_the_manifest(tmp_path, tiny_teacher_dir):
 
     from logitcache.cache.capture import capture
     from logitcache.cache.capture_config import (
+        DEFAULT_TARGETS,
         CaptureConfig,
         InputConfig,
         RunConfig,
@@ -348,7 +350,8 @@ def test_views_recomputed_from_the_manifest(tmp_path, tiny_teacher_dir):
             input=InputConfig(prompts=(str(prompts),), context=str(ctx), render="chat"),
             teacher=TeacherConfig(path=str(tiny_teacher_dir)),
             run=RunConfig(out=str(ds), progress=False),
-            targets=TargetConfig(k=8, n=0, codec="f32"),  # --sampling keeps its default
+            # --sampling keeps its default
+            targets=TargetConfig(spec=replace(DEFAULT_TARGETS, k=8, n=0, codec="f32")),
         )
     )
     got = run_spec_reader(VIEWS, tmp_path, str(ds))

@@ -4,6 +4,7 @@ included) is either captured or a bad record naming file, line and reason."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from transformers import AutoTokenizer
 
 from logitcache.cache.capture import capture
 from logitcache.cache.capture_config import (
+    DEFAULT_TARGETS,
     CaptureConfig,
     InputConfig,
     RunConfig,
@@ -105,7 +107,7 @@ def test_a_lone_surrogate_is_skipped_and_the_rest_captured(
         input=InputConfig(prompts=(str(path),), on_error="skip"),
         teacher=TeacherConfig(path=str(tiny_teacher_dir)),
         run=RunConfig(out=str(tmp_path / "ds"), progress=False),
-        targets=TargetConfig(k=8, n=0),
+        targets=TargetConfig(spec=replace(DEFAULT_TARGETS, k=8, n=0)),
     )
     capture(cfg)
     ds = open_dataset(tmp_path / "ds", verify=True)

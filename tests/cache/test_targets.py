@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
 
-from logitcache.cache.capture_config import GenerateConfig
-from logitcache.cache.engine import _Sampler
+from logitcache.cache.capture_config import GenerateConfig, TargetConfig
+from logitcache.cache.engine import TokenSampler
+from logitcache.cache.format import Sampled, TargetSpec, TopK
 from logitcache.cache.targets import (
+    assemble_targets,
     mix32,
     row_keys,
+    row_targets,
     sample_ids,
     sampled_targets,
+    stack_steps,
     topk_targets,
     uniforms,
     unique_counts,
@@ -148,7 +154,7 @@ def test_unique_counts() -> None:
 def test_sampler_draws_from_the_nucleus(top_p: float, expected: list[float]) -> None:
     B = 20000
     scores = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(B, -1).contiguous()
-    sampler = _Sampler(GenerateConfig(temperature=1.0, top_p=top_p), torch.arange(B))
+    sampler = TokenSampler(GenerateConfig(temperature=1.0, top_p=top_p), torch.arange(B))
     out = sampler(torch.zeros(B, 1, dtype=torch.long), scores)
     assert torch.all((out == 0).sum(-1) == 1)  # exactly one allowed token per row
     freq = torch.bincount(out.argmax(-1), minlength=4).double() / B
@@ -157,3 +163,36 @@ def test_sampler_draws_from_the_nucleus(top_p: float, expected: list[float]) -> 
     )
     second = sampler(torch.zeros(B, 1, dtype=torch.long), scores)  # next step: new draws
     assert (second.argmax(-1) != out.argmax(-1)).any()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        TargetSpec("topk", k=6, n=0),
+        TargetSpec("topk", k=6, n=9, sampling="systematic"),
+        TargetSpec("topk", k=40, n=4, sampling="multinomial"),  # k = V: no tail, no draws
+        TargetSpec("sampled", n=9, sampling="multinomial"),
+    ],
+    ids=lambda spec: spec.label,
+)
+def test_generation_steps_stack_into_what_one_pass_assembles(spec: TargetSpec) -> None:
+    """Generate mode's per-step targets, stacked over the valid steps and cut per example, are
+    score mode's targets of the same rows in one pass, bit for bit."""
+    B, S, V = 3, 5, 40
+    logits = torch.randn(B, S, V, generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([5, 2, 4])
+    valid = torch.arange(S)[None, :] < lengths[:, None]  # (B, S)
+    targets = TargetConfig(spec=spec, temperature=0.8)
+    keys = torch.tensor([11, 22, 33])
+    steps = [row_targets(logits[:, s], targets, keys, torch.full((B,), s)) for s in range(S)]
+    stacked = stack_steps(steps, valid)
+    rows, positions = valid.nonzero(as_tuple=True)  # example-major
+    flat = assemble_targets(logits[valid], targets, keys[rows], positions)
+    bounds = np.concatenate([[0], np.cumsum(lengths.numpy())])
+    got, want = stacked.split(bounds), flat.split(bounds)
+    assert len(got) == len(want) == B
+    for g, w, n in zip(got, want, lengths.tolist(), strict=True):
+        assert len(g.nunique if isinstance(g, Sampled) else g.tail_logmass) == n
+        np.testing.assert_equal(asdict(g), asdict(w))
+    if spec.k == V and spec.n:  # the top k hold all the mass: no tail draws anywhere
+        assert all(isinstance(t, TopK) and t.tail_draws.nunique.sum() == 0 for t in got)

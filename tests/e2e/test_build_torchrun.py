@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from logitcache.cache.capture import capture
 from logitcache.cache.capture_config import (
+    DEFAULT_TARGETS,
     CaptureConfig,
     GenerateConfig,
     InputConfig,
@@ -68,7 +70,7 @@ def test_two_ranks_equal_one(tmp_path: Path, tiny_teacher_dir: Path) -> None:
                 max_batch_tokens=flags["max_batch_tokens"],
                 progress=False,
             ),
-            targets=TargetConfig(mode="generate", kind="topk", k=8),
+            targets=TargetConfig(mode="generate", spec=replace(DEFAULT_TARGETS, kind="topk", k=8)),
             generate=GenerateConfig(max_new_tokens=8),
         )
     )

@@ -37,5 +37,5 @@ def test_demo_pipeline_on_tiny_teacher(tmp_path, tiny_teacher_dir, capsys):
 def test_demo_stores_the_capture_default_targets():
     from logitcache.cache.capture_config import TargetConfig
 
-    t = TargetConfig()
+    t = TargetConfig().spec
     assert (DemoConfig().k, DemoConfig().n, t.kind) == (t.k, t.n, "topk")

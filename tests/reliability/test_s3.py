@@ -154,8 +154,11 @@ def test_a_dead_endpoint_is_reported_after_logitcache_retries_alone(s3, no_backo
 def test_capture_to_s3_through_failures(
     s3, tmp_path: Path, tiny_teacher_dir: Path, no_backoff
 ) -> None:
+    from dataclasses import replace
+
     from logitcache.cache.capture import capture
     from logitcache.cache.capture_config import (
+        DEFAULT_TARGETS,
         CaptureConfig,
         InputConfig,
         RunConfig,
@@ -173,7 +176,7 @@ def test_capture_to_s3_through_failures(
             input=InputConfig(prompts=(str(prompts),)),
             teacher=TeacherConfig(path=str(tiny_teacher_dir), device="cpu"),
             run=RunConfig(out=out, max_batch_tokens=256, shard_positions=64, progress=False),
-            targets=TargetConfig(kind="topk", k=4, codec="f32"),
+            targets=TargetConfig(spec=replace(DEFAULT_TARGETS, kind="topk", k=4, codec="f32")),
         )
 
     summary = capture(cfg("s3://bucket/captured"), storage_options=so)

@@ -11,6 +11,7 @@ import torch
 from logitcache.cache.format import Example, TopK
 from logitcache.train.batching import collate, fit_length
 from logitcache.train.config import load_config
+from logitcache.train.loss_plan import plan_loss
 from logitcache.train.losses import SampledTargets, TopKTargets, distill_loss
 from logitcache.train.student import DistillStudent
 from tests.cache.synth import make_examples, make_info
@@ -119,12 +120,10 @@ def test_chunked_student_loss_equals_the_dense_loss_on_full_logits(tiny_student_
             ("model.path", "m", ""),
         ],
     )
-    module = DistillStudent(model, cfg, "topk")
+    module = DistillStudent(model, plan_loss(cfg.loss, info.targets))
     t = b.targets
     assert isinstance(t, TopKTargets)
-    total, kd, ce = module(
-        b.input_ids, b.attention_mask, b.positions, b.labels, t.ids, t.logprobs, t.tail_logmass
-    )
+    total, kd, ce = module(b.input_ids, b.attention_mask, b.positions, b.labels, t)
     logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits  # (B, T, V)
     dense = distill_loss(
         logits.flatten(0, 1)[b.positions],

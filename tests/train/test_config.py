@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from logitcache.cache.errors import InputError
+from logitcache.cache.settings import field_docs
 from logitcache.tools.cli import build_parser
 from logitcache.tools.cmd_train import overrides_from_args
-from logitcache.train.config import Config, DataConfig, field_docs, load_config
+from logitcache.train.config import Config, DataConfig, load_config
 
 REQUIRED = [
     ("data.train", "ds", "--set"),

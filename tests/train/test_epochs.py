@@ -17,8 +17,10 @@ from logitcache.cache.writer import DatasetWriter
 from logitcache.train.batching import idle_batch
 from logitcache.train.config import Config, DataConfig, OptimConfig, TrainConfig, load_config
 from logitcache.train.epochs import micro_batches, steps_for
-from logitcache.train.stream import StreamLoader, slot_range
-from logitcache.train.student import Dist, DistillStudent, target_tensors
+from logitcache.train.loss_plan import plan_loss
+from logitcache.train.order import slot_range
+from logitcache.train.stream import StreamLoader
+from logitcache.train.student import Dist, DistillStudent
 from logitcache.train.trainer import make_loader, read_metrics, total_steps, train
 from tests.cache.synth import make_examples, make_info
 from tests.train.helpers import capture_dataset
@@ -164,11 +166,13 @@ def test_an_idle_batch_adds_nothing_to_the_loss_or_the_gradient(
 
     info = make_info(kind, k=4, n=8, vocab=384, tail_draws=8 if tail_draws else 0)
     model = AutoModelForCausalLM.from_pretrained(tiny_student_dir, dtype=torch.float32)
-    student = DistillStudent(model, Config(), "sampled" if tail_draws else kind)
-    batch = idle_batch(info, pad_id=0, tail_draws=tail_draws)
+    plan = plan_loss(Config().loss, info.targets)
+    assert plan.tail_draws == tail_draws  # loss.tail=auto trains on stored draws
+    student = DistillStudent(model, plan)
+    batch = idle_batch(info, pad_id=0, tail_draws=plan.tail_draws)
     assert batch.num_positions == 0 and batch.ids == []
     total, kd, ce = student(
-        batch.input_ids, batch.attention_mask, batch.positions, batch.labels, *target_tensors(batch)
+        batch.input_ids, batch.attention_mask, batch.positions, batch.labels, batch.targets
     )
     assert float(total) == float(kd) == float(ce) == 0.0
     (total * 0.0).backward()  # as the trainer weighs a micro-batch of no positions

@@ -198,7 +198,7 @@ def test_reverse_kl_with_zero_teacher_tail_is_finite() -> None:
 def test_hand_written_student_gradient_passes_gradcheck() -> None:
     # The one hand-written backward in the module, checked in float64 against finite
     # differences: duplicate ids, an id outside the top-k, and a row whose top-k is the vocab.
-    from logitcache.train.losses import _StudentLogProbs
+    from logitcache.train.row_losses import StudentLogProbs
 
     n, v = 3, 5
     z = torch.randn(n, v, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -209,7 +209,7 @@ def test_hand_written_student_gradient_passes_gradcheck() -> None:
     top[2] = True  # no tail: log q_tail = -inf
 
     def fn(z: torch.Tensor, top: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        log_q, log_q_tail = _StudentLogProbs.apply(z, ids, top)
+        log_q, log_q_tail = StudentLogProbs.apply(z, ids, top)
         return log_q, torch.where(log_q_tail > NEG_INF, log_q_tail, 0.0)
 
     assert torch.autograd.gradcheck(lambda z: fn(z, top), (z.requires_grad_(True),))

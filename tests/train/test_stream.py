@@ -11,7 +11,8 @@ import pytest
 from logitcache.cache.errors import InputError
 from logitcache.cache.writer import DatasetWriter
 from logitcache.train.batching import Batcher
-from logitcache.train.stream import LogitStream, StreamLoader, _Shuffle, slot_range
+from logitcache.train.order import Shuffle, slot_range
+from logitcache.train.stream import LogitStream, StreamLoader
 from tests.cache.synth import make_examples, make_info
 
 COUNT = 97  # prime, so slots get unequal shares
@@ -77,7 +78,7 @@ def test_buffer_bounds_memory_and_displacement(dataset: Path) -> None:
     stream = LogitStream(dataset, seed=0, shuffle_buffer=6, shuffle=True)
     order = ids_of(stream)
     assert stream.peak_pending == 6  # never more than the buffer decoded and held
-    plan = _Shuffle(1000, 10, [0, 0, 1, 0])
+    plan = Shuffle(1000, 10, [0, 0, 1, 0])
     plan.fill()
     out = []
     while (item := plan.emit()) is not None:

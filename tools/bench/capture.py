@@ -30,6 +30,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +91,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from logitcache.cache.capture import Ranks, dataset_info, run_batches
+    from logitcache.cache.capture import run_batches
     from logitcache.cache.capture_config import (
+        DEFAULT_TARGETS,
         CaptureConfig,
         InputConfig,
         RunConfig,
         TargetConfig,
         TeacherConfig,
     )
-    from logitcache.cache.engine import load_teacher, plan_batches, score_batch
+    from logitcache.cache.capture_info import dataset_info
+    from logitcache.cache.engine import plan_batches, score_batch
     from logitcache.cache.prompts import parse_record
+    from logitcache.cache.ranks import Ranks
     from logitcache.cache.targets import example_keys
+    from logitcache.cache.teacher import load_teacher
     from logitcache.cache.views import Context, ViewRenderer
     from logitcache.cache.writer import DatasetWriter, encode_shard
 
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             run=RunConfig(
                 out=str(tmp / "ds"), max_batch_tokens=args.max_batch_tokens, progress=False
             ),
-            targets=TargetConfig(kind="topk", k=args.k, codec=args.codec),
+            targets=TargetConfig(spec=replace(DEFAULT_TARGETS, k=args.k, codec=args.codec)),
         )
         teacher = load_teacher(cfg.teacher, torch.device("cpu"))
         renderer = ViewRenderer(teacher.tokenizer, "chat", Context.load(ctx_file), folder)
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             # All the work capture does per batch, the writer's included (run inline here:
             # on a CPU the background thread competes for the same cores anyway).
             result = score_batch(teacher, [examples[i] for i in batches[b]], cfg.targets, keys[b])
-            rows = result.to_examples("topk")
+            rows = result.to_examples()
             encode_shard(info, rows, 1024)
 
         def timed(fn: Any, *a: Any) -> tuple[float, float]:
@@ -176,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             writer = DatasetWriter(out, info, writer_id="r00000", background=True)
             # The real loop; examples are pre-ordered so it forms the same batches.
-            run_batches(cfg, teacher, ordered, writer, Ranks(0, 1, 0), None)
+            run_batches(cfg, teacher, ordered, writer, Ranks(), None)
             writer.close()
             seconds = time.perf_counter() - t0
             shutil.rmtree(out)

@@ -94,23 +94,23 @@ def bench_steps(args: argparse.Namespace) -> dict[str, float]:
     from logitcache.cache.format import DatasetInfo, TargetSpec
     from logitcache.train.batching import collate
     from logitcache.train.config import load_config
+    from logitcache.train.loss_plan import plan_loss
     from logitcache.train.losses import TopKTargets, chunked_distill_loss, distill_loss
-    from logitcache.train.student import DistillStudent, target_tensors
+    from logitcache.train.student import DistillStudent
 
     n = args.tail_draws
     info = DatasetInfo(args.vocab, "sha256:bench", TargetSpec("topk", k=args.k, n=n, codec="u8"))
+    base = [("data.train", "x", ""), ("train.output", "x", ""), ("model.path", "x", "")]
+    cfg = load_config(None, [*base, ("loss.chunk_size", str(args.chunk), "")])
+    # loss.tail=auto: with tail draws, they reach the loss as one sparse distribution.
+    plan = plan_loss(cfg.loss, info.targets)
     exs = _synthetic_examples(args.vocab, args.k, args.batch, args.prompt, args.response, 0, n)
-    batch = collate(exs, info, max_seq_len=args.prompt + args.response, tail_draws=n > 0)
+    batch = collate(exs, info, max_seq_len=args.prompt + args.response, tail_draws=plan.tail_draws)
     student = _llama(args.vocab, args.hidden, args.layers, seed=1)
     teacher = _llama(args.vocab, args.teacher_hidden, args.teacher_layers, seed=2).eval()
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
-    base = [("data.train", "x", ""), ("train.output", "x", ""), ("model.path", "x", "")]
-    kd_mod = DistillStudent(
-        student,
-        load_config(None, [*base, ("loss.chunk_size", str(args.chunk), "")]),
-        "sampled" if n else "topk",  # tail draws reach the loss as one sparse distribution
-    )
+    kd_mod = DistillStudent(student, plan)
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     # Plain CE labels: the response tokens, at the positions HF shifts them to.
     labels = torch.full_like(batch.input_ids, -100)
@@ -128,7 +128,7 @@ def bench_steps(args: argparse.Namespace) -> dict[str, float]:
                 batch.attention_mask,
                 batch.positions,
                 batch.labels,
-                *target_tensors(batch),
+                batch.targets,
             )[0]
         )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,7 @@ def _teacher_answers(dataset: Path, tokenizer_dir: str) -> dict[str, str]:
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from logitcache.cache.capture import capture
     from logitcache.cache.capture_config import (
+        DEFAULT_TARGETS,
         CaptureConfig,
         GenerateConfig,
         InputConfig,
@@ -146,7 +147,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 ),
                 teacher=TeacherConfig(path=teacher),
                 run=RunConfig(out=str(work / f"{name}-logits")),
-                targets=TargetConfig(mode="generate", kind="topk", k=cfg.k, n=cfg.n, codec="u8"),
+                targets=TargetConfig(
+                    mode="generate", spec=replace(DEFAULT_TARGETS, k=cfg.k, n=cfg.n)
+                ),
                 generate=GenerateConfig(max_new_tokens=cfg.max_new_tokens),
             )
         )

@@ -14,7 +14,7 @@ Configurations with draws are trained once per ``--sample-seeds`` seed (other dr
 order): the runs move by a few percent with the draws alone, so they are compared by their mean.
 
 The teacher runs once over the training text; every offline dataset is derived from that pass
-with the capture's own target assembly (``cache.engine.assemble_targets``), written with
+with the capture's own target assembly (``cache.targets.assemble_targets``), written with
 :class:`DatasetWriter` and trained on with ``train(Config)``, so bytes/position are real shard
 bytes and codec error is in the loop. Quality is measured on held-out text against the
 teacher's *full* distribution: mean KL(teacher ‖ student) per position, cross-entropy of the

@@ -77,14 +77,13 @@ def train_online(
 
     from logitcache.cache.reader import open_dataset
     from logitcache.train.optim import clipped_step, lr_at, make_optimizer, set_lr
-    from logitcache.train.student import Dist, DistillStudent, load_student, load_tokenizer
+    from logitcache.train.student import Dist, final_hidden, load_student, load_tokenizer
     from logitcache.train.trainer import make_loader
 
     cfg = _config(v, data, student, out, s)
     info = open_dataset(data).info
     dist = Dist(0, 1, torch.device("cpu"))
     model = load_student(cfg, info)
-    hidden_of = DistillStudent(model, cfg, info.targets.kind).hidden
     head = model.get_output_embeddings()
     optimizer = make_optimizer(model, cfg.optim, dist.device)
     pad_id = load_tokenizer(cfg).pad_token_id or 0  # as the trainer pads
@@ -105,7 +104,8 @@ def train_online(
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits
             log_p = t_logits.flatten(0, 1).index_select(0, pos).float().log_softmax(-1)
         log_p = log_p.clone()  # (N, V), out of inference mode so autograd may read it
-        log_q = head(hidden_of(b.input_ids, b.attention_mask, b.positions)).float().log_softmax(-1)
+        log_q = head(final_hidden(model, b.input_ids, b.attention_mask, b.positions))
+        log_q = log_q.float().log_softmax(-1)
         kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none")
         kl.sum(-1).mean().backward()  # mean over positions of KL(p ‖ q), as the trainer's KD
         clipped_step(model, optimizer, cfg.optim)

@@ -1,8 +1,9 @@
 """The teacher's one pass over the study's text, and every stored target set written from it.
 
-The targets are the capture's own: the engine's :func:`assemble_targets` on the teacher's logits
-at the response positions, keyed by example id, position and seed as `logitcache build` keys
-them, and cut into examples by :class:`BatchResult` as capture cuts them. So a dataset here
+The targets are the capture's own: :func:`~logitcache.cache.targets.assemble_targets` on the
+teacher's logits at the response positions, keyed by example id, position and seed as
+`logitcache build` keys them, and cut into examples by the engine's :class:`BatchResult` as
+capture cuts them. So a dataset here
 holds what `logitcache build` would store for the same text, and its bytes are real shard bytes.
 """
 
@@ -51,7 +52,7 @@ def _capture_targets(spec: TargetSpec) -> TargetConfig:
 
     # Without draws the sampling scheme is recorded as None and never used.
     sampling = spec.sampling or "multinomial"
-    return TargetConfig(kind=spec.kind, k=spec.k, n=spec.n, sampling=sampling)
+    return TargetConfig(spec=TargetSpec(spec.kind, k=spec.k, n=spec.n, sampling=sampling))
 
 
 def build_datasets(
@@ -72,8 +73,8 @@ def build_datasets(
     """
     import torch
 
-    from logitcache.cache.engine import BatchResult, assemble_targets
-    from logitcache.cache.targets import example_keys
+    from logitcache.cache.engine import BatchResult
+    from logitcache.cache.targets import assemble_targets, example_keys
     from logitcache.cache.views import Rendered
     from logitcache.cache.writer import DatasetWriter
 
@@ -94,9 +95,9 @@ def build_datasets(
             cfg = _capture_targets(spec)
             if (cfg, seed) not in done:
                 rows = torch.from_numpy(keys[seed][here]).repeat_interleave(P)  # (B·P,)
-                host = assemble_targets(flat.clone(), cfg, rows, pos)  # it may overwrite logits
-                result = BatchResult(views[here], responses[here], host)
-                done[cfg, seed] = result.to_examples(spec.kind)
+                targets = assemble_targets(flat.clone(), cfg, rows, pos)  # may overwrite logits
+                result = BatchResult(views[here], responses[here], targets)
+                done[cfg, seed] = result.to_examples()
             examples[spec, seed] += done[cfg, seed]
     out = {}
     for (spec, seed), exs in examples.items():

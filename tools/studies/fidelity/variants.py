@@ -61,7 +61,9 @@ class Variant:
         read the n=1 set for the data order only: hard labels weight its KD term 0, online
         ignores it)."""
         if self.kind == "topk":
-            spec = TargetSpec("topk", k=self.k, n=self.n, codec=self.codec, sampling=self.sampling)
+            spec = TargetSpec(
+                "topk", k=self.k, n=self.n, codec=self.codec, sampling=self.sampling
+            ).stored()  # without draws, no scheme: one target set whatever the sampling
             return spec, self.sample_seed if self.n else 0
         if self.kind == "sampled":
             return TargetSpec("sampled", n=self.n, sampling=self.sampling), self.sample_seed

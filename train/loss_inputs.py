@@ -1,4 +1,12 @@
-"""Teacher targets as the losses take them, and the checks every loss runs on its inputs.
+"""The loss inputs: teacher targets as the losses take them, and the checks every loss runs.
+
+A batch's targets are N flat rows, one per loss position, of one of two small types:
+:class:`TopKTargets` and :class:`SampledTargets`. Both take rows, move and pin themselves
+(:class:`TargetRows`), so the batches, the loader and the student pass them along without
+looking at the kind. What differs between the kinds lives here: how the cache's examples are
+stacked into them (:func:`stack_targets`), which options a loss accepts for them
+(:func:`check_options`), and, in :mod:`logitcache.train.row_losses`, the one place a loss
+tells them apart.
 
 Each check returns a list of problems rather than raising, so a call reports every problem
 at once; :func:`raise_if` turns the list into one ``ValueError``.
@@ -7,21 +15,67 @@ at once; :func:`raise_if` turns the list into one ``ValueError``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import ClassVar, TypeVar
 
+import numpy as np
 import torch
+
+from logitcache.cache.format import Example, Sampled, TargetSpec, TopK
 
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd")
 TAIL_MODES: tuple[str, ...] = ("bucket", "renorm")
 
+_Rows = TypeVar("_Rows", bound="TargetRows")
+
+
+class TargetRows:
+    """What both kinds of targets share: N rows of tensors that move and index together.
+
+    ``scores`` ranks a row's entries (higher is likelier); entries at ``NO_MASS`` are padding.
+    """
+
+    NO_MASS: ClassVar[float]
+    ids: torch.Tensor
+
+    @property
+    def scores(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def map(self: _Rows, fn: Callable[[torch.Tensor], torch.Tensor]) -> _Rows:
+        """The same kind of targets with ``fn`` applied to each of its tensors."""
+        return type(self)(**{f.name: fn(getattr(self, f.name)) for f in fields(self)})  # type: ignore[arg-type]
+
+    def __getitem__(self: _Rows, rows: torch.Tensor | slice) -> _Rows:
+        """The rows ``rows``: an index tensor (N',) or a slice."""
+        return self.map(lambda t: t[rows])
+
+    def to(self: _Rows, device: torch.device | str, non_blocking: bool = False) -> _Rows:
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self: _Rows) -> _Rows:
+        return self.map(torch.Tensor.pin_memory)
+
+    def counted(self) -> torch.Tensor:
+        """(N, J) bool: the entries that carry teacher mass (False on padding)."""
+        return self.scores > self.NO_MASS
+
+    def top1(self) -> torch.Tensor:
+        """(N,) the teacher's most likely id per row."""
+        best = self.scores.argmax(dim=-1, keepdim=True)  # (N, 1)
+        return self.ids.gather(1, best).squeeze(1)
+
 
 @dataclass(frozen=True)
-class TopKTargets:
+class TopKTargets(TargetRows):
     """Teacher top-k log-probs for N loss positions.
 
     Valid ids in a row must be distinct. Padding entries (rows with fewer than K ids) have
     ``logprobs == -inf`` and may repeat any id; they contribute nothing.
     """
+
+    NO_MASS: ClassVar[float] = float("-inf")
 
     ids: torch.Tensor
     """(N, K) int64 teacher top-k token ids."""
@@ -32,6 +86,10 @@ class TopKTargets:
 
     Write it as a logsumexp of the teacher's log-probs outside the top-k: log1p(-sum) cancels
     catastrophically when the top-k holds nearly all the mass (the bucket losses see it)."""
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.logprobs
 
     def __post_init__(self) -> None:
         problems = check_pair("TopKTargets", "ids", self.ids, "logprobs", self.logprobs)
@@ -44,22 +102,111 @@ class TopKTargets:
 
 
 @dataclass(frozen=True)
-class SampledTargets:
+class SampledTargets(TargetRows):
     """RS-KD targets: unique ids drawn from the teacher, weighted by their draw frequency.
 
     A row's weights are ``count / n_draws`` and sum to 1; padding entries have weight 0.
     """
+
+    NO_MASS: ClassVar[float] = 0.0
 
     ids: torch.Tensor
     """(N, S) int64 sampled token ids, padded."""
     weights: torch.Tensor
     """(N, S) float count / n_draws; 0 for padding."""
 
+    @property
+    def scores(self) -> torch.Tensor:
+        return self.weights
+
     def __post_init__(self) -> None:
         raise_if(check_pair("SampledTargets", "ids", self.ids, "weights", self.weights))
 
 
 Targets = TopKTargets | SampledTargets
+
+
+# --------------------------------------------------------------------------- from the cache
+
+
+def stack_targets(
+    rows: list[tuple[Example, int, int]], spec: TargetSpec, tail_draws: bool = False
+) -> Targets:
+    """Each row's targets ``[a, z)`` (``rows``: example, first, last + 1) stacked into N flat
+    rows of a dataset whose targets are ``spec``.
+
+    ``tail_draws``: a top-k dataset's tail draws are used, so the targets are
+    :class:`SampledTargets` holding the top-k ids at their probabilities and each drawn tail id
+    at ``exp(tail_logmass) · count / n``; otherwise top-k datasets give :class:`TopKTargets`.
+    """
+    if spec.kind == "sampled":
+        draws = [(ex.targets, a, z) for ex, a, z in rows]
+        ids, weights = _padded_draws(draws, spec.n)  # type: ignore[arg-type]
+        return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))  # (N, S) each
+    if tail_draws:
+        if not spec.n:
+            raise ValueError(f"tail_draws=True, but the dataset stores {spec.label} (no draws)")
+        return _head_and_tail(rows, spec.k, spec.n)
+    top_ids, lps, tail = _stacked_topk(rows, spec.k)
+    return TopKTargets(
+        torch.from_numpy(top_ids.astype(np.int64)),  # (N, K)
+        torch.from_numpy(lps.astype(np.float32)),  # (N, K)
+        torch.from_numpy(tail.astype(np.float32)),  # (N,)
+    )
+
+
+def _padded_draws(rows: list[tuple[Sampled, int, int]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S) ids and count / n weights of positions ``[a, z)`` of each row's draws, padded
+    with id 0 at weight 0 to the most distinct ids S of a position."""
+    # Position p's unique ids are a run of nunique[p] entries; pad runs to S.
+    ids_l, counts_l, nun_l = [], [], []
+    for t, a, z in rows:
+        off = np.concatenate([[0], np.cumsum(t.nunique)])
+        ids_l.append(t.ids[off[a] : off[z]])
+        counts_l.append(t.counts[off[a] : off[z]])
+        nun_l.append(t.nunique[a:z])
+    nunique = _cat(nun_l, (0,)).astype(np.int64)
+    N, S = len(nunique), max(int(nunique.max(initial=0)), 1)
+    flat_ids, flat_counts = _cat(ids_l, (0,)), _cat(counts_l, (0,))
+    row = np.repeat(np.arange(N), nunique)
+    col = np.arange(len(flat_ids)) - np.repeat(np.cumsum(nunique) - nunique, nunique)
+    ids = np.zeros((N, S), dtype=np.int64)
+    weights = np.zeros((N, S), dtype=np.float32)
+    ids[row, col] = flat_ids
+    weights[row, col] = flat_counts.astype(np.float32) / n
+    return ids, weights
+
+
+def _stacked_topk(
+    rows: list[tuple[Example, int, int]], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's top-k positions ``[a, z)`` stacked: (N, k) ids and log-probs, (N,) tails."""
+    tops: list[TopK] = [ex.targets for ex, _, _ in rows]  # type: ignore[misc]
+    spans = [(a, z) for _, a, z in rows]
+    ids = _cat([t.ids[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
+    lps = _cat([t.logprobs[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
+    tail = _cat([t.tail_logmass[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0,))
+    return ids, lps, tail
+
+
+def _head_and_tail(rows: list[tuple[Example, int, int]], k: int, n: int) -> SampledTargets:
+    """Top-k with tail draws as one sparse distribution: (N, k + S) ids and weights."""
+    head_ids, head_lp, tail = _stacked_topk(rows, k)
+    draws = [(ex.targets.tail_draws, a, z) for ex, a, z in rows]  # type: ignore[union-attr]
+    tail_ids, tail_w = _padded_draws(draws, n)  # type: ignore[arg-type]
+    ids = np.concatenate([head_ids.astype(np.int64), tail_ids], axis=1)
+    weights = np.concatenate(
+        [np.exp(head_lp, dtype=np.float32), tail_w * np.exp(tail, dtype=np.float32)[:, None]],
+        axis=1,
+    )
+    return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))
+
+
+def _cat(parts: list[np.ndarray], empty_shape: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(empty_shape)
+
+
+# --------------------------------------------------------------------------- checks
 
 
 def raise_if(problems: list[str]) -> None:
@@ -127,7 +274,7 @@ def check_rows(
         if labels.dtype != torch.int64:
             problems.append(f"labels must be int64, got {labels.dtype}; use .long()")
     tensors = {"mask": mask, "labels": labels}
-    if isinstance(targets, TopKTargets | SampledTargets):
+    if isinstance(targets, TargetRows):
         kind = type(targets).__name__
         if n is not None and targets.ids.shape[0] != n:
             problems.append(
@@ -153,7 +300,7 @@ def check_options(
     *,
     alpha: float | None = None,
 ) -> list[str]:
-    if not isinstance(targets, TopKTargets | SampledTargets):
+    if not isinstance(targets, TargetRows):
         raise TypeError(
             f"targets must be TopKTargets or SampledTargets, got {type(targets).__name__}"
         )

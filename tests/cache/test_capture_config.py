@@ -1,0 +1,243 @@
+"""The capture's settings: flags generated from CaptureConfig, configs saved before, --config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from logitcache.cache import capture_config as cc
+from logitcache.cache.capture_config import CaptureConfig, TargetConfig, target_flags
+from logitcache.cache.errors import InputError
+from logitcache.cache.format import TargetSpec
+from logitcache.cache.reader import open_dataset
+from logitcache.cache.settings import settings
+from logitcache.tools.cli import build_parser, main
+from logitcache.tools.cmd_build import add_arguments, config_from_args
+
+DATA = Path(__file__).parent.parent / "data"
+SAVED = sorted((DATA / "capture_config_v1").glob("*.json"))
+REQUIRED = ["--teacher", "t", "--prompts", "p.jsonl", "--out", "o"]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def test_build_flags_keep_their_spellings() -> None:
+    """Every flag `logitcache build` had before its flags were generated, as it was."""
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    flags = {a.option_strings[0]: a for a in p._actions if a.option_strings[0] != "-h"}
+    assert sorted(flags) == sorted([
+        "--prompts", "--context", "--render", "--on-error", "--max-length", "--truncation",
+        "--teacher", "--tokenizer", "--dtype", "--device", "--trust-remote-code", "--mode",
+        "--targets", "--k", "--n", "--sampling", "--codec", "--temperature", "--max-new-tokens",
+        "--gen-temperature", "--top-p", "--seed", "--eos-token-ids", "--out", "--max-batch-tokens",
+        "--shard-positions", "--num-shards", "--shard-index", "--no-progress", "--config",
+    ])  # fmt: skip
+    assert [f for f, a in flags.items() if a.required] == ["--prompts", "--teacher", "--out"]
+    assert {f: a.nargs for f, a in flags.items() if a.nargs} == {
+        "--prompts": "+",
+        "--eos-token-ids": "+",
+    }
+    assert {f: a.choices for f, a in flags.items() if a.choices} == {
+        "--render": ["chat", "plain"],
+        "--on-error": ["raise", "skip"],
+        "--truncation": ["error", "left", "drop"],
+        "--dtype": ["auto", "float32", "bfloat16", "float16"],
+        "--mode": ["score", "generate"],
+        "--targets": ["topk", "sampled"],
+        "--sampling": ["systematic", "multinomial"],
+        "--codec": ["f32", "f16", "u8", "u16"],
+    }
+    typed = {f: a.type for f, a in flags.items() if a.type is not None}
+    assert typed == {
+        "--context": str, "--max-length": int, "--teacher": str, "--tokenizer": str,
+        "--device": str, "--k": int, "--n": int, "--temperature": float,
+        "--max-new-tokens": int, "--gen-temperature": float, "--top-p": float, "--seed": int,
+        "--eos-token-ids": int, "--out": str, "--max-batch-tokens": int,
+        "--shard-positions": int, "--num-shards": int, "--shard-index": int, "--prompts": str,
+    }  # fmt: skip
+    args = parse([*REQUIRED, "--no-progress", "--trust-remote-code", "--eos-token-ids", "2", "3"])
+    assert (args.progress, args.trust_remote_code, args.eos_token_ids) == (False, True, [2, 3])
+    assert target_flags() == {
+        "kind": "--targets",
+        "k": "--k",
+        "n": "--n",
+        "codec": "--codec",
+        "sampling": "--sampling",
+    }
+
+
+@pytest.mark.parametrize("command", ["build", "train"])
+def test_every_setting_has_a_flag_and_a_help_line(command: str, capsys) -> None:
+    from logitcache.train.config import Config
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    shown = capsys.readouterr().out
+    flat = "".join(shown.split())  # argparse wraps lines, also after hyphens
+    root = CaptureConfig if command == "build" else Config
+    for s in settings(root):
+        flag = s.flag if command == "build" else f"--{s.key}"
+        assert s.doc and "\n" not in s.doc, s.key
+        assert re.search(rf"^  {re.escape(flag)}\b", shown, re.M), s.key
+        assert "".join(s.doc.split()) in flat, s.key
+
+
+def test_flags_not_given_keep_the_defaults() -> None:
+    cfg = config_from_args(parse(REQUIRED))
+    defaults = CaptureConfig(
+        input=cc.InputConfig(prompts=("p.jsonl",)),
+        teacher=cc.TeacherConfig(path="t"),
+        run=cc.RunConfig(out="o"),
+    )
+    assert cfg == defaults and cfg.targets.spec == cc.DEFAULT_TARGETS
+
+
+def test_missing_required_flags_are_named_by_argparse(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        build_parser(["build"]).parse_args(["build", "--k", "3"])
+    assert e.value.code == 2
+    assert "the following arguments are required: --prompts, --teacher, --out" in (
+        capsys.readouterr().err
+    )
+
+
+# --------------------------------------------------------------------------- one target spec
+
+
+def test_target_validation_speaks_the_callers_names() -> None:
+    bad = TargetSpec("topk", k=0, n=300, codec="u9", sampling="stratified")  # type: ignore[arg-type]
+    assert bad.validate() == [
+        "targets.k is 0; top-k targets need k ≥ 1",
+        "targets.n is 300; top-k tail draws need 0 ≤ n ≤ 255 (0: none)",
+        "targets.codec is 'u9'; expected one of f32, f16, u8, u16",
+        "targets.sampling is 'stratified'; expected one of systematic, multinomial",
+    ]
+    assert [p.split(" is ")[0] for p in bad.validate(target_flags())] == [
+        "--k",
+        "--n",
+        "--codec",
+        "--sampling",
+    ]
+    cfg = CaptureConfig(
+        input=cc.InputConfig(prompts=("p",)),
+        teacher=cc.TeacherConfig(path="t"),
+        run=cc.RunConfig(out="o"),
+        targets=TargetConfig(spec=replace(cc.DEFAULT_TARGETS, kind="sampled", n=0)),  # type: ignore[arg-type]
+    )
+    assert cfg.validate() == ["--n is 0; sampled targets need 1 ≤ n ≤ 255"]
+    wrong_kind = replace(cc.DEFAULT_TARGETS, kind="dense")  # type: ignore[arg-type]
+    assert wrong_kind.validate(target_flags()) == ["--targets is 'dense'; expected topk or sampled"]
+
+
+def test_the_config_keeps_the_flags_and_the_dataset_what_they_mean() -> None:
+    """--n 0: capture_config.json keeps --sampling; the stored spec has no scheme. Sampled
+    targets: --k stays in the config, the stored spec has k = 0."""
+    plain = TargetConfig(spec=replace(cc.DEFAULT_TARGETS, n=0))
+    assert plain.spec.sampling == "systematic" and plain.stored().sampling is None
+    sampled = TargetConfig(spec=replace(cc.DEFAULT_TARGETS, kind="sampled", n=8))
+    assert sampled.spec.k == 32 and sampled.stored() == TargetSpec(
+        "sampled", k=0, n=8, codec="u8", sampling="systematic"
+    )
+
+
+# --------------------------------------------------------------------------- saved configs
+
+
+@pytest.mark.parametrize("path", [*SAVED, DATA / "format_v1/capture_chat_default" / cc.CONFIG_NAME])
+def test_configs_saved_before_load_unchanged(path: Path) -> None:
+    """capture_config.json written by the code before this config mechanism (the fixtures'
+    README names the commits) loads, saves back the same, and reads the same as --config."""
+    stored = json.loads(path.read_text())
+    cfg = CaptureConfig.from_json(stored, where=str(path))
+    again = json.loads(cfg.dumps())
+    stored["generate"].setdefault("eos_token_ids", None)  # configs older than the flag
+    assert again == stored
+    assert config_from_args(parse(["--config", str(path)])) == cfg
+
+
+def test_configs_saved_before_mean_what_their_flags_said() -> None:
+    load = {p.stem: CaptureConfig.from_json(json.loads(p.read_text())) for p in SAVED}
+    assert load["default"].targets.spec == cc.DEFAULT_TARGETS
+    no_draws = load["topk_no_draws"].targets
+    assert no_draws.spec == TargetSpec("topk", k=8, n=0, codec="f16", sampling="systematic")
+    assert no_draws.stored().sampling is None
+    sampled = load["sampled_multinomial"]
+    assert sampled.targets.spec.kind == "sampled" and sampled.targets.temperature == 2.0
+    assert sampled.targets.stored() == TargetSpec("sampled", n=8, sampling="multinomial")
+    assert (sampled.teacher.dtype, sampled.input.render) == ("float32", "plain")
+    gen = load["generate"]
+    assert (gen.targets.mode, gen.generate.eos_token_ids, gen.generate.top_p) == (
+        "generate",
+        (2,),
+        0.9,
+    )
+    assert (gen.input.on_error, gen.input.truncation, gen.input.max_length) == ("skip", "left", 64)
+
+
+def test_flags_override_a_config_file() -> None:
+    path = next(p for p in SAVED if p.stem == "sampled_multinomial")
+    cfg = config_from_args(parse(["--config", str(path), "--n", "4", "--out", "elsewhere"]))
+    assert cfg.targets.spec == replace(
+        cc.DEFAULT_TARGETS, kind="sampled", n=4, sampling="multinomial"
+    )
+    assert cfg.run.out == "elsewhere" and cfg.targets.temperature == 2.0
+    with pytest.raises(InputError, match=r"--k does not apply to sampled targets"):
+        config_from_args(parse(["--config", str(path), "--k", "8"]))
+
+
+def test_config_file_problems_name_file_line_and_fix(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("targets:\n  k: 8\n  kk: 3\n  n: many\nrun:\n  out: o\nruns:\n  x: 1\n")
+    with pytest.raises(InputError) as e:
+        config_from_args(parse(["--config", str(path), "--teacher", "t", "--prompts", "p"]))
+    msg = str(e.value)
+    assert msg.startswith("invalid config (3 problems):")
+    assert f"{path}:3: unknown key 'targets.kk'; valid keys of targets: mode, kind, k, n" in msg
+    assert f"{path}:4: targets.n='many': expected an integer" in msg
+    assert f"{path}:8: unknown key 'runs.x'; keys are section.field with sections input" in msg
+    with pytest.raises(InputError, match=r"input.prompts is not set: pass --prompts"):
+        config_from_args(parse(["--config", str(path), "--teacher", "t"]))
+    with pytest.raises(InputError, match=r"capture config: unknown key 'targets.kk'"):
+        CaptureConfig.from_json({"targets": {"kk": 1}})
+
+
+# --------------------------------------------------------------------------- the resume advice
+
+
+def test_the_resume_advice_works_as_printed(tmp_path: Path, tiny_teacher_dir: Path, capsys) -> None:
+    prompts = tmp_path / "p.jsonl"
+    recs = [{"id": f"q{i}", "prompt": f"the cat reads {i}", "response": "yes"} for i in range(6)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in recs[:4]))
+    out = tmp_path / "ds"
+    argv = ["build", "--teacher", str(tiny_teacher_dir), "--prompts", str(prompts), "--k", "8"]
+    assert main([*argv, "--n", "4", "--no-progress", "--out", str(out)]) == 0
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in recs))  # two more records
+    capsys.readouterr()
+
+    assert main([*argv, "--out", str(out)]) == 1  # other settings: n = 32 now
+    err = capsys.readouterr().err
+    assert "targets.n: was 4, now 32" in err
+    advice = re.search(r"original flags to resume, as: (logitcache build --config \S+);", err)
+    assert advice is not None, err
+    command = shlex.split(advice.group(1))
+    assert command[0] == "logitcache"
+    assert main(command[1:]) == 0
+    assert "captured 2 examples" in capsys.readouterr().out
+    ds = open_dataset(out, verify=True)
+    assert ds.num_examples == 6 and ds.info.targets == TargetSpec(
+        "topk", k=8, n=4, codec="u8", sampling="systematic"
+    )
