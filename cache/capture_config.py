@@ -132,6 +132,9 @@ class RunConfig:
     """This job's part, 0 ≤ index < num-shards."""
     progress: bool = True
     """Show a progress bar (--no-progress turns it off)."""
+    license: str | None = field(default=None, metadata=flag(metavar="ID"))
+    """License of the dataset for its card (README.md), as a Hugging Face license id such as
+    apache-2.0 or cc-by-4.0; default: none stated."""
 
 
 @dataclass(frozen=True)

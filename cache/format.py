@@ -73,6 +73,14 @@ class TargetSpec:
         tail = f" + {self.n} tail draws" if self.n else ""
         return f"top-{self.k} {self.codec}{tail}"
 
+    @property
+    def in_words(self) -> str:
+        """What a position holds, in words (`logitcache inspect`, the dataset card)."""
+        if self.kind == "sampled":
+            return f"{self.n} {self.sampling} sampled draws per position (ids + counts)"
+        tail = f" + {self.n} {self.sampling} draws from the tail (ids + counts)" if self.n else ""
+        return f"top-{self.k} ids + log-probs ({self.codec}) + tail mass{tail}"
+
     def stored(self) -> TargetSpec:
         """This spec as a dataset records it: without draws, no sampling scheme (None, and no
         "sampling" key in the manifest), so that two top-k datasets without draws compare

@@ -20,13 +20,7 @@ from .reader import LogitDataset
 def describe(ds: LogitDataset) -> str:
     """The manifest in words: teacher, tokenizer, targets, capture settings and size."""
     m, info = ds.manifest, ds.info
-    t = info.targets
-    targets = (
-        f"top-{t.k} ids + log-probs ({t.codec}) + tail mass"
-        + (f" + {t.n} {t.sampling} draws from the tail (ids + counts)" if t.n else "")
-        if t.kind == "topk"
-        else f"{t.n} {t.sampling} sampled draws per position (ids + counts)"
-    )
+    targets = info.targets.in_words
     cap = info.capture
     lines = [
         f"dataset      {ds.loc}",

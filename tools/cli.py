@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "stats": "top-k mass coverage, teacher entropy and lengths of a dataset",
     "merge": "combine compatible datasets into one",
     "finalize": "fold writer journals (_parts/) into manifest.json",
+    "export": "write a dataset as plain Parquet/Arrow columns (ids and log-probs per position)",
 }
 
 

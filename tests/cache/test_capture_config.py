@@ -45,6 +45,7 @@ def test_build_flags_keep_their_spellings() -> None:
         "--targets", "--k", "--n", "--sampling", "--codec", "--temperature", "--max-new-tokens",
         "--gen-temperature", "--top-p", "--seed", "--eos-token-ids", "--out", "--max-batch-tokens",
         "--shard-positions", "--num-shards", "--shard-index", "--no-progress", "--config",
+        "--license",
     ])  # fmt: skip
     assert [f for f, a in flags.items() if a.required] == ["--prompts", "--teacher", "--out"]
     assert {f: a.nargs for f, a in flags.items() if a.nargs} == {
@@ -165,6 +166,7 @@ def test_configs_saved_before_load_unchanged(path: Path) -> None:
     cfg = CaptureConfig.from_json(stored, where=str(path))
     again = json.loads(cfg.dumps())
     stored["generate"].setdefault("eos_token_ids", None)  # configs older than the flag
+    stored["run"].setdefault("license", None)  # configs older than the flag
     assert again == stored
     assert config_from_args(parse(["--config", str(path)])) == cfg
 
