@@ -11,7 +11,7 @@ capture is resumed; the rest (batch size, device, progress) may change.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,10 +92,8 @@ class TargetConfig:
     """Targets are log_softmax(logits / temperature)."""
 
     def stored(self) -> TargetSpec:
-        """The dataset's targets: the spec with k = 0 for sampled targets (and, without draws,
-        no sampling scheme: :meth:`TargetSpec.stored`)."""
-        spec = replace(self.spec, k=0) if self.spec.kind == "sampled" else self.spec
-        return spec.stored()
+        """The dataset's targets (:meth:`TargetSpec.stored`)."""
+        return self.spec.stored()
 
 
 @dataclass(frozen=True)

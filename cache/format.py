@@ -66,6 +66,11 @@ class TargetSpec:
         return self.kind == "sampled" or self.n > 0
 
     @property
+    def tail_draws(self) -> bool:
+        """Whether these are top-k targets that also store draws from the tail."""
+        return self.kind == "topk" and self.n > 0
+
+    @property
     def label(self) -> str:
         """Short human name: "top-16 u8", "top-16 u8 + 16 tail draws", "sampled n=16"."""
         if self.kind == "sampled":
@@ -85,10 +90,12 @@ class TargetSpec:
         """This spec as a dataset records it: without draws, no sampling scheme (None, and no
         "sampling" key in the manifest), so that two top-k datasets without draws compare
         equal whatever ``--sampling`` said. Manifests written before said "multinomial" there;
-        they read as None too. An unknown word is kept, for :meth:`validate` to name."""
-        if not self.has_draws and self.sampling in SAMPLINGS:
-            return replace(self, sampling=None)
-        return self
+        they read as None too. An unknown word is kept, for :meth:`validate` to name. Sampled
+        targets have no top-k: k = 0 whatever was asked for."""
+        spec = replace(self, k=0) if self.kind == "sampled" else self
+        if not spec.has_draws and spec.sampling in SAMPLINGS:
+            return replace(spec, sampling=None)
+        return spec
 
     def validate(self, names: Mapping[str, str] | None = None) -> list[str]:
         """Every problem, each naming the field as the user wrote it, the value and the fix.

@@ -41,8 +41,7 @@ class LossPlan:
 def plan_loss(loss: LossConfig, targets: TargetSpec) -> LossPlan:
     """``loss`` resolved for a training set holding ``targets``: ``tail=auto`` becomes draws
     when the set stores tail draws and the divergence is forward KL, else bucket."""
-    topk = targets.kind == "topk"
-    stored_draws = topk and targets.n > 0
+    stored_draws = targets.tail_draws
     tail = loss.tail
     if tail == "auto":
         tail = "draws" if stored_draws and loss.divergence == "forward_kl" else "bucket"
@@ -51,6 +50,6 @@ def plan_loss(loss: LossConfig, targets: TargetSpec) -> LossPlan:
         targets=targets,
         stored_draws=stored_draws,
         tail_draws=tail == "draws",
-        sampled=not topk or tail == "draws",
+        sampled=targets.kind == "sampled" or tail == "draws",
         topk_tail="renorm" if tail == "renorm" else "bucket",
     )
