@@ -27,7 +27,7 @@ from .engine import BatchResult, generate_batch, plan_batches, score_batch
 from .eos import check_turn_end, generation_eos_ids
 from .errors import InputError
 from .manifest import finalize
-from .prompts import Skipped, read_prompts
+from .prompts import Skipped, read_prompts, renamed_default_ids
 from .ranks import Ranks
 from .reader import committed_ids
 from .storage import Location
@@ -176,9 +176,20 @@ def _capture(
 
     loc = Location(run.out, storage_options)
     check_resume(loc, info)
+    done = committed_ids(run.out, storage_options) if loc.exists() else set()
+    renamed = renamed_default_ids((r for _, r in mine.records), done)
+    if renamed:
+        new, old = renamed[0]
+        raise InputError(
+            f"--out {run.out} already holds {old!r}, the default id a record had when the "
+            f"build read another set of --prompts files; now it is {new!r} ({len(renamed)} "
+            "such record(s)): default ids name as much of the path as tells the files apart, "
+            "so they would be captured twice. Rerun with the original --prompts (as: "
+            f"logitcache build --config {loc.path(CONFIG_NAME)}), or give the records ids of "
+            "their own and write to a new --out"
+        )
     if part == 0:
         loc.write_atomic(cfg.dumps(), CONFIG_NAME, tmp_prefix=".tmp.config-", sole_writer=True)
-    done = committed_ids(run.out, storage_options) if loc.exists() else set()
     pending = [e for e in kept if e.id not in done]
 
     writer = DatasetWriter(

@@ -86,6 +86,16 @@ def check_turn_end(cfg: CaptureConfig, tokenizer: Any, eos_ids: list[int], sourc
     if set(ids) & set(eos_ids):
         return
     tok_dir = cfg.teacher.tokenizer or cfg.teacher.path
+    if not any(i in tokenizer.all_special_ids for i in ids):
+        # The turn ends in ordinary text ('<|im_end|>' spelled in pieces): stopping at its
+        # first piece would also stop at that character inside a response.
+        raise InputError(
+            f"--mode generate: the chat template of {tok_dir} ends the assistant's turn with "
+            f"{text!r}, which this tokenizer writes as {len(ids)} ordinary token(s) "
+            f"{tokenizer.convert_ids_to_tokens(ids)}, not one special token, so generation "
+            "cannot stop there: use a tokenizer where the end-of-turn is a special token (the "
+            "teacher's own), or capture in score mode with responses you give"
+        )
     end = tokenizer.convert_ids_to_tokens(ids[0])
     if eos_ids:
         names = ", ".join(repr(t) for t in tokenizer.convert_ids_to_tokens(eos_ids))

@@ -15,12 +15,12 @@ between ranks by that number, so every rank agrees on who owns what without talk
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import InputError
-from .sources import BadRecord, default_id_names, expand_sources, iter_raw
+from .sources import BadRecord, default_id_names, expand_sources, iter_raw, printable
 
 Messages = list[dict[str, str]]
 """A chat: ``[{"role": "user", "content": "..."}, ...]``."""
@@ -51,6 +51,8 @@ class PromptRecord:
     """This record's own teacher-only context, added after the shared ``--context``."""
     response: str | None = None
     """The response to score; None in generate mode (the teacher writes it)."""
+    default_id: bool = False
+    """The record has no id of its own: ``id`` is ``<name>:<line>`` (or ``:row<N>``)."""
 
     @property
     def where(self) -> str:
@@ -220,7 +222,28 @@ def parse_record(
         teacher=teacher,
         context=context,
         response=response,
+        default_id="id" not in o,
     )
+
+
+def renamed_default_ids(records: Iterable[PromptRecord], done: set[str]) -> list[tuple[str, str]]:
+    """(new id, committed id) of records whose default id names their file by another part of
+    its path than the committed one did: the set of --prompts files changed, so the same record
+    would be captured a second time under a new id."""
+    longer: dict[str, str] = {}  # "train.jsonl:3" -> "en/train.jsonl:3"
+    for d in done:
+        for i, ch in enumerate(d):
+            if ch == "/":
+                longer.setdefault(d[i + 1 :], d)
+    out = []
+    for r in records:
+        if not r.default_id or r.id in done:
+            continue
+        shorter = (r.id[i + 1 :] for i, ch in enumerate(r.id) if ch == "/")
+        old = longer.get(r.id) or next((s for s in shorter if s in done), None)
+        if old is not None:
+            out.append((r.id, old))
+    return out
 
 
 def read_prompts(
@@ -237,11 +260,12 @@ def read_prompts(
     seen: dict[str, str] = {}
     index = 0
     for source, name in zip(files, names, strict=True):
+        shown = printable(source)
         for line, row, obj in iter_raw(source, storage_options):
             default_id = f"{name}:{line}" if line is not None else f"{name}:row{row}"
             try:
                 rec = parse_record(
-                    obj, (source, line, row), default_id, require_response=require_response
+                    obj, (shown, line, row), default_id, require_response=require_response
                 )
                 if rec.id in seen:
                     raise BadRecord(
@@ -250,7 +274,7 @@ def read_prompts(
                 seen[rec.id] = rec.where
                 out.records.append((index, rec))
             except BadRecord as e:
-                out.skipped.append((index, Skipped(source, line, row, str(e))))
+                out.skipped.append((index, Skipped(shown, line, row, str(e))))
             index += 1
     out.total = index
     if out.skipped and on_error == "raise":

@@ -9,6 +9,7 @@ be read (not UTF-8, not JSON, a table cell that is not UTF-8) is yielded as a
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -26,26 +27,27 @@ class BadRecord(Exception):
 
 
 def expand_sources(
-    sources: Sequence[str], storage_options: dict[str, Any] | None = None
+    sources: Sequence[str], storage_options: dict[str, Any] | None = None, flag: str = "--prompts"
 ) -> list[str]:
-    """Resolve globs and plain folders into the ordered list of files or `datasets` folders."""
+    """Resolve globs and plain folders into the ordered list of files or `datasets` folders;
+    ``flag`` is how errors name the sources (`logitcache import`: SRC)."""
     out: list[str] = []
     for src in sources:
         fs, path = fsspec.core.url_to_fs(src, **(storage_options or {}))
-        if any(ch in path for ch in "*?["):
+        if any(ch in path for ch in "*?[") and not fs.exists(path):  # a literal name wins
             found = sorted(fs.glob(path))
             if not found:
-                raise InputError(f"--prompts {src}: the pattern matches no file")
+                raise InputError(f"{flag} {src}: the pattern matches no file")
             out += [_unstrip(fs, src, p) for p in found]
         elif not fs.exists(path):
-            raise InputError(f"--prompts {src}: no such file or folder")
+            raise InputError(f"{flag} {src}: no such file or folder")
         elif fs.isdir(path) and not _is_datasets_folder(fs, path):
             found = sorted(
                 p for p in fs.find(path) if p.endswith(SUFFIXES) and "/." not in p[len(path) :]
             )
             if not found:
                 raise InputError(
-                    f"--prompts {src}: the folder holds no prompt files and is not a datasets "
+                    f"{flag} {src}: the folder holds no prompt files and is not a datasets "
                     f"folder; expected {SUPPORTED}"
                 )
             out += [_unstrip(fs, src, p) for p in found]
@@ -66,7 +68,7 @@ def _is_datasets_folder(fs: Any, path: str) -> bool:
 
 
 def iter_raw(
-    source: str, storage_options: dict[str, Any] | None = None
+    source: str, storage_options: dict[str, Any] | None = None, flag: str = "--prompts"
 ) -> Iterator[tuple[int | None, int | None, Any]]:
     """(line, row, object) of every record of one source; object is a BadRecord when unreadable."""
     fs, path = fsspec.core.url_to_fs(source, **(storage_options or {}))
@@ -79,7 +81,7 @@ def iter_raw(
     elif path.endswith(".parquet"):
         yield from _iter_parquet(source, fs, path)
     else:
-        raise InputError(f"--prompts {source}: unknown file type; expected {SUPPORTED}")
+        raise InputError(f"{flag} {source}: unknown file type; expected {SUPPORTED}")
 
 
 def _iter_jsonl(
@@ -91,12 +93,33 @@ def _iter_jsonl(
         for line_no, line in enumerate(_lines(chunks), start=1):
             if not line.strip():
                 continue  # blank lines are not records
-            try:
-                yield line_no, None, json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                yield line_no, None, BadRecord(f"not UTF-8 text ({e.reason} at byte {e.start})")
-            except json.JSONDecodeError as e:
-                yield line_no, None, BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
+            if line_no == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark, as Windows editors write
+            yield line_no, None, parse_json(line)
+
+
+def parse_json(line: bytes) -> Any:
+    """One JSON value from UTF-8 bytes, or a BadRecord saying why not."""
+    try:
+        return json.loads(line.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        return BadRecord(f"not UTF-8 text ({e.reason} at byte {e.start})")
+    except json.JSONDecodeError as e:
+        return BadRecord(f"not valid JSON ({e.msg} at column {e.colno})")
+    except RecursionError:
+        return BadRecord("not readable JSON: nested deeper than the JSON parser allows")
+    except BadRecord as e:
+        return e
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key given twice is an error, not "the last one wins"."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise BadRecord(f"the key {key!r} appears twice in one object; keep one")
+        out[key] = value
+    return out
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
@@ -221,7 +244,8 @@ def default_id_names(files: Sequence[str]) -> list[str]:
     """
     keys = [_path_parts(f) for f in files]
     seen: dict[tuple[str, ...], str] = {}
-    for f, key in zip(files, keys, strict=True):
+    for f in files:
+        key = _path_parts(f, resolve=True)  # a symlink and its target are one file
         if key in seen:
             raise InputError(
                 f"--prompts names {f} twice (also as {seen[key]}); pass each file once"
@@ -232,11 +256,21 @@ def default_id_names(files: Sequence[str]) -> list[str]:
         n = 1
         while n < len(key) and any(o != key and o[-n:] == key[-n:] for o in keys):
             n += 1
-        names.append("/".join(key[-n:]))
+        names.append(printable("/".join(key[-n:])))
     return names
 
 
-def _path_parts(source: str) -> tuple[str, ...]:
-    """A source's path as components: absolute for local files, with the bucket for URLs."""
-    path = source.split("://", 1)[1] if "://" in source else posixpath.abspath(source)
+def printable(text: str) -> str:
+    """``text`` as valid Unicode: a file name that is not UTF-8 reaches Python with lone
+    surrogates, which no id, manifest or message may hold; they become ``\\udcff`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _path_parts(source: str, resolve: bool = False) -> tuple[str, ...]:
+    """A source's path as components: absolute for local files (symlinks resolved if asked),
+    with the bucket for URLs."""
+    if "://" in source:
+        path = source.split("://", 1)[1]
+    else:
+        path = os.path.realpath(source) if resolve else posixpath.abspath(source)
     return tuple(p for p in path.rstrip("/").split("/") if p)

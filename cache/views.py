@@ -53,6 +53,10 @@ class Context:
                 text = f.read().decode("utf-8")
         except FileNotFoundError:
             raise InputError(f"--context {file}: no such file") from None
+        except IsADirectoryError:
+            raise InputError(f"--context {file}: is a folder; give one text or JSON file") from None
+        except OSError as e:
+            raise InputError(f"--context {file}: cannot be read ({e})") from None
         except UnicodeDecodeError as e:
             raise InputError(f"--context {file}: not UTF-8 text ({e})") from None
         value: View = text
@@ -62,12 +66,20 @@ class Context:
                 value = check_messages(json.loads(text), "context")
             except json.JSONDecodeError:
                 pass  # text that happens to start with "[": kept as text
+            except RecursionError:
+                raise InputError(
+                    f"--context {file}: looks like JSON but is nested deeper than the JSON "
+                    "parser allows; give a flat list of {role, content} messages, or plain text"
+                ) from None
             except BadRecord as e:
                 raise InputError(
                     f"--context {file}: looks like a JSON list of messages but {e}"
                 ) from None
-        if not value:
-            raise InputError(f"--context {file}: the file is empty; drop --context or fill it")
+        if not (value.strip() if isinstance(value, str) else value):
+            raise InputError(
+                f"--context {file}: the file is empty (or only whitespace); drop --context or "
+                "fill it"
+            )
         return cls(file, value)
 
 
@@ -296,8 +308,7 @@ class ViewRenderer:
                 f"the prompt and the response share a token across their boundary in the {name} "
                 f"view: the prompt alone ends in tokens {alone} but the whole conversation has "
                 f"{joint} there, so no prompt/response split of its ids is what the tokenizer "
-                "writes; end the prompt with a separator (a space or a newline) or start the "
-                "response with one"
+                "writes; end the prompt with a newline, or start the response with a space"
             )
         t_resp, s_resp = t_whole[len(t_prompt) :], s_whole[len(s_prompt) :]
         if len(t_resp) == 0:

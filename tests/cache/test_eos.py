@@ -126,3 +126,29 @@ def test_eos_token_ids_are_checked(tiny_teacher_dir: Path, prompts: str, tmp_pat
 
 def replace_targets(c: CaptureConfig) -> CaptureConfig:
     return replace(c, targets=replace(c.targets, mode="score"))
+
+
+def test_a_turn_end_in_ordinary_tokens_is_refused_without_a_one_byte_eos(
+    tiny_teacher_dir: Path, prompts: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ChatML spelled as text on a tokenizer without <|im_end|>: stopping at its first piece
+    ('<') would cut responses at any '<', so no --eos-token-ids is suggested."""
+    folder = Path(shutil.copytree(tiny_teacher_dir, tmp_path / "chatml"))
+    config = folder / "tokenizer_config.json"
+    chatml = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+        "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    (folder / "chat_template.jinja").write_text(chatml)
+    data = json.loads(config.read_text())
+    data.pop("chat_template", None)
+    config.write_text(json.dumps(data))
+    monkeypatch.setattr(capture_mod, "load_teacher", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(
+        InputError,
+        match=r"'<\|im_end\|>', which this tokenizer writes as \d+ "
+        r"ordinary token\(s\).*generation cannot stop there",
+    ) as e:
+        capture(cfg(prompts, folder, tmp_path / "ds"))
+    assert "--eos-token-ids" not in str(e.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import fsspec
@@ -307,3 +308,50 @@ def test_context_file_with_a_lone_surrogate(tmp_path: Path) -> None:
         InputError, match=r"--context .*ctx\.json: .*context\[0\]\.content is not valid Unicode"
     ):
         Context.load(str(tmp_path / "ctx.json"))
+
+
+@pytest.mark.parametrize(
+    ("line", "match"),
+    [
+        (
+            '{"prompt": ' + "[" * 5000 + "]" * 5000 + ', "response": "r"}',
+            r"not readable JSON: nested deeper",
+        ),
+        ('{"prompt": "hi", "prompt": "ho", "response": "r"}', r"the key 'prompt' appears twice"),
+    ],
+)
+def test_unreadable_json_is_a_bad_record(tmp_path: Path, line: str, match: str) -> None:
+    good = json.dumps({"prompt": "ok", "response": "r"})
+    (tmp_path / "p.jsonl").write_text(f"{good}\n{line}\n{good}\n")
+    with pytest.raises(InputError, match=r"p\.jsonl:2: " + match):
+        read_prompts([str(tmp_path / "p.jsonl")], require_response=True)
+    got = read_prompts([str(tmp_path / "p.jsonl")], require_response=True, on_error="skip")
+    assert [r.line for _, r in got.records] == [1, 3]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path: Path) -> None:
+    (tmp_path / "p.jsonl").write_bytes(b"\xef\xbb\xbf" + _jsonl([{"prompt": "a"}]).encode())
+    got = read_prompts([str(tmp_path / "p.jsonl")], require_response=False)
+    assert [r.student for _, r in got.records] == ["a"]
+
+
+def test_file_names_that_are_not_utf8_or_look_like_globs(tmp_path: Path) -> None:
+    """A literal name with [ ] is read as is; a name that is not UTF-8 gives valid ids."""
+    (tmp_path / "star[1].jsonl").write_text(_jsonl([{"prompt": "a"}]))
+    got = read_prompts([str(tmp_path / "star[1].jsonl")], require_response=False)
+    assert [r.id for _, r in got.records] == ["star[1].jsonl:1"]
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xff.jsonl")
+    Path(bad).write_text(_jsonl([{"prompt": "b"}]))
+    got = read_prompts([bad], require_response=False)
+    (rec,) = [r for _, r in got.records]
+    assert rec.id == "bad\\udcff.jsonl:1" and rec.file.endswith("bad\\udcff.jsonl")
+    rec.id.encode("utf-8")
+
+
+def test_a_symlink_to_a_file_already_named_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(_jsonl([{"prompt": "a"}]))
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
+    with pytest.raises(InputError, match=r"names .*link\.jsonl twice \(also as .*a\.jsonl\)"):
+        read_prompts(
+            [str(tmp_path / "a.jsonl"), str(tmp_path / "link.jsonl")], require_response=False
+        )

@@ -115,3 +115,50 @@ def test_a_lone_surrogate_is_skipped_and_the_rest_captured(
     (skipped,) = ds.manifest.extra["skipped"]
     assert skipped["file"].endswith("p.jsonl") and skipped["line"] == 2
     assert "prompt is not valid Unicode text" in skipped["reason"]
+
+
+def test_context_files_that_cannot_be_a_context(tmp_path: Path) -> None:
+    from logitcache.cache.views import Context
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "blank.txt").write_text("   \n")
+    (tmp_path / "deep.json").write_text("[" * 5000 + "]" * 5000)
+    for name, match in (
+        ("dir", r"is a folder; give one text or JSON file"),
+        ("blank.txt", r"the file is empty \(or only whitespace\)"),
+        ("deep.json", r"looks like JSON but is nested deeper than the JSON parser allows"),
+    ):
+        with pytest.raises(InputError, match=rf"--context .*{name}: {match}"):
+            Context.load(str(tmp_path / name))
+
+
+def test_a_rerun_with_other_files_does_not_capture_records_twice(
+    tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    """Default ids name as much of the path as tells the files apart, so adding a file
+    renames them: the rerun is refused instead of capturing en's records again."""
+    for lang in ("en", "fr"):
+        (tmp_path / lang).mkdir()
+        (tmp_path / lang / "train.jsonl").write_text(
+            json.dumps({"prompt": f"hello {lang}", "response": "yes"}) + "\n"
+        )
+
+    def build(*files: str) -> None:
+        capture(
+            CaptureConfig(
+                input=InputConfig(prompts=tuple(str(tmp_path / f) for f in files)),
+                teacher=TeacherConfig(path=str(tiny_teacher_dir)),
+                run=RunConfig(out=str(tmp_path / "ds"), progress=False),
+                targets=TargetConfig(spec=replace(DEFAULT_TARGETS, k=8, n=0)),
+            )
+        )
+
+    build("en/train.jsonl")
+    with pytest.raises(
+        InputError,
+        match=r"already holds 'train\.jsonl:1'.*now it is 'en/train\.jsonl:1'.*"
+        r"logitcache build --config .*capture_config\.json",
+    ):
+        build("en/train.jsonl", "fr/train.jsonl")
+    build("en/train.jsonl")  # the original files still resume
+    assert [e.id for e in open_dataset(tmp_path / "ds").iter_examples()] == ["train.jsonl:1"]

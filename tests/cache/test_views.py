@@ -213,7 +213,14 @@ def test_a_token_across_the_boundary_is_refused(family_tok: Any, tmp_path: Path)
     rendered, bad = _render(family_tok, recs, tmp_path, render="plain")
     assert rendered == []
     assert "share a token across their boundary" in bad[0][1]
-    assert "end the prompt with a separator" in bad[0][1]
+    assert "end the prompt with a newline, or start the response with a space" in bad[0][1]
+    # The advice, followed literally either way, gives a record the build accepts.
+    fixed = [
+        {"id": "newline", "prompt": prompt + "\n", "response": response},
+        {"id": "space", "prompt": prompt, "response": " " + response},
+    ]
+    rendered, bad = _render(family_tok, fixed, tmp_path, render="plain")
+    assert bad == [] and [ex.id for ex in rendered] == ["newline", "space"]
 
 
 def test_build_refuses_a_boundary_merge_before_the_teacher_loads(

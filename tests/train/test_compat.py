@@ -149,3 +149,21 @@ def test_a_heldout_vocab_the_student_does_not_cover_is_refused(
     with pytest.raises(InputError) as err:
         train(config(tmp_path / "wide", None, tiny_student_dir, tmp_path / "run"))
     assert str(err.value).count("has vocab 500") == 1 and "data.train=" in str(err.value)
+
+
+def test_an_empty_training_set_says_it_is_empty(
+    tiny_tokenizer_dir: Path, tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    """Every record dropped at capture: the error says so, not 'lower data.num_workers'."""
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    info = replace(
+        make_info("topk", k=8, vocab=len(tok)), tokenizer_fingerprint=tokenizer_fingerprint(tok)
+    )
+    with DatasetWriter(tmp_path / "empty", info) as w:
+        w.extra.update({"too_long": {"dropped": 23}, "skipped_count": 0})
+    cfg = config(tmp_path / "empty", None, tiny_student_dir, tmp_path / "run")
+    with pytest.raises(
+        InputError,
+        match=r"holds no examples; its capture left out 23 as too long and skipped 0 bad record",
+    ):
+        train(cfg)
