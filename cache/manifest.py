@@ -249,4 +249,8 @@ def finalize(loc: Location) -> Manifest:
     elif base is not None:
         merged.extra = base.extra
     loc.write_atomic(merged.dumps(), MANIFEST_NAME, tmp_prefix=".tmp.manifest-", sole_writer=True)
+    # After the manifest: the card describes a committed dataset and can never stand in for it.
+    from .card import write_card
+
+    write_card(loc, merged)
     return merged

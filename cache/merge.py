@@ -6,6 +6,7 @@ import hashlib
 import os
 from typing import Any
 
+from .card import write_card
 from .errors import IncompatibleError
 from .format import MANIFEST_NAME, shard_name
 from .manifest import Manifest, ShardEntry, check_compatible, load_manifest, merge_extra
@@ -69,6 +70,7 @@ def merge_datasets(
             }
         )
     dst.write_atomic(merged.dumps(), MANIFEST_NAME, tmp_prefix=".tmp.manifest-", sole_writer=True)
+    write_card(dst, merged)
     return merged
 
 

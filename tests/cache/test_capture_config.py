@@ -69,6 +69,7 @@ def test_build_flags_keep_their_spellings() -> None:
         "--max-new-tokens": int, "--gen-temperature": float, "--top-p": float, "--seed": int,
         "--eos-token-ids": int, "--out": str, "--max-batch-tokens": int,
         "--shard-positions": int, "--num-shards": int, "--shard-index": int, "--prompts": str,
+        "--license": str,
     }  # fmt: skip
     args = parse([*REQUIRED, "--no-progress", "--trust-remote-code", "--eos-token-ids", "2", "3"])
     assert (args.progress, args.trust_remote_code, args.eos_token_ids) == (False, True, [2, 3])

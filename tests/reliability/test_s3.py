@@ -77,7 +77,7 @@ def test_transient_failures_lose_and_duplicate_nothing(s3, reference, tmp_path, 
     assert report.ok and not report.warnings and report.examples == len(EXAMPLES)
     shards = [s["file"] for s in json.loads(s3_read(s3, "flaky/manifest.json"))["shards"]]
     # A PUT applied but reported failed was simply repeated: no stray or extra objects.
-    assert objects(s3, "flaky") == sorted(["manifest.json", "_parts/w0.json", *shards])
+    assert objects(s3, "flaky") == sorted(["manifest.json", "README.md", "_parts/w0.json", *shards])
     assert committed_ids(url, so) == {e.id for e in EXAMPLES}
 
     # The trainer's stream reads it once each, from the local copies now in the cache.
