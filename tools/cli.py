@@ -18,6 +18,7 @@ from logitcache.cache.errors import LogitCacheError
 COMMANDS: dict[str, str] = {
     "build": "capture teacher targets over full-context prompts into a logit dataset",
     "train": "train a student from a logit dataset (streams shards; never loads the teacher)",
+    "eval": "score students on a held-out logit dataset (KL, CE, top-1, answers) into a report",
     "demo": "context distillation end to end on the real SmolLM2 teacher",
     "verify": "check checksums, schema, counts and id uniqueness of a dataset",
     "inspect": "describe a dataset's manifest and decode a few examples",
@@ -25,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "merge": "combine compatible datasets into one",
     "finalize": "fold writer journals (_parts/) into manifest.json",
     "export": "write a dataset as plain Parquet/Arrow columns (ids and log-probs per position)",
+    "import": "import top-k ids and log-probs (or logits) per position from Parquet or JSONL",
 }
 
 

@@ -2,7 +2,9 @@
 
 A checkpoint is a folder ``checkpoints/step-<8 digits>/`` holding
 
-* ``model.safetensors``      the student's weights (tied weights stored once);
+* ``model.safetensors``      the student's weights (tied weights stored once); a LoRA run
+  (``lora.r > 0``) stores ``adapter.safetensors`` instead: its trainable tensors by parameter
+  name, the frozen base coming from ``model.path`` again;
 * ``optimizer.safetensors``  AdamW's per-parameter tensors, keys ``<param index>.<name>``;
 * ``rng.safetensors``        each rank's torch RNG states (``cpu.rank<R>``, ``cuda.rank<R>``);
 * ``state.json``             step, optimizer param groups, the data stream's position, written
@@ -27,10 +29,12 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 
 from logitcache.cache.errors import InputError
 
+from .adapters import load_trainable_state, trainable_state
 from .config import Config
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 STATE_NAME = "state.json"
+ADAPTER_NAME = "adapter.safetensors"
 
 
 def checkpoint_dir(output: str | Path) -> Path:
@@ -95,7 +99,10 @@ def save_checkpoint(
     tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
+    if config.lora.r > 0:
+        save_file(trainable_state(model), str(tmp / ADAPTER_NAME))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
     tensors, opt_meta = optimizer_tensors(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
@@ -114,12 +121,22 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, adapter: bool = False
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore model and optimizer in place; returns (state.json, rng tensors)."""
+    """Restore model (its trainable tensors only, with ``adapter``) and optimizer in place;
+    returns (state.json, rng tensors)."""
     try:
         state = json.loads((path / STATE_NAME).read_text())
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if adapter:
+            wrong = load_trainable_state(model, load_file(str(path / ADAPTER_NAME)))
+            if wrong:
+                raise InputError(
+                    f"checkpoint {path}: its adapter does not match the run's ({wrong[:5]} on "
+                    "one side only); resume with the checkpointed run's lora settings"
+                )
+            missing, unexpected = [], []
+        else:
+            missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise InputError(
                 f"checkpoint {path}: the student does not match its weights (missing "

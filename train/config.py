@@ -60,6 +60,24 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (peft) instead of full fine-tuning; lm_head stays frozen (docs/TRAINING.md)."""
+
+    r: int = 0
+    """LoRA rank; 0 trains every weight (full fine-tuning). Needs pip install 'logitcache[lora]'."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is (alpha / r)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: str = "all-linear"
+    """Comma-separated module names to adapt (e.g. q_proj,v_proj), or all-linear: every linear layer but lm_head."""
+    modules_to_save: str = ""
+    """Comma-separated modules trained in full and saved with the adapter (never lm_head)."""
+    merge: bool = False
+    """Also write final-merged/: the adapters merged into the base weights (plain transformers)."""
+
+
+@dataclass(frozen=True)
 class LossConfig:
     """The distillation objective (see logitcache.train.losses)."""
 
@@ -137,6 +155,8 @@ class LogConfig:
     """Most recent checkpoints to keep."""
     plot: str | None = None
     """Write loss curves to this PNG at the end (needs matplotlib)."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <train.output>/tensorboard (pip install 'logitcache[tensorboard]')."""
     progress: bool = True
     """Show a tqdm progress bar with tokens/s."""
     example_ids: bool = False
@@ -149,6 +169,7 @@ class Config:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -221,6 +242,17 @@ class Config:
             p.append(f"train.epochs={t.epochs} must be > 0 (or set train.steps)")
         if not 0.0 <= o.min_lr_ratio <= 1.0:
             p.append(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+        if self.lora.r < 0:
+            p.append(f"lora.r={self.lora.r} must be ≥ 0 (0 = full fine-tuning)")
+        if self.lora.r > 0 and m.path is None:
+            p.append(
+                "lora.r > 0 adapts a pretrained student: set model.path (model.config builds a "
+                "fresh one whose base weights would not be saved anywhere)"
+            )
+        if not 0.0 <= self.lora.dropout < 1.0:
+            p.append(f"lora.dropout={self.lora.dropout} must be in [0, 1)")
+        if not self.lora.alpha > 0:
+            p.append(f"lora.alpha={self.lora.alpha} must be > 0")
         if lo.tail in ("renorm", "draws") and lo.divergence != "forward_kl":
             p.append(f"loss.tail={lo.tail} needs loss.divergence=forward_kl, got {lo.divergence}")
         return p

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Matrices (embeddings, projections) decay by ``weight_decay``; vectors (norms, biases)
-    never do."""
-    params = list(model.parameters())
+    never do. Frozen parameters (a LoRA run's base weights) are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
     return [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

@@ -61,7 +61,8 @@ def load_student(
     cfg: Config, info: DatasetInfo, eval_info: DatasetInfo | None = None
 ) -> torch.nn.Module:
     """The student for training on ``info``'s dataset (and scoring ``eval_info``'s), refused
-    when its lm_head does not cover either vocabulary or its logits are not lm_head(hidden)."""
+    when its lm_head does not cover either vocabulary or its logits are not lm_head(hidden);
+    wrapped with LoRA adapters when ``lora.r > 0``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg.model
@@ -105,6 +106,11 @@ def load_student(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if cfg.lora.r > 0:
+        from .adapters import apply_lora
+
+        # The base weights freeze; only the adapters train (the lm_head never: adapters.py).
+        model = apply_lora(model, cfg.lora, seed=cfg.train.seed)
     return model
 
 

@@ -27,6 +27,7 @@ import torch
 from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
 
+from .adapters import MERGED_NAME, save_final_lora
 from .batching import Batch, Batcher, idle_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .compat import check_datasets
@@ -36,6 +37,7 @@ from .evaluate import evaluate
 from .optim import clipped_step, lr_at, make_optimizer, set_lr
 from .stream import LogitStream, StreamLoader
 from .student import Dist, DistillStudent, load_student, load_tokenizer, setup_dist
+from .tensorboard import open_writer, write_scalars
 
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "resolved_config.yaml"
@@ -48,6 +50,8 @@ RESUMABLE_CHANGES = {
     "data.cache_dir",
     "data.verify",
     "log.progress",
+    "log.tensorboard",
+    "lora.merge",
     "log.plot",
     "log.eval_every",
     "log.eval_batches",
@@ -130,12 +134,13 @@ def _truncate_jsonl(path: Path, step: int) -> None:
 
 
 def _check_resumable(saved: dict[str, Any], cfg: Config, where: Path) -> None:
-    now = cfg.to_dict()
+    now, default = cfg.to_dict(), Config().to_dict()
+    # A key the checkpoint lacks (saved before it existed) held its default.
     changed = [
-        f"{s}.{k}: {saved.get(s, {}).get(k)!r} → {v!r}"
+        f"{s}.{k}: {saved.get(s, {}).get(k, default[s][k])!r} → {v!r}"
         for s, fields_ in now.items()
         for k, v in fields_.items()
-        if f"{s}.{k}" not in RESUMABLE_CHANGES and saved.get(s, {}).get(k) != v
+        if f"{s}.{k}" not in RESUMABLE_CHANGES and saved.get(s, {}).get(k, default[s][k]) != v
     ]
     if changed:
         raise InputError(
@@ -213,6 +218,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     plan = check_datasets(cfg, infos, tokenizer)
     cfg = replace(cfg, loss=plan.loss)
     readers = dist.world * max(cfg.data.num_workers, 1)
+    if train_ds.num_examples == 0:
+        extra = train_ds.manifest.extra
+        why = (
+            f"; its capture left out {extra.get('too_long', {}).get('dropped', 0)} as too long "
+            f"and skipped {extra.get('skipped_count', 0)} bad record(s) (extra in its manifest.json)"
+        )
+        raise InputError(
+            f"data.train={cfg.data.train!r} holds no examples{why}: capture it again with "
+            "records that fit (--max-length, --truncation left) or train on another dataset"
+        )
     if train_ds.num_examples < readers:
         raise InputError(
             f"data.train={cfg.data.train!r} holds {train_ds.num_examples} examples, fewer than "
@@ -237,9 +252,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     # (which `--config <output>/resolved_config.yaml --resume` reads back) runs to the end.
     saved = replace(cfg, train=replace(cfg.train, stop_after=0))
     step = 0
+    # What draws from the RNG in training (dropout, LoRA's included) depends on the seed and
+    # the rank only; a checkpoint restores each rank's state.
+    torch.manual_seed(cfg.train.seed * 1000 + dist.rank)
     if ckpt is not None:
         _check_resumable(yaml.safe_load((ckpt / CONFIG_NAME).read_text()), cfg, ckpt)
-        state, rng = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        state, rng = load_checkpoint(ckpt, model=model, optimizer=optimizer, adapter=cfg.lora.r > 0)
         step = int(state["step"])
         loader.load_state_dict(state["stream"])
         torch.set_rng_state(rng[f"cpu.rank{dist.rank}"])
@@ -256,6 +274,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         saved.dump(out / CONFIG_NAME)
         if resume:
             _truncate_jsonl(metrics_path, step if ckpt else -1)
+    # Rank 0's scalars, also as TensorBoard events; on resume, readers drop the steps redone.
+    board = None
+    if dist.main and cfg.log.tensorboard:
+        board = open_writer(out, purge_step=step + 1 if ckpt else (0 if resume else None))
+
+    def log(record: dict[str, Any]) -> None:
+        _append_jsonl(metrics_path, record)
+        if board is not None:
+            write_scalars(board, record)
+
     if resume and cfg.log.example_ids:
         _truncate_jsonl(ids_path, step if ckpt else -1)
 
@@ -286,9 +314,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             )
         model.train()
         if dist.main:
-            _append_jsonl(
-                metrics_path, {"step": step, **{f"eval/{k}": v for k, v in result.items()}}
-            )
+            log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
             if result["positions"]:
                 bar.write(
                     f"step {step}: eval KL {result['kl']:.4f}  CE {result['ce']:.4f}  top-1 {result['top1']:.3f}"
@@ -386,7 +412,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             "data_s": data_s,
         }
         if dist.main:
-            _append_jsonl(metrics_path, record)
+            log(record)
             shown = "none" if record["loss"] is None else f"{record['loss']:.4f}"
             bar.set_postfix(loss=shown, tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
@@ -396,13 +422,21 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         if (cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0) or is_last:
             checkpoint()
     bar.close()
+    if board is not None:
+        board.close()
 
     finished = step == steps
     if finished and not cfg.train.steps:
         # The count was exact: the run trained on every batch of its epochs, none is left.
         assert next(batches, None) is None, "train.epochs: batches left after the last step"
     if finished and dist.main:
-        model.save_pretrained(out / FINAL_NAME)
+        if cfg.lora.r > 0:
+            # The adapter folder, and with lora.merge a merged model in final-merged/.
+            save_final_lora(model, out / FINAL_NAME, merge=cfg.lora.merge)
+            if cfg.lora.merge:
+                tokenizer.save_pretrained(out / MERGED_NAME)
+        else:
+            model.save_pretrained(out / FINAL_NAME)
         tokenizer.save_pretrained(out / FINAL_NAME)
         if cfg.log.plot:
             plot_metrics(metrics_path, cfg.log.plot)

@@ -1,0 +1,139 @@
+"""`logitcache eval`: students scored on a held-out logit dataset, into report.md and kl.png."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from logitcache.cache.errors import IncompatibleError, InputError
+from logitcache.tools.cli import main as cli_main
+from logitcache.tools.tiny import make_tiny_model, make_tiny_tokenizer
+from logitcache.train.report import evaluate_students
+
+PROMPTS = ["What is the capital of France?", "Write a poem.", "Explain rain.", "Say hello.", "2+2?"]
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Path:
+    """The tiny teacher's own greedy answers, no context, exact (f32) top-16 targets."""
+    work = tmp_path_factory.mktemp("eval")
+    prompts = work / "heldout.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS))
+    )
+    out = work / "heldout-logits"
+    rc = cli_main([
+        "build", "--teacher", str(tiny_teacher_dir), "--prompts", str(prompts), "--out", str(out),
+        "--mode", "generate", "--max-new-tokens", "6", "--k", "16", "--n", "0", "--codec", "f32",
+        "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    return out
+
+
+def test_eval_writes_a_report_with_kl_answers_and_the_expect_share(
+    heldout: Path, tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path, capsys
+):
+    out = tmp_path / "report"
+    rc = cli_main([
+        "eval", "--student", str(tiny_teacher_dir), "--student", str(tiny_student_dir),
+        "--data", str(heldout), "--expect", r"\w", "--max-new-tokens", "6", "--out", str(out),
+    ])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert (out / "kl.png").stat().st_size > 1000
+    assert "![KL per student](kl.png)" in md
+    for d in (tiny_teacher_dir, tiny_student_dir):
+        assert f"| `{d}` |" in md and f"{d}: KL " in printed
+    assert md.count("| teacher (stored response) |") == len(PROMPTS)
+    assert "`\\w` found" in md and r"'\\w' found in" in printed
+
+
+def test_the_teacher_scored_on_its_own_targets_has_kl_zero_and_agrees_everywhere(
+    heldout: Path, tiny_teacher_dir: Path, tiny_student_dir: Path
+):
+    r = evaluate_students(
+        [("teacher", str(tiny_teacher_dir)), ("student", str(tiny_student_dir))],
+        str(heldout),
+        generate=True,
+        max_new_tokens=6,
+        expect="^x",
+    )
+    teacher, student = r.students
+    assert teacher.metrics["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert teacher.metrics["top1"] == 1.0
+    assert student.metrics["kl"] > 0.01
+    assert teacher.metrics["positions"] == student.metrics["positions"] > 0
+    assert r.ids == sorted(f"q{i}" for i in range(len(PROMPTS)))
+    # Greedy, no context: the teacher regenerates exactly what it stored.
+    assert teacher.answers == r.teacher_answers
+    for s in r.students:
+        assert s.expect_rate == sum(a.startswith("x") for a in s.answers) / len(PROMPTS)
+    assert r.temperature == 1.0
+
+
+def test_a_student_with_another_tokenizer_is_refused(
+    heldout: Path, tiny_teacher_dir: Path, tmp_path: Path
+):
+    other = make_tiny_model(
+        tmp_path / "other", make_tiny_tokenizer(tmp_path / "tok", vocab_size=300), hidden=32
+    )
+    with pytest.raises(
+        IncompatibleError,
+        match=rf"--student {re.escape(str(other))}: its tokenizer is sha256:.*captured with sha256:.*shares the teacher's tokenizer",
+    ):
+        evaluate_students([("a", str(tiny_teacher_dir)), ("b", str(other))], str(heldout))
+
+
+def test_missing_folders_and_a_bad_regex_are_reported_at_once(heldout: Path, tmp_path: Path):
+    missing = tmp_path / "nope"
+    with pytest.raises(InputError) as e:
+        evaluate_students([("x", str(missing))], str(tmp_path / "no-data"), expect="(unclosed")
+    msg = str(e.value)
+    assert msg.startswith("3 problems:")
+    assert re.search(rf"--student {re.escape(str(missing))}: no such folder", msg)
+    assert re.search(r"--data .*no-data: no logit dataset there \(no manifest.json\)", msg)
+    assert re.search(r"--expect '\(unclosed' is not a valid regular expression", msg)
+
+
+def test_the_cli_prints_the_error_and_exits_1(heldout: Path, tmp_path: Path, capsys):
+    rc = cli_main(
+        [
+            "eval",
+            "--student",
+            str(tmp_path / "nope"),
+            "--data",
+            str(heldout),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert rc == 1
+    assert re.search(
+        r"logitcache eval: error: --student .*nope: no such folder", capsys.readouterr().err
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_without_matplotlib_the_error_names_the_extra(
+    heldout: Path, tiny_teacher_dir: Path, tmp_path: Path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib → ImportError
+    rc = cli_main(
+        [
+            "eval",
+            "--student",
+            str(tiny_teacher_dir),
+            "--data",
+            str(heldout),
+            "--out",
+            str(tmp_path / "r"),
+        ]
+    )
+    assert rc == 1
+    assert "pip install 'logitcache[plot]'" in capsys.readouterr().err

@@ -1,0 +1,145 @@
+"""LoRA adapters on tiny models: they learn, resume exactly, and their outputs load."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from logitcache.cache.errors import InputError
+from logitcache.train.adapters import MERGED_NAME, apply_lora, load_trainable_state
+from logitcache.train.checkpoint import ADAPTER_NAME, latest_checkpoint
+from logitcache.train.config import Config, load_config
+from logitcache.train.trainer import read_metrics, train
+from tests.train.helpers import capture_dataset
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora_logits")
+    return {
+        "train": capture_dataset(tiny_teacher_dir, root / "train", count=48),
+        "eval": capture_dataset(tiny_teacher_dir, root / "eval", count=16, seed=1, prefix="ev"),
+    }
+
+
+def config(datasets: dict[str, Path], student: Path, out: Path, **sets: object) -> Config:
+    overrides = {
+        "data.train": datasets["train"],
+        "data.eval": datasets["eval"],
+        "data.shuffle_buffer": 16,
+        "model.path": student,
+        "train.output": out,
+        "optim.lr": 1e-2,
+        "lora.r": 8,
+        "log.progress": False,
+        **{k.replace("__", "."): v for k, v in sets.items()},
+    }
+    return load_config(None, [(k, str(v), f"--set {k}") for k, v in overrides.items()])
+
+
+def test_lora_lowers_heldout_kl_and_the_adapter_and_merged_model_give_its_logits(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    cfg = config(
+        datasets, tiny_student_dir, out, train__steps=24, log__eval_every=12, lora__merge=True
+    )
+    assert train(cfg)["finished"]
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/kl" in r]
+    first, last = evals[0]["eval/kl"], evals[-1]["eval/kl"]
+    assert last < 0.85 * first, (first, last)
+
+    # The checkpoint holds the adapters only; the trained model is the base plus them.
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and not (ckpt / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    trained = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_student_dir), cfg.lora, seed=0)
+    assert load_trainable_state(trained, load_file(str(ckpt / ADAPTER_NAME))) == []
+    adapter = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_student_dir), out / "final"
+    )
+    merged = AutoModelForCausalLM.from_pretrained(out / MERGED_NAME)
+    base = AutoModelForCausalLM.from_pretrained(tiny_student_dir)
+    ids = torch.arange(3, 40).view(1, -1)
+    with torch.no_grad():
+        want = trained.eval()(ids).logits
+        for model in (adapter, merged):
+            torch.testing.assert_close(model.eval()(ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base(ids).logits, want, atol=1e-3)
+    assert not any(n.startswith("base_model") for n, _ in merged.named_parameters())
+
+
+def test_lora_resume_reproduces_the_uninterrupted_losses(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    common = dict(
+        train__steps=6,
+        optim__grad_accum=2,
+        data__batch_size=3,
+        lora__dropout=0.1,  # the adapters' dropout draws from the RNG the checkpoint restores
+        log__checkpoint_every=3,
+        log__eval_every=3,
+    )
+    assert train(config(datasets, tiny_student_dir, tmp_path / "a", **common))["finished"]
+    cut = train(config(datasets, tiny_student_dir, tmp_path / "b", train__stop_after=5, **common))
+    assert cut["step"] == 5 and not cut["finished"]
+    resumed = train(config(datasets, tiny_student_dir, tmp_path / "b", **common), resume=True)
+    assert resumed["finished"]
+    keys = ("step", "loss", "kd", "ce", "grad_norm", "lr", "positions", "epoch", "eval/kl")
+    a = [{k: r[k] for k in keys if k in r} for r in read_metrics(tmp_path / "a" / "metrics.jsonl")]
+    b = [{k: r[k] for k in keys if k in r} for r in read_metrics(tmp_path / "b" / "metrics.jsonl")]
+    assert a == b  # bit for bit
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("modules_to_save", "lm_head"), ("target_modules", "q_proj,lm_head"),
+     ("modules_to_save", "embed_tokens")],  # tied to the lm_head in the tiny student
+)  # fmt: skip
+def test_adapting_the_lm_head_is_refused(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path, key: str, value: str
+) -> None:
+    cfg = config(datasets, tiny_student_dir, tmp_path / "r", **{f"lora__{key}": value})
+    with pytest.raises(InputError, match=f"lora.{key} names .* holds the lm_head weight"):
+        train(cfg)
+
+
+def test_lora_settings_are_checked(datasets: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(InputError) as e:
+        load_config(
+            None,
+            [
+                ("data.train", str(datasets["train"]), "--data.train"),
+                ("train.output", str(tmp_path), "--train.output"),
+                ("model.config", "cfg.json", "--model.config"),
+                ("model.tokenizer", "tok", "--model.tokenizer"),
+                ("lora.r", "4", "--lora.r"),
+                ("lora.dropout", "1.5", "--lora.dropout"),
+            ],
+        )
+    assert "lora.r > 0 adapts a pretrained student: set model.path" in str(e.value)
+    assert "lora.dropout=1.5 must be in [0, 1)" in str(e.value)
+
+
+def test_missing_optional_packages_name_their_extra(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from logitcache.train.config import LoraConfig
+    from logitcache.train.tensorboard import open_writer
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    with pytest.raises(
+        InputError, match=r"lora.r > 0 needs peft: pip install 'logitcache\[lora\]'"
+    ):
+        apply_lora(torch.nn.Linear(2, 2), LoraConfig(r=4), seed=0)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(InputError, match=r"pip install 'logitcache\[tensorboard\]'"):
+        open_writer(tmp_path, purge_step=None)

@@ -1,0 +1,119 @@
+"""LoRA adapters (peft): wrap the student, save what trains, write the adapter and merged model.
+
+With ``lora.r > 0`` the student's base weights are frozen and :func:`apply_lora` wraps it with
+``peft.get_peft_model``. The lm_head stays frozen and is never adapted: the chunked loss
+(train/chunked.py) multiplies the final hidden states by ``lm_head.weight`` itself, chunk by
+chunk, so a LoRA delta or a trainable copy of the lm_head would be silently skipped. Listing
+the lm_head (or, with tied embeddings, the input embeddings it shares its weight with) in
+``lora.target_modules`` or ``lora.modules_to_save`` is refused before training.
+
+Checkpoints hold only the trainable tensors (:func:`trainable_state`); the base weights come
+from ``model.path`` again on resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from logitcache.cache.errors import InputError
+
+from .config import LoraConfig
+
+MERGED_NAME = "final-merged"
+
+
+def _names(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _import_peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise InputError(
+            "lora.r > 0 needs peft: pip install 'logitcache[lora]' (or set lora.r 0 for full "
+            "fine-tuning)"
+        ) from None
+    return peft
+
+
+def _head_names(model: torch.nn.Module) -> set[str]:
+    """Short names of the modules that hold the lm_head weight (the input embeddings too when
+    they are tied to it)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    out = set()
+    for name, module in model.named_modules():
+        if module is head or (weight is not None and getattr(module, "weight", None) is weight):
+            out |= {name, name.rsplit(".", 1)[-1]}
+    return out - {""}
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraConfig, *, seed: int) -> torch.nn.Module:
+    """``model`` wrapped by peft with LoRA adapters as ``lora`` says, initialised from
+    ``seed``; only they (and lora.modules_to_save) train."""
+    peft = _import_peft()
+    heads = _head_names(model)
+    targets = _names(lora.target_modules)
+    save = _names(lora.modules_to_save)
+    problems = [
+        f"lora.{key} names {name!r}, which holds the lm_head weight; the chunked loss reads that "
+        "weight directly, so it stays frozen: remove it from lora." + key
+        for key, names in (("target_modules", targets), ("modules_to_save", save))
+        for name in names
+        if name in heads
+    ]
+    if problems:
+        raise InputError("; ".join(problems))
+    spec = peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        modules_to_save=save or None,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        # The adapters' random init (lora_A) depends on train.seed only, as a fresh student's.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            wrapped = peft.get_peft_model(model, spec)
+    except ValueError as e:
+        raise InputError(
+            f"lora.target_modules={lora.target_modules!r}: peft cannot adapt the student ({e}); "
+            "name its linear layers (e.g. q_proj,v_proj) or use all-linear"
+        ) from None
+    return wrapped
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors that train (a LoRA run's adapters), by parameter name, on the CPU."""
+    return {
+        name: p.detach().contiguous().cpu()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Copy ``tensors`` into the model's trainable parameters; returns what did not match."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    wrong = sorted(set(params) ^ set(tensors))
+    if not wrong:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+    return wrong
+
+
+def save_final_lora(model: torch.nn.Module, folder: Path, *, merge: bool) -> None:
+    """The adapter folder (loads with ``PeftModel.from_pretrained(base, folder)``) and, with
+    ``merge``, the adapters merged into the base weights next to it (``final-merged/``, plain
+    transformers). Merging changes ``model`` in place: call it last."""
+    model.save_pretrained(folder)
+    if merge:
+        merged = model.merge_and_unload()  # type: ignore[operator]
+        merged.save_pretrained(folder.parent / MERGED_NAME)
