@@ -202,6 +202,7 @@ def _capture(
     )
     # Bookkeeping over this part's whole record set: recomputed identically on every rerun,
     # so replacing (not adding to) the journal's values keeps it exactly once.
+    writer.extra["parts"] = {"count": parts, "ranks": ranks.world}  # finalize checks all wrote
     writer.extra["skipped"] = [s.to_json() for s in skipped]
     writer.extra["skipped_count"] = len(skipped)
     writer.extra["too_long"] = too_long.to_json()

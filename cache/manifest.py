@@ -215,6 +215,29 @@ def merge_extra(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _check_parts(loc: Location, parts: dict[str, Manifest]) -> dict[str, int] | None:
+    """Refuse to finalize a capture with parts missing (a job array whose other tasks have not
+    run): each capture journal records ``extra.parts`` = {"count": P, "ranks": W}, and part p
+    writes ``_parts/r<p:05d>.json``. Journals written before carry no layout: not checked."""
+    layouts = [m.extra["parts"] for m in parts.values() if isinstance(m.extra.get("parts"), dict)]
+    if not layouts:
+        return None
+    layout = layouts[0]
+    count, ranks = int(layout.get("count", 1)), max(int(layout.get("ranks", 1)), 1)
+    missing = [p for p in range(count) if part_name(f"r{p:05d}") not in parts]
+    if missing:
+        indices = sorted({p // ranks for p in missing})
+        raise ManifestError(
+            f"{loc}: {len(missing)} of the capture's {count} parts have not written yet "
+            f"(missing {', '.join(f'r{p:05d}' for p in missing[:10])}"
+            f"{' …' if len(missing) > 10 else ''}), so the dataset would hold only part of "
+            "the prompts; run the same logitcache build command with --shard-index "
+            f"{' / '.join(map(str, indices[:10]))}{' …' if len(indices) > 10 else ''}, then "
+            f"logitcache finalize {loc}"
+        )
+    return layout
+
+
 def finalize(loc: Location) -> Manifest:
     """Fold every writer journal into ``manifest.json`` (idempotent; safe to rerun).
 
@@ -243,9 +266,13 @@ def finalize(loc: Location) -> Manifest:
                     f"{where}: shard {s.file} is listed elsewhere with another size or checksum"
                 )
     merged.shards.sort(key=lambda s: s.file)
+    layout = _check_parts(loc, parts)
     if parts:
         for m in parts.values():
-            merged.extra = merge_extra(merged.extra, m.extra)
+            own = {k: v for k, v in m.extra.items() if k != "parts"}  # the same in each
+            merged.extra = merge_extra(merged.extra, own)
+        if layout is not None:
+            merged.extra["parts"] = layout
     elif base is not None:
         merged.extra = base.extra
     loc.write_atomic(merged.dumps(), MANIFEST_NAME, tmp_prefix=".tmp.manifest-", sole_writer=True)

@@ -743,3 +743,35 @@ def test_cli_target_flags(flags, want, error) -> None:
     t = config_from_args(args).targets.spec
     assert (t.kind, t.k, t.n) == want
     assert t.sampling == "systematic"
+
+
+def test_finalize_refuses_a_job_array_with_a_part_missing(
+    tmp_path, tiny_teacher_dir, ctx_file, capsys
+) -> None:
+    """Finalizing after parts 0 and 2 of 3 would give a dataset of two thirds of the prompts:
+    refused, naming the --shard-index to run; following that, finalize completes."""
+    from logitcache.tools.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", records(9))
+
+    def part(index: int) -> None:
+        cfg = make_cfg(
+            prompts,
+            tiny_teacher_dir,
+            tmp_path / "ds",
+            context=ctx_file,
+            run=dict(num_shards=3, shard_index=index),
+            targets=dict(k=4),
+        )
+        capture(cfg)
+
+    part(0)
+    part(2)
+    assert main(["finalize", str(tmp_path / "ds")]) != 0
+    err = capsys.readouterr().err
+    assert "1 of the capture's 3 parts have not written yet (missing r00001)" in err
+    assert "--shard-index 1" in err and not (tmp_path / "ds" / "manifest.json").exists()
+    part(1)
+    assert main(["finalize", str(tmp_path / "ds")]) == 0
+    ds = open_dataset(tmp_path / "ds", verify=True)
+    assert ds.manifest.num_examples == 9 and ds.manifest.extra["parts"] == {"count": 3, "ranks": 1}
