@@ -59,7 +59,7 @@ def merge_datasets(
             dst.write_atomic(data, name)
             merged.shards.append(ShardEntry(name, s.rows, s.positions, s.bytes, s.sha256))
         merged.extra = merge_extra(
-            merged.extra, {k: v for k, v in m.extra.items() if k != "merged_from"}
+            merged.extra, {k: v for k, v in m.extra.items() if k not in ("merged_from", "parts")}
         )
         merged.extra["merged_from"].append(
             {
