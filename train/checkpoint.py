@@ -6,6 +6,9 @@ A checkpoint is a folder ``checkpoints/step-<8 digits>/`` holding
   (``lora.r > 0``) stores ``adapter.safetensors`` instead: its trainable tensors by parameter
   name, the frozen base coming from ``model.path`` again;
 * ``optimizer.safetensors``  AdamW's per-parameter tensors, keys ``<param index>.<name>``;
+* ``sharded/``               instead of the two above in an FSDP run (``train.parallel=fsdp``):
+  model and optimizer as a ``torch.distributed.checkpoint`` folder written by every rank
+  (:mod:`logitcache.train.fsdp`);
 * ``rng.safetensors``        each rank's torch RNG states (``cpu.rank<R>``, ``cuda.rank<R>``);
 * ``state.json``             step, optimizer param groups, the data stream's position, written
   last of the files;
@@ -91,20 +94,27 @@ def save_checkpoint(
     state: dict[str, Any],
     rng: dict[str, torch.Tensor],
     keep: int,
+    sharded: Path | None = None,
 ) -> Path:
-    """Write a complete checkpoint for ``step`` (rank 0 only), then prune old ones."""
+    """Write a complete checkpoint for ``step`` (rank 0 only), then prune old ones.
+    ``sharded``: the temporary folder every rank already wrote the FSDP model and optimizer to
+    (:func:`sharded_tmp`); only the rest is added to it."""
     folder = checkpoint_dir(output)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{step:08d}"
-    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if config.lora.r > 0:
-        save_file(trainable_state(model), str(tmp / ADAPTER_NAME))
+    opt_meta: dict[str, Any] = {}
+    if sharded is not None:
+        tmp = sharded
     else:
-        save_model(model, str(tmp / "model.safetensors"))
-    tensors, opt_meta = optimizer_tensors(optimizer)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+        tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if config.lora.r > 0:
+            save_file(trainable_state(model), str(tmp / ADAPTER_NAME))
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+        tensors, opt_meta = optimizer_tensors(optimizer)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
     save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
     config.dump(tmp / "resolved_config.yaml")
     payload = {"step": step, "optimizer": opt_meta, **state}
@@ -120,13 +130,27 @@ def save_checkpoint(
     return final
 
 
+def sharded_tmp(output: str | Path, step: int) -> Path:
+    """The temporary folder of an FSDP checkpoint: one name that every rank agrees on."""
+    return checkpoint_dir(output) / f".tmp-step-{step:08d}-sharded"
+
+
 def load_checkpoint(
-    path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, adapter: bool = False
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    adapter: bool = False,
+    sharded: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore model (its trainable tensors only, with ``adapter``) and optimizer in place;
-    returns (state.json, rng tensors)."""
+    returns (state.json, rng tensors). ``sharded``: leave model and optimizer to
+    :func:`logitcache.train.fsdp.load_sharded`."""
     try:
         state = json.loads((path / STATE_NAME).read_text())
+        if sharded:
+            rng = load_file(str(path / "rng.safetensors"))
+            return state, rng
         if adapter:
             wrong = load_trainable_state(model, load_file(str(path / ADAPTER_NAME)))
             if wrong:

@@ -137,6 +137,8 @@ class TrainConfig:
     """auto picks CUDA when available."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """bf16 autocast (weights stay fp32); auto = bf16 on CUDA, fp32 on CPU."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """With torchrun: ddp (a full copy per rank) or fsdp (FSDP2 shards weights and AdamW state; full fine-tuning only)."""
     stop_after: int = 0
     """Stop after this many steps as if interrupted (time-boxed jobs, tests); 0 = never; not saved with the run."""
 
@@ -248,6 +250,11 @@ class Config:
             p.append(
                 "lora.r > 0 adapts a pretrained student: set model.path (model.config builds a "
                 "fresh one whose base weights would not be saved anywhere)"
+            )
+        if t.parallel == "fsdp" and self.lora.r > 0:
+            p.append(
+                f"train.parallel=fsdp trains every weight; got lora.r={self.lora.r}: use "
+                "train.parallel=ddp for LoRA, or lora.r=0 for full fine-tuning with FSDP"
             )
         if not 0.0 <= self.lora.dropout < 1.0:
             p.append(f"lora.dropout={self.lora.dropout} must be in [0, 1)")

@@ -6,7 +6,8 @@ keeps the loss positions only, and applies :func:`chunked_distill_loss` with the
 lm_head inside, so ``(B, T, V)`` logits never exist. The loss is a mean over every loss
 position of the step (all micro-batches, all ranks), whatever their sizes.
 
-Run with ``torchrun --nproc-per-node N`` for DDP (gloo on CPU, nccl on GPU).
+Run with ``torchrun --nproc-per-node N`` for DDP (gloo on CPU, nccl on GPU), and with
+``train.parallel=fsdp`` for FSDP2 (:mod:`logitcache.train.fsdp`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import itertools
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -27,9 +29,10 @@ import torch
 from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
 
+from . import fsdp as fsdp_
 from .adapters import MERGED_NAME, save_final_lora
 from .batching import Batch, Batcher, idle_batch
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, sharded_tmp
 from .compat import check_datasets
 from .config import Config
 from .epochs import micro_batches, steps_for
@@ -187,6 +190,13 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     from logitcache.cache.reader import open_dataset
 
     dist = setup_dist(cfg)
+    fsdp = cfg.train.parallel == "fsdp"
+    if fsdp and dist.world == 1:
+        raise InputError(
+            "train.parallel=fsdp shards the student over torchrun's processes, but this is one "
+            "process: launch with torchrun --nproc-per-node N (N ≥ 2), or drop "
+            "--train.parallel fsdp to train on one process"
+        )
     out = Path(cfg.train.output)
     metrics_path = out / METRICS_NAME
     ids_path = out / f"examples-rank{dist.rank}.jsonl"
@@ -242,7 +252,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     model = load_student(cfg, info, infos.get("data.eval")).to(dist.device)
     module: torch.nn.Module = DistillStudent(model, plan)
     student = module
-    if dist.world > 1:
+    if fsdp:
+        module = fsdp_.shard_student(module, dist.device)  # in place: module is student
+    elif dist.world > 1:
         module = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
@@ -257,7 +269,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank)
     if ckpt is not None:
         _check_resumable(yaml.safe_load((ckpt / CONFIG_NAME).read_text()), cfg, ckpt)
-        state, rng = load_checkpoint(ckpt, model=model, optimizer=optimizer, adapter=cfg.lora.r > 0)
+        state, rng = load_checkpoint(
+            ckpt, model=model, optimizer=optimizer, adapter=cfg.lora.r > 0, sharded=fsdp
+        )
+        if fsdp:
+            fsdp_.load_sharded(ckpt, module, optimizer)
         step = int(state["step"])
         loader.load_state_dict(state["stream"])
         torch.set_rng_state(rng[f"cpu.rank{dist.rank}"])
@@ -300,7 +316,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         model.eval()
         # Scored on its exact top-k and tail mass (plan.topk_tail), never on draws.
         eval_loader = make_loader(cfg, cfg.data.eval, eval_info, dist, train=False, pad_id=pad_id)
-        with autocast():
+        # FSDP: the lm_head (root group) is read outside forward, so gather it for the eval.
+        full = fsdp_.unsharded(module) if fsdp else contextlib.nullcontext()
+        with autocast(), full:
             result = evaluate(
                 eval_loader,
                 lambda b: student.hidden(b.input_ids, b.attention_mask, b.positions),
@@ -325,6 +343,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     def checkpoint() -> None:
         states = dist.gather(loader.state_dict())
         rngs = dist.gather(_rng_state(dist.device))
+        tmp = None
+        if fsdp:  # every rank writes its shards into one temporary folder
+            tmp = sharded_tmp(out, step)
+            if dist.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            dist.barrier()
+            fsdp_.save_sharded(tmp, module, optimizer)
+            dist.barrier()
         if not dist.main:
             return
         rng = {f"{name}.rank{r}": t for r, d in enumerate(rngs) for name, t in d.items()}
@@ -337,6 +363,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             state={"stream": StreamLoader.merge_states(states)},
             rng=rng,
             keep=cfg.log.keep_checkpoints,
+            sharded=tmp,
         )
 
     bar = tqdm(
@@ -372,7 +399,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             batch = batch.to(dist.device, non_blocking=True)
             last = i == len(micro) - 1
             no_sync = dist.world > 1 and not last  # reduce gradients once, after the last
-            with module.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+            if fsdp:
+                module.set_requires_gradient_sync(not no_sync)  # type: ignore[operator]
+            with module.no_sync() if no_sync and not fsdp else contextlib.nullcontext():  # type: ignore[operator]
                 with autocast():
                     total, kd, ce = module(
                         batch.input_ids,
@@ -382,7 +411,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                         batch.targets,
                     )
                 n = batch.num_positions
-                # DDP averages gradients over ranks; scale back to a sum, then divide by all.
+                # DDP (and FSDP) average gradients over ranks; scale back to a sum, then divide.
                 (total * (n * dist.world / global_positions)).backward()
             loss_sums += torch.stack([total.detach(), kd, ce]).double() * n
             if idling:
@@ -392,6 +421,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
                 seen = {"step": step + 1, "micro": i, "epoch": batch.epoch, "ids": batch.ids}
                 _append_jsonl(ids_path, seen)
         grad_norm = clipped_step(model, optimizer, o)
+        if fsdp:  # a DTensor over the ranks' shards
+            grad_norm = grad_norm.full_tensor()  # type: ignore[attr-defined]
         step += 1
         counts = torch.tensor([tokens, rows], dtype=torch.float64, device=dist.device)
         sums = dist.sum(torch.cat([loss_sums, counts]))
@@ -429,8 +460,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     if finished and not cfg.train.steps:
         # The count was exact: the run trained on every batch of its epochs, none is left.
         assert next(batches, None) is None, "train.epochs: batches left after the last step"
+    # FSDP: every rank takes part in gathering the full weights; rank 0 writes them.
+    full_state = fsdp_.full_model_state(module) if finished and fsdp else None
     if finished and dist.main:
-        if cfg.lora.r > 0:
+        if full_state is not None:
+            model.save_pretrained(out / FINAL_NAME, state_dict=full_state)
+        elif cfg.lora.r > 0:
             # The adapter folder, and with lora.merge a merged model in final-merged/.
             save_final_lora(model, out / FINAL_NAME, merge=cfg.lora.merge)
             if cfg.lora.merge:
