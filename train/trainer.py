@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import shutil
 import sys
@@ -37,6 +36,7 @@ from .compat import check_datasets
 from .config import Config
 from .epochs import micro_batches, steps_for
 from .evaluate import evaluate
+from .metrics import append_jsonl, plot_metrics, truncate_jsonl
 from .optim import clipped_step, lr_at, make_optimizer, set_lr
 from .stream import LogitStream, StreamLoader
 from .student import Dist, DistillStudent, load_student, load_tokenizer, setup_dist
@@ -119,21 +119,6 @@ def make_loader(
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop records after ``step``: an interrupted run logged steps its resume will redo."""
-    if not path.exists():
-        return
-    keep = [
-        line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step
-    ]
-    path.write_text("".join(line + "\n" for line in keep))
 
 
 def _check_resumable(saved: dict[str, Any], cfg: Config, where: Path) -> None:
@@ -289,19 +274,19 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         saved.dump(out / CONFIG_NAME)
         if resume:
-            _truncate_jsonl(metrics_path, step if ckpt else -1)
+            truncate_jsonl(metrics_path, step if ckpt else -1)
     # Rank 0's scalars, also as TensorBoard events; on resume, readers drop the steps redone.
     board = None
     if dist.main and cfg.log.tensorboard:
         board = open_writer(out, purge_step=step + 1 if ckpt else (0 if resume else None))
 
     def log(record: dict[str, Any]) -> None:
-        _append_jsonl(metrics_path, record)
+        append_jsonl(metrics_path, record)
         if board is not None:
             write_scalars(board, record)
 
     if resume and cfg.log.example_ids:
-        _truncate_jsonl(ids_path, step if ckpt else -1)
+        truncate_jsonl(ids_path, step if ckpt else -1)
 
     bf16 = cfg.train.precision == "bf16" or (
         cfg.train.precision == "auto" and dist.device.type == "cuda"
@@ -419,7 +404,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             tokens, rows = tokens + batch.num_tokens, rows + len(batch.ids)
             if cfg.log.example_ids:
                 seen = {"step": step + 1, "micro": i, "epoch": batch.epoch, "ids": batch.ids}
-                _append_jsonl(ids_path, seen)
+                append_jsonl(ids_path, seen)
         grad_norm = clipped_step(model, optimizer, o)
         if fsdp:  # a DTensor over the ranks' shards
             grad_norm = grad_norm.full_tensor()  # type: ignore[attr-defined]
@@ -479,37 +464,3 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         torch.distributed.barrier()
     dist.close()
     return {"step": step, "steps": steps, "finished": finished, "output": str(out)}
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
-
-
-def plot_metrics(metrics: str | Path, png: str | Path) -> None:
-    """Loss curves (train loss, KD, CE; eval KL) from a metrics.jsonl."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'logitcache[plot]'") from None
-    rows = read_metrics(metrics)
-    train_rows = [r for r in rows if "loss" in r]
-    eval_rows = [r for r in rows if "eval/kl" in r]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-
-    def values(rows: list[dict[str, Any]], key: str) -> list[float]:
-        return [math.nan if r[key] is None else r[key] for r in rows]  # null: nothing to score
-
-    for key in ("loss", "kd", "ce"):
-        axes[0].plot([r["step"] for r in train_rows], values(train_rows, key), label=key)
-    axes[0].set(xlabel="step", title="training (per step)")
-    axes[0].legend()
-    for key in ("eval/kl", "eval/ce"):
-        axes[1].plot([r["step"] for r in eval_rows], values(eval_rows, key), marker="o", label=key)
-    axes[1].set(xlabel="step", title="held-out")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)

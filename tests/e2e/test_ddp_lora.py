@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from logitcache.train.trainer import read_metrics
+from logitcache.train.metrics import read_metrics
 from tests.e2e.test_ddp_train import torchrun_train
 from tests.train.helpers import capture_dataset
 

@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from logitcache.train.trainer import read_metrics
+from logitcache.train.metrics import read_metrics
 from tests.train.helpers import capture_dataset
 
 

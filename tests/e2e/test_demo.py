@@ -15,7 +15,7 @@ import pytest
 from logitcache.tools.cli import main as cli_main
 from logitcache.tools.demo import DemoConfig, run_demo
 from logitcache.tools.demo.behaviour import load_demo_prompts
-from logitcache.train.trainer import read_metrics
+from logitcache.train.metrics import read_metrics
 
 
 def _generate_from_text(model_dir: str, prompts: list[str], max_new_tokens: int) -> list[str]:

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from logitcache.cache.errors import InputError
 from logitcache.train.config import load_config
-from logitcache.train.trainer import read_metrics, train
+from logitcache.train.metrics import read_metrics
+from logitcache.train.trainer import train
 from tests.e2e.test_ddp_train import torchrun_train
 from tests.train.helpers import capture_dataset
 

@@ -11,7 +11,8 @@ from logitcache.tools.cli import main as cli_main
 from logitcache.tools.cmd_train import resume_command
 from logitcache.train import trainer
 from logitcache.train.config import Config, load_config
-from logitcache.train.trainer import CONFIG_NAME, read_metrics
+from logitcache.train.metrics import read_metrics
+from logitcache.train.trainer import CONFIG_NAME
 from tests.train.helpers import capture_dataset
 
 KEYS = ("step", "loss", "kd", "ce", "grad_norm", "lr", "positions", "examples", "epoch")

@@ -15,7 +15,8 @@ from logitcache.cache.tokenizer import tokenizer_fingerprint
 from logitcache.cache.writer import DatasetWriter
 from logitcache.tools.cli import main as cli_main
 from logitcache.train.config import Config, load_config
-from logitcache.train.trainer import read_metrics, train
+from logitcache.train.metrics import read_metrics
+from logitcache.train.trainer import train
 from tests.cache.synth import make_examples, make_info
 from tests.train.helpers import capture_dataset
 

@@ -18,10 +18,11 @@ from logitcache.train.batching import idle_batch
 from logitcache.train.config import Config, DataConfig, OptimConfig, TrainConfig, load_config
 from logitcache.train.epochs import micro_batches, steps_for
 from logitcache.train.loss_plan import plan_loss
+from logitcache.train.metrics import read_metrics
 from logitcache.train.order import slot_range
 from logitcache.train.stream import StreamLoader
 from logitcache.train.student import Dist, DistillStudent
-from logitcache.train.trainer import make_loader, read_metrics, total_steps, train
+from logitcache.train.trainer import make_loader, total_steps, train
 from tests.cache.synth import make_examples, make_info
 from tests.train.helpers import capture_dataset
 

@@ -17,7 +17,8 @@ from logitcache.train.batching import Batch, collate
 from logitcache.train.config import load_config
 from logitcache.train.evaluate import evaluate
 from logitcache.train.losses import kd_loss
-from logitcache.train.trainer import read_metrics, train
+from logitcache.train.metrics import read_metrics
+from logitcache.train.trainer import train
 from tests.cache.synth import make_examples, make_info
 
 

@@ -12,7 +12,8 @@ from logitcache.cache.errors import InputError
 from logitcache.train.adapters import MERGED_NAME, apply_lora, load_trainable_state
 from logitcache.train.checkpoint import ADAPTER_NAME, latest_checkpoint
 from logitcache.train.config import Config, load_config
-from logitcache.train.trainer import read_metrics, train
+from logitcache.train.metrics import read_metrics
+from logitcache.train.trainer import train
 from tests.train.helpers import capture_dataset
 
 peft = pytest.importorskip("peft")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from logitcache.train.config import load_config
+from logitcache.train.metrics import read_metrics
 from logitcache.train.tensorboard import TENSORBOARD_NAME, tag
-from logitcache.train.trainer import read_metrics, train
+from logitcache.train.trainer import train
 from tests.train.helpers import capture_dataset
 
 pytest.importorskip("tensorboard")

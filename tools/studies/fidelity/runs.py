@@ -52,7 +52,8 @@ def train_offline(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from logitcache.train.trainer import FINAL_NAME, read_metrics, train
+    from logitcache.train.metrics import read_metrics
+    from logitcache.train.trainer import FINAL_NAME, train
 
     train(_config(v, data, student, out, s))
     steps = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
