@@ -16,9 +16,17 @@ from logitcache.cache.format import DatasetInfo, Example, Sampled, TargetSpec, T
 from logitcache.cache.tokenizer import tokenizer_fingerprint
 from logitcache.cache.writer import DatasetWriter
 from logitcache.tools.tiny import tiny_corpus
+from logitcache.train.config import Config, load_config
 from tests.cache.synth import draw
 
 CONTEXT = "Ahoy! Answer like a pirate, matey. "
+
+
+def config_from(overrides: dict[str, object], **sets: object) -> Config:
+    """A training config from ``section.key`` overrides, then ``section__key`` keyword ones, as
+    the command line's ``--set`` would give them."""
+    merged = {**overrides, **{k.replace("__", "."): v for k, v in sets.items()}}
+    return load_config(None, [(k, str(v), f"--set {k}") for k, v in merged.items()])
 
 
 def capture_dataset(

@@ -18,7 +18,7 @@ from logitcache.train.config import Config, load_config
 from logitcache.train.metrics import read_metrics
 from logitcache.train.trainer import train
 from tests.cache.synth import make_examples, make_info
-from tests.train.helpers import capture_dataset
+from tests.train.helpers import capture_dataset, config_from
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +44,8 @@ def config(
         "train.steps": 2,
         "log.progress": False,
         **({"data.eval": eval_ds} if eval_ds is not None else {}),
-        **{k.replace("__", "."): v for k, v in sets.items()},
     }
-    return load_config(None, [(k, str(v), f"--set {k}") for k, v in overrides.items()])
+    return config_from(overrides, **sets)
 
 
 def test_a_capture_temperature_other_than_loss_temperature_is_refused(

@@ -15,7 +15,7 @@ import torch
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.writer import DatasetWriter
 from logitcache.train.batching import idle_batch
-from logitcache.train.config import Config, DataConfig, OptimConfig, TrainConfig, load_config
+from logitcache.train.config import Config, DataConfig, OptimConfig, TrainConfig
 from logitcache.train.epochs import micro_batches, steps_for
 from logitcache.train.loss_plan import plan_loss
 from logitcache.train.metrics import read_metrics
@@ -24,7 +24,7 @@ from logitcache.train.stream import StreamLoader
 from logitcache.train.student import Dist, DistillStudent
 from logitcache.train.trainer import make_loader, total_steps, train
 from tests.cache.synth import make_examples, make_info
-from tests.train.helpers import capture_dataset
+from tests.train.helpers import capture_dataset, config_from
 
 INFO = make_info(k=4, vocab=300)
 
@@ -221,7 +221,7 @@ def test_the_trainer_trains_every_example_once_per_epoch(
         "log.example_ids": True,
         **sets,
     }
-    cfg = load_config(None, [(k, str(v), f"--set {k}") for k, v in overrides.items()])
+    cfg = config_from(overrides)
     summary = train(cfg)
     assert summary["finished"]
     seen = [json.loads(line) for line in (out / "examples-rank0.jsonl").read_text().splitlines()]

@@ -14,7 +14,7 @@ from logitcache.train.checkpoint import ADAPTER_NAME, latest_checkpoint
 from logitcache.train.config import Config, load_config
 from logitcache.train.metrics import read_metrics
 from logitcache.train.trainer import train
-from tests.train.helpers import capture_dataset
+from tests.train.helpers import capture_dataset, config_from
 
 peft = pytest.importorskip("peft")
 
@@ -38,9 +38,8 @@ def config(datasets: dict[str, Path], student: Path, out: Path, **sets: object) 
         "optim.lr": 1e-2,
         "lora.r": 8,
         "log.progress": False,
-        **{k.replace("__", "."): v for k, v in sets.items()},
     }
-    return load_config(None, [(k, str(v), f"--set {k}") for k, v in overrides.items()])
+    return config_from(overrides, **sets)
 
 
 def test_lora_lowers_heldout_kl_and_the_adapter_and_merged_model_give_its_logits(

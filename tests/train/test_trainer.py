@@ -16,7 +16,7 @@ from logitcache.train.config import Config, load_config
 from logitcache.train.metrics import read_metrics
 from logitcache.train.trainer import CONFIG_NAME, train
 from tests.cache.synth import make_examples, make_info
-from tests.train.helpers import capture_dataset
+from tests.train.helpers import capture_dataset, config_from
 
 MISSING_TEACHER = "/nonexistent/teacher"  # training must never need the teacher
 
@@ -65,9 +65,8 @@ def config(datasets: dict[str, Path], student: Path, out: Path, **sets: object) 
         "train.output": out,
         "optim.lr": 3e-3,
         "log.progress": False,
-        **{k.replace("__", "."): v for k, v in sets.items()},
     }
-    return load_config(None, [(k, str(v), f"--set {k}") for k, v in overrides.items()])
+    return config_from(overrides, **sets)
 
 
 def test_training_reduces_heldout_kl_and_saves_a_loadable_student(
