@@ -2,7 +2,7 @@
 
 KL to the teacher (at the dataset's capture temperature), CE and top-1 agreement per student;
 with --generate, their greedy answers beside the teacher's stored responses; with --expect, the
-share of answers matching a regex. Writes report.md and kl.png (see logitcache.train.report).
+share of answers matching a regex. Writes report.md, kl.png and report.json (see logitcache.train.report).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out",
         default="eval-report",
         metavar="DIR",
-        help="folder for report.md and kl.png (default eval-report)",
+        help="folder for report.md, kl.png and report.json (default eval-report)",
     )
     p.add_argument(
         "--batch-size",

@@ -26,6 +26,7 @@ from logitcache.cache.errors import IncompatibleError, InputError
 
 REPORT_NAME = "report.md"
 PLOT_NAME = "kl.png"
+JSON_NAME = "report.json"
 GENERATE_BATCH = 16
 """Prompts per `generate` call (left-padded), as the demo has always generated."""
 
@@ -336,11 +337,17 @@ def plot_kl(r: EvalResult, png: str | Path) -> None:
 
 
 def write_report(r: EvalResult, out: str | Path) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``kl.png`` into the folder ``out``; returns their paths."""
+    """Write ``report.md``, ``kl.png`` and ``report.json`` (the :class:`EvalResult`'s fields,
+    for scripts) into the folder ``out``; returns the paths of the first two."""
+    import dataclasses
+    import json
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / PLOT_NAME
     plot_kl(r, png)
     md = out / REPORT_NAME
     md.write_text(format_report(r) + "\n", encoding="utf-8")
+    text = json.dumps(dataclasses.asdict(r), indent=1, ensure_ascii=False)
+    (out / JSON_NAME).write_text(text + "\n", encoding="utf-8")
     return md, png

@@ -52,6 +52,13 @@ def test_eval_writes_a_report_with_kl_answers_and_the_expect_share(
         assert f"| `{d}` |" in md and f"{d}: KL " in printed
     assert md.count("| teacher (stored response) |") == len(PROMPTS)
     assert "`\\w` found" in md and r"'\\w' found in" in printed
+    # report.json carries the same measures for scripts.
+    data = json.loads((out / "report.json").read_text())
+    assert [s["path"] for s in data["students"]] == [str(tiny_teacher_dir), str(tiny_student_dir)]
+    for s in data["students"]:
+        assert f"{s['path']}: KL {s['metrics']['kl']:.4f}" in printed
+        found = sum(re.search(r"\w", a) is not None for a in s["answers"])
+        assert s["expect_rate"] == found / len(PROMPTS)
 
 
 def test_the_teacher_scored_on_its_own_targets_has_kl_zero_and_agrees_everywhere(
