@@ -9,6 +9,12 @@ the lm_head (or, with tied embeddings, the input embeddings it shares its weight
 
 Checkpoints hold only the trainable tensors (:func:`trainable_state`); the base weights come
 from ``model.path`` again on resume.
+
+With ``lora.load_in_4bit`` (QLoRA, Dettmers et al. 2023) :func:`load_4bit` loads the base
+weights as 4-bit NF4 with double quantization through transformers' bitsandbytes integration
+(bf16 compute), which leaves the lm_head unquantized, and ``peft.prepare_model_for_kbit_training``
+readies it for adapters. ``final-merged/`` is then made from the base weights reloaded at full
+precision on the CPU, since merging into NF4 weights would round the merged update.
 """
 
 from __future__ import annotations
@@ -50,6 +56,42 @@ def _head_names(model: torch.nn.Module) -> set[str]:
         if module is head or (weight is not None and getattr(module, "weight", None) is weight):
             out |= {name, name.rsplit(".", 1)[-1]}
     return out - {""}
+
+
+def load_4bit(path: str, *, gradient_checkpointing: bool) -> torch.nn.Module:
+    """The student at ``path`` with its linear layers in 4-bit NF4 on the current CUDA device,
+    prepared for k-bit training (peft). Errors: no CUDA device, or bitsandbytes missing."""
+    if not torch.cuda.is_available():
+        raise InputError(
+            "lora.load_in_4bit needs a CUDA device (bitsandbytes' 4-bit kernels) and torch sees "
+            "none: train on a GPU, or set lora.load_in_4bit false"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InputError(
+            "lora.load_in_4bit needs bitsandbytes: pip install 'logitcache[qlora]' (or set "
+            "lora.load_in_4bit false)"
+        ) from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=quant,
+        dtype=torch.bfloat16,
+        device_map={"": torch.cuda.current_device()},
+    )
+    return _import_peft().prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
 
 
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, *, seed: int) -> torch.nn.Module:
@@ -109,11 +151,20 @@ def load_trainable_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor
     return wrong
 
 
-def save_final_lora(model: torch.nn.Module, folder: Path, *, merge: bool) -> None:
+def save_final_lora(
+    model: torch.nn.Module, folder: Path, *, merge: bool, base: str | None = None
+) -> None:
     """The adapter folder (loads with ``PeftModel.from_pretrained(base, folder)``) and, with
     ``merge``, the adapters merged into the base weights next to it (``final-merged/``, plain
-    transformers). Merging changes ``model`` in place: call it last."""
+    transformers). Merging changes ``model`` in place: call it last. ``base``: a 4-bit run's
+    ``model.path``, reloaded in fp32 on the CPU to merge into."""
     model.save_pretrained(folder)
+    if merge and base is not None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        model = PeftModel.from_pretrained(full, folder)
     if merge:
         merged = model.merge_and_unload()  # type: ignore[operator]
         merged.save_pretrained(folder.parent / MERGED_NAME)

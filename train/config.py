@@ -75,6 +75,8 @@ class LoraConfig:
     """Comma-separated modules trained in full and saved with the adapter (never lm_head)."""
     merge: bool = False
     """Also write final-merged/: the adapters merged into the base weights (plain transformers)."""
+    load_in_4bit: bool = False
+    """QLoRA: hold the frozen base weights in 4-bit NF4 (bitsandbytes, CUDA only; pip install 'logitcache[qlora]'); lm_head stays unquantized."""
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,16 @@ class Config:
             p.append(
                 f"train.parallel=fsdp trains every weight; got lora.r={self.lora.r}: use "
                 "train.parallel=ddp for LoRA, or lora.r=0 for full fine-tuning with FSDP"
+            )
+        if self.lora.load_in_4bit and self.lora.r == 0:
+            p.append(
+                "lora.load_in_4bit quantizes the frozen base weights under LoRA adapters "
+                "(QLoRA): set lora.r (e.g. 16), or lora.load_in_4bit false"
+            )
+        if self.lora.load_in_4bit and t.device == "cpu":
+            p.append(
+                "lora.load_in_4bit needs a CUDA device (bitsandbytes' 4-bit kernels) but "
+                "train.device=cpu: train on a GPU, or set lora.load_in_4bit false"
             )
         if not 0.0 <= self.lora.dropout < 1.0:
             p.append(f"lora.dropout={self.lora.dropout} must be in [0, 1)")

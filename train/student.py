@@ -67,7 +67,11 @@ def load_student(
 
     m = cfg.model
     try:
-        if m.path is not None:
+        if m.path is not None and cfg.lora.load_in_4bit:
+            from .adapters import load_4bit
+
+            model = load_4bit(m.path, gradient_checkpointing=m.gradient_checkpointing)
+        elif m.path is not None:
             model = AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32)
         else:
             config = AutoConfig.from_pretrained(m.config)
@@ -100,7 +104,7 @@ def load_student(
         where = m.path or m.config
         raise InputError(f"student {where}: " + "; ".join(problems))
     model.config.use_cache = False
-    if m.gradient_checkpointing:
+    if m.gradient_checkpointing and not cfg.lora.load_in_4bit:  # 4-bit: load_4bit did it
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)

@@ -234,7 +234,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     )
     steps = total_steps(cfg, loader, dist)
 
-    model = load_student(cfg, info, infos.get("data.eval")).to(dist.device)
+    model = load_student(cfg, info, infos.get("data.eval"))
+    if not cfg.lora.load_in_4bit:  # 4-bit weights are placed on the device as they load
+        model = model.to(dist.device)
     module: torch.nn.Module = DistillStudent(model, plan)
     student = module
     if fsdp:
@@ -452,7 +454,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             model.save_pretrained(out / FINAL_NAME, state_dict=full_state)
         elif cfg.lora.r > 0:
             # The adapter folder, and with lora.merge a merged model in final-merged/.
-            save_final_lora(model, out / FINAL_NAME, merge=cfg.lora.merge)
+            base = cfg.model.path if cfg.lora.load_in_4bit else None
+            save_final_lora(model, out / FINAL_NAME, merge=cfg.lora.merge, base=base)
             if cfg.lora.merge:
                 tokenizer.save_pretrained(out / MERGED_NAME)
         else:

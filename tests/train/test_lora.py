@@ -143,3 +143,68 @@ def test_missing_optional_packages_name_their_extra(
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(InputError, match=r"pip install 'logitcache\[tensorboard\]'"):
         open_writer(tmp_path, purge_step=None)
+
+
+def test_qlora_settings_are_checked(datasets: dict[str, Path], tmp_path: Path) -> None:
+    sets = [
+        ("data.train", str(datasets["train"]), "--data.train"),
+        ("train.output", str(tmp_path), "--train.output"),
+        ("model.path", "student", "--model.path"),
+        ("lora.load_in_4bit", "true", "--lora.load_in_4bit"),
+        ("train.device", "cpu", "--train.device"),
+    ]
+    with pytest.raises(InputError) as e:
+        load_config(None, sets)
+    assert "lora.load_in_4bit quantizes the frozen base weights under LoRA adapters (QLoRA): " \
+        "set lora.r" in str(e.value)  # fmt: skip
+    assert "lora.load_in_4bit needs a CUDA device (bitsandbytes' 4-bit kernels) but " \
+        "train.device=cpu" in str(e.value)  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_qlora_without_cuda_is_refused_before_training(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    cfg = config(datasets, tiny_student_dir, out, train__steps=2, lora__load_in_4bit=True)
+    with pytest.raises(InputError, match=r"lora.load_in_4bit needs a CUDA device .* torch sees"):
+        train(cfg)
+    assert latest_checkpoint(out) is None
+
+
+def test_qlora_without_bitsandbytes_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from logitcache.train.adapters import load_4bit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(InputError, match=r"pip install 'logitcache\[qlora\]'"):
+        load_4bit("student", gradient_checkpointing=False)
+
+
+@pytest.mark.gpu
+def test_qlora_lowers_heldout_kl_and_resumes_and_merges(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    """4-bit NF4 base weights (bitsandbytes) under LoRA adapters, on CUDA."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    sets = {"train__steps": 24, "log__eval_every": 12, "lora__load_in_4bit": True}
+    full = config(datasets, tiny_student_dir, tmp_path / "full", **sets, lora__merge=True)
+    assert train(full)["finished"]
+    evals = [r["eval/kl"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if
+             "eval/kl" in r]  # fmt: skip
+    assert evals[-1] < 0.85 * evals[0], evals
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / MERGED_NAME)
+    assert next(merged.parameters()).dtype == torch.float32
+    # Stopped after step 5, resumed from its step-3 checkpoint: the uninterrupted losses.
+    common = dict(train__steps=6, log__checkpoint_every=3, lora__load_in_4bit=True)
+    a = config(datasets, tiny_student_dir, tmp_path / "a", **common)
+    b = config(datasets, tiny_student_dir, tmp_path / "b", **common)
+    assert train(a)["finished"]
+    assert not train(config(datasets, tiny_student_dir, tmp_path / "b", train__stop_after=5,
+                            **common))["finished"]  # fmt: skip
+    assert train(b, resume=True)["finished"]
+    a_, b_ = ([r["loss"] for r in read_metrics(c.train.output + "/metrics.jsonl") if "loss" in r]
+              for c in (a, b))  # fmt: skip
+    assert b_ == pytest.approx(a_, rel=1e-4)  # CUDA kernels: not asserted bit for bit
