@@ -58,11 +58,16 @@ def load_tokenizer(cfg: Config) -> Any:
 
 
 def load_student(
-    cfg: Config, info: DatasetInfo, eval_info: DatasetInfo | None = None
+    cfg: Config,
+    info: DatasetInfo,
+    eval_info: DatasetInfo | None = None,
+    *,
+    frozen_dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
     """The student for training on ``info``'s dataset (and scoring ``eval_info``'s), refused
     when its lm_head does not cover either vocabulary or its logits are not lm_head(hidden);
-    wrapped with LoRA adapters when ``lora.r > 0``."""
+    wrapped with LoRA adapters when ``lora.r > 0``, its frozen base weights in
+    ``frozen_dtype`` (the adapters stay fp32: peft's ``autocast_adapter_dtype``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg.model
@@ -72,7 +77,8 @@ def load_student(
 
             model = load_4bit(m.path, gradient_checkpointing=m.gradient_checkpointing)
         elif m.path is not None:
-            model = AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32)
+            dtype = frozen_dtype if cfg.lora.r > 0 else torch.float32
+            model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype)
         else:
             config = AutoConfig.from_pretrained(m.config)
             with torch.random.fork_rng(devices=[]):

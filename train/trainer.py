@@ -234,7 +234,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     )
     steps = total_steps(cfg, loader, dist)
 
-    model = load_student(cfg, info, infos.get("data.eval"))
+    bf16 = cfg.train.precision == "bf16" or (
+        cfg.train.precision == "auto" and dist.device.type == "cuda"
+    )
+    # Under LoRA the frozen base weights are held in bf16 when the run computes in it.
+    frozen = torch.bfloat16 if bf16 and cfg.lora.r > 0 else torch.float32
+    model = load_student(cfg, info, infos.get("data.eval"), frozen_dtype=frozen)
     if not cfg.lora.load_in_4bit:  # 4-bit weights are placed on the device as they load
         model = model.to(dist.device)
     module: torch.nn.Module = DistillStudent(model, plan)
@@ -289,10 +294,6 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     if resume and cfg.log.example_ids:
         truncate_jsonl(ids_path, step if ckpt else -1)
-
-    bf16 = cfg.train.precision == "bf16" or (
-        cfg.train.precision == "auto" and dist.device.type == "cuda"
-    )
 
     def autocast() -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -454,7 +455,9 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             model.save_pretrained(out / FINAL_NAME, state_dict=full_state)
         elif cfg.lora.r > 0:
             # The adapter folder, and with lora.merge a merged model in final-merged/.
-            base = cfg.model.path if cfg.lora.load_in_4bit else None
+            # A reduced-precision base is merged into from its fp32 weights.
+            reduced = cfg.lora.load_in_4bit or frozen != torch.float32
+            base = cfg.model.path if reduced else None
             save_final_lora(model, out / FINAL_NAME, merge=cfg.lora.merge, base=base)
             if cfg.lora.merge:
                 tokenizer.save_pretrained(out / MERGED_NAME)

@@ -208,3 +208,38 @@ def test_qlora_lowers_heldout_kl_and_resumes_and_merges(
     a_, b_ = ([r["loss"] for r in read_metrics(c.train.output + "/metrics.jsonl") if "loss" in r]
               for c in (a, b))  # fmt: skip
     assert b_ == pytest.approx(a_, rel=1e-4)  # CUDA kernels: not asserted bit for bit
+
+
+def test_lora_under_bf16_holds_the_base_in_bf16_and_merges_from_fp32(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    """train.precision bf16 (the default on CUDA; here on the CPU): the frozen base weights in
+    bf16, the adapters in fp32; final-merged/ is merged into the fp32 base weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from logitcache.cache.reader import open_dataset
+    from logitcache.train.student import load_student
+
+    out = tmp_path / "run"
+    cfg = config(datasets, tiny_student_dir, out, train__steps=12, log__eval_every=12,
+                 train__precision="bf16", lora__merge=True)  # fmt: skip
+    info = open_dataset(str(datasets["train"])).info
+    model = load_student(cfg, info, frozen_dtype=torch.bfloat16)
+    dtypes = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+    assert train(cfg)["finished"]
+    evals = [r["eval/kl"] for r in read_metrics(out / "metrics.jsonl") if "eval/kl" in r]
+    assert evals[-1] < 0.9 * evals[0], evals
+    adapter = load_file(str(out / "final" / "adapter_model.safetensors"))
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    merged = AutoModelForCausalLM.from_pretrained(out / MERGED_NAME)
+    fp32 = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_student_dir), out / "final"
+    ).merge_and_unload()
+    for (name, a), (_, b) in zip(
+        merged.state_dict().items(), fp32.state_dict().items(), strict=True
+    ):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
