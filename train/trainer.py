@@ -430,6 +430,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             "tokens_per_s": float(sums[3]) / dt,
             "data_s": data_s,
         }
+        if dist.device.type == "cuda":  # this rank's high-water mark so far (torchtune's name)
+            record["peak_memory_alloc_gib"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
         if dist.main:
             log(record)
             shown = "none" if record["loss"] is None else f"{record['loss']:.4f}"

@@ -261,3 +261,26 @@ def test_resume_and_output_guards(
             resume=True,
         )
     shutil.rmtree(out)
+
+
+@pytest.mark.gpu
+def test_training_on_cuda_in_bf16_learns_logs_its_memory_and_resumes(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    """The defaults on a GPU: bf16 autocast, pinned host batches; losses on resume equal the
+    uninterrupted run's within bf16 kernels' run-to-run tolerance."""
+    common = dict(train__steps=8, log__checkpoint_every=4, log__eval_every=8)
+    a = config(datasets, tiny_student_dir, tmp_path / "a", **common)
+    b = config(datasets, tiny_student_dir, tmp_path / "b", **common)
+    assert train(a)["finished"]
+    lines = read_metrics(tmp_path / "a" / "metrics.jsonl")
+    evals = [r["eval/kl"] for r in lines if "eval/kl" in r]
+    assert evals[-1] < evals[0], evals
+    peaks = [r["peak_memory_alloc_gib"] for r in lines if "loss" in r]
+    assert len(peaks) == 8 and all(p > 0 for p in peaks) and peaks == sorted(peaks)
+    cut = config(datasets, tiny_student_dir, tmp_path / "b", train__stop_after=6, **common)
+    assert not train(cut)["finished"]
+    assert train(b, resume=True)["finished"]
+    losses = [[r["loss"] for r in read_metrics(c.train.output + "/metrics.jsonl") if "loss" in r]
+              for c in (a, b)]  # fmt: skip
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
