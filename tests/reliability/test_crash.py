@@ -79,6 +79,25 @@ def test_one_killed_torchrun_rank_then_rerun_holds_every_example_once(
     assert c["verify_ok"] and c["warnings"] == [] and c["leftover_tmp"] == [], c
 
 
+def test_one_killed_rank_of_a_tp_group_then_rerun_holds_every_example_once(
+    tmp_path: Path, tiny_teacher_dir
+) -> None:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 300)
+    reference = tmp_path / "reference"
+    run_to_end(build_command(tiny_teacher_dir, prompts, reference))  # one process, whole teacher
+    for rank in (1, 0):  # the rank that only computes, then the one that writes
+        out = tmp_path / f"tp-rank{rank}-killed"
+        cmd = [*torchrun_build_command(tiny_teacher_dir, prompts, out), "--tp", "2"]
+        killed, code = run_rank_killed(cmd, rank, after_shards(out, 6, 0.0))
+        assert killed and code != 0
+        assert not (out / "manifest.json").exists()  # nobody finalized the broken run
+        run_to_end(cmd)  # the same command again
+        c = compare_capture(out, reference)
+        assert c["examples"] == 300 and c["duplicates"] == 0 and c["missing"] == [], c
+        assert c["mismatched"] == [] and c["max_logprob_diff"] <= 1e-4, c
+        assert c["verify_ok"] and c["warnings"] == [] and c["leftover_tmp"] == [], c
+
+
 def test_killed_training_resumes_to_the_same_losses(
     tmp_path: Path, tiny_teacher_dir, tiny_student_dir
 ) -> None:
