@@ -1,7 +1,8 @@
 """Capture: prompts in, a logit dataset out. Resumable, exactly once, on one or many ranks.
 
 The loop is: read and validate every record; keep this rank's part (records are numbered and
-part ``p`` of ``P`` owns numbers ``i % P == p``, P = ranks × ``--num-shards``); render and
+part ``p`` of ``P`` owns numbers ``i % P == p``, P = ranks ÷ ``--tp`` × ``--num-shards``: with
+``--tp`` the ranks of a group share a sharded teacher and a part, :mod:`.tensor_parallel`); render and
 tokenize its views; apply the length policy; drop ids already committed (a rerun after a
 crash resumes there); batch by length; run the teacher; hand examples to a background writer.
 Each part writes its own shards and journal (writer id ``r<part>``); when every rank is done,
