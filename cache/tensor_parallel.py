@@ -9,9 +9,10 @@ transformers shards over the group with the model's own tensor-parallel plan
 attention and MLP projections); the group's first rank writes. The logits every rank gets back
 are the whole (gathered) rows, so the targets are computed as in one process.
 
-transformers (5.24) builds its device mesh over the whole world, so it shards over T = WORLD_SIZE
-ranks only; for N/T > 1 groups :func:`sharded_loading` hands it a (groups, T) mesh of which it
-uses this rank's row, and nothing else changes.
+transformers (5.24) builds its device mesh over the whole world on its default accelerator, so
+it shards over T = WORLD_SIZE ranks only; :func:`sharded_loading` hands it a (groups, T) mesh on
+``--device``'s kind instead, of which it uses this rank's row, and nothing else changes (one
+group: the same mesh as its own).
 """
 
 from __future__ import annotations
@@ -133,15 +134,15 @@ def sharded_loading(tp: int, device: torch.device) -> Iterator[dict[str, Any]]:
         ) from None
     kwargs = {"distributed_config": DistributedConfig(tp_size=tp, tp_plan="auto")}
     world = torch.distributed.get_world_size()
-    if world == tp:  # one group: transformers' own mesh over every rank
-        yield kwargs
-        return
     try:
         import transformers.distributed.mixin as mixin
         from transformers.distributed.utils import TransformersDeviceMesh
     except ImportError:
         mixin = None
     if mixin is None or not hasattr(mixin, "initialize_distributed_mesh"):
+        if world == tp:  # one group: transformers' own mesh over every rank
+            yield kwargs
+            return
         raise InputError(
             f"--tp {tp} under {world} processes needs several tensor-parallel groups, which "
             f"this code builds on transformers 5.24's device mesh; the installed transformers "
