@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -243,25 +242,20 @@ def _hf_generate(
 
 
 def _rates(fns: dict[str, Callable[[], int]], repeats: int, dev: Any) -> dict[str, float]:
-    """Items/s of each function (it returns its item count): median over ``repeats`` turns,
-    after one warm-up each."""
+    """Items/s of each function (it returns its item count, the same each call): medians over
+    ``repeats`` turns after a warm-up (bench/train.py's ``median_times``)."""
     import torch
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+    from .bench.train import median_times
 
-    for fn in fns.values():
-        fn()
-    rates: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync()
-            t0 = time.perf_counter()
-            n = fn()
-            sync()
-            rates[name].append(n / (time.perf_counter() - t0))
-    return {name: statistics.median(r) for name, r in rates.items()}
+    counts: dict[str, int] = {}
+
+    def counting(name: str, fn: Callable[[], int]) -> Callable[[], None]:
+        return lambda: counts.__setitem__(name, fn())
+
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    times = median_times({n: counting(n, fn) for n, fn in fns.items()}, repeats, sync)
+    return {name: counts[name] / seconds for name, seconds in times.items()}
 
 
 def _vllm_section(

@@ -76,7 +76,7 @@ def _synthetic_examples(
     return out
 
 
-def _median_times(
+def median_times(
     fns: dict[str, Callable[[], None]], reps: int, sync: Callable[[], None] = lambda: None
 ) -> dict[str, float]:
     """Median seconds of each function, taking turns; ``sync`` waits for the device (CUDA
@@ -188,7 +188,7 @@ def bench_steps(args: argparse.Namespace) -> dict[str, float]:
     variants = {"CE (HF)": ce_hf, "KD (dense)": kd_dense, "KD (offline)": kd_offline}
     variants["KD (online)"] = kd_online
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    t = _median_times({name: step(fn) for name, fn in variants.items()}, args.reps, sync)
+    t = median_times({name: step(fn) for name, fn in variants.items()}, args.reps, sync)
     t["positions"] = batch.num_positions
     return t
 
