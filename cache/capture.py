@@ -1,7 +1,8 @@
 """Capture: prompts in, a logit dataset out. Resumable, exactly once, on one or many ranks.
 
 The loop is: read and validate every record; keep this rank's part (records are numbered and
-part ``p`` of ``P`` owns numbers ``i % P == p``, P = ranks × ``--num-shards``); render and
+part ``p`` of ``P`` owns numbers ``i % P == p``, P = ranks ÷ ``--tp`` × ``--num-shards``: with
+``--tp`` the ranks of a group share a sharded teacher and a part, :mod:`.tensor_parallel`); render and
 tokenize its views; apply the length policy; drop ids already committed (a rerun after a
 crash resumes there); batch by length; run the teacher; hand examples to a background writer.
 Each part writes its own shards and journal (writer id ``r<part>``); when every rank is done,
@@ -33,6 +34,7 @@ from .reader import committed_ids
 from .storage import Location
 from .targets import example_keys
 from .teacher import Teacher, check_teacher_folder, load_teacher, load_tokenizer, resolve_device
+from .tensor_parallel import tp_groups
 from .views import Context, Rendered, ViewRenderer, apply_length_policy
 from .writer import DatasetWriter
 
@@ -126,6 +128,7 @@ def _capture(
 ) -> CaptureSummary:
     inp, tgt, run = cfg.input, cfg.targets, cfg.run
     check_teacher_folder(cfg.teacher.path)  # before the slow work
+    groups = tp_groups(cfg.teacher, ranks)  # --tp: ranks in groups, one part per group
     prompts = read_prompts(
         inp.prompts,
         require_response=tgt.mode == "score",
@@ -140,8 +143,8 @@ def _capture(
 
     # Render every record this part owns before the teacher loads: a record the tokenizer
     # cannot split into prompt and response is reported in seconds, not after the model load.
-    parts = run.num_shards * ranks.world
-    part = run.shard_index * ranks.world + ranks.rank
+    parts = run.num_shards * groups.count
+    part = run.shard_index * groups.count + groups.index
     mine = prompts.part(part, parts)
     rendered, bad = renderer.render_all([r for _, r in mine.records])
     if bad and inp.on_error == "raise":
@@ -188,44 +191,52 @@ def _capture(
             f"logitcache build --config {loc.path(CONFIG_NAME)}), or give the records ids of "
             "their own and write to a new --out"
         )
-    if part == 0:
+    if part == 0 and groups.writes:
         loc.write_atomic(cfg.dumps(), CONFIG_NAME, tmp_prefix=".tmp.config-", sole_writer=True)
     pending = [e for e in kept if e.id not in done]
+    if groups.tp > 1:  # a group's ranks batch the same ids: all read `done` before any writes
+        ranks.barrier()
 
-    writer = DatasetWriter(
-        run.out,
-        info,
-        writer_id=f"r{part:05d}",
-        shard_positions=run.shard_positions,
-        background=True,
-        storage_options=storage_options,
-    )
-    # Bookkeeping over this part's whole record set: recomputed identically on every rerun,
-    # so replacing (not adding to) the journal's values keeps it exactly once.
-    writer.extra["parts"] = {"count": parts, "ranks": ranks.world}  # finalize checks all wrote
-    writer.extra["skipped"] = [s.to_json() for s in skipped]
-    writer.extra["skipped_count"] = len(skipped)
-    writer.extra["too_long"] = too_long.to_json()
-    writer.extra["dropped_too_long_examples"] = (too_long.dropped_examples or [])[:_LISTED_DROPS]
+    writer = None
+    if groups.writes:
+        writer = DatasetWriter(
+            run.out,
+            info,
+            writer_id=f"r{part:05d}",
+            shard_positions=run.shard_positions,
+            background=True,
+            storage_options=storage_options,
+        )
+        # Bookkeeping over this part's whole record set: recomputed identically on every rerun,
+        # so replacing (not adding to) the journal's values keeps it exactly once.
+        layout = {"count": parts, "ranks": groups.count}  # finalize checks all parts wrote
+        writer.extra["parts"] = layout | ({"tp": groups.tp} if groups.tp > 1 else {})
+        writer.extra["skipped"] = [s.to_json() for s in skipped]
+        writer.extra["skipped_count"] = len(skipped)
+        writer.extra["too_long"] = too_long.to_json()
+        dropped = too_long.dropped_examples or []
+        writer.extra["dropped_too_long_examples"] = dropped[:_LISTED_DROPS]
 
     t0 = time.perf_counter()
     try:
         stats = run_batches(cfg, teacher, pending, writer, ranks, on_batch)
     except BaseException:
-        writer.__exit__(*sys.exc_info())  # keep what is committed; never finalize a failed run
+        if writer is not None:  # keep what is committed; never finalize a failed run
+            writer.__exit__(*sys.exc_info())
         raise
-    writer.close(finalize_dataset=False)
+    if writer is not None:
+        writer.close(finalize_dataset=False)
     seconds = time.perf_counter() - t0
 
-    totals = ranks.sum_values(
-        [
-            *stats,
-            len(kept) - len(pending),
-            len(skipped),
-            too_long.dropped,
-            too_long.truncated_teacher + too_long.truncated_student,
-        ]
-    )
+    mine_counts = [
+        *stats,
+        len(kept) - len(pending),
+        len(skipped),
+        too_long.dropped,
+        too_long.truncated_teacher + too_long.truncated_student,
+    ]
+    # Counted once per group: its writer's.
+    totals = ranks.sum_values([float(v) * groups.writes for v in mine_counts])
     summary = CaptureSummary(
         examples=int(totals[0]),
         positions=int(totals[1]),
@@ -252,7 +263,7 @@ def run_batches(
     cfg: CaptureConfig,
     teacher: Teacher,
     pending: list[Rendered],
-    writer: DatasetWriter,
+    writer: DatasetWriter | None,
     ranks: Ranks,
     on_batch: Callable[[int], None] | None,
 ) -> np.ndarray:
@@ -276,8 +287,9 @@ def run_batches(
     t0 = time.perf_counter()
 
     def emit(result: BatchResult) -> None:
-        for ex in result.to_examples():
-            writer.add(ex)
+        if writer is not None:  # None: a tensor-parallel rank that computes but does not write
+            for ex in result.to_examples():
+                writer.add(ex)
         positions = sum(len(r) for r in result.response_ids)
         stats[:] += (len(result.examples), positions, result.tokens, result.finished)
         bar.update(len(result.examples))

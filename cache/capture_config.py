@@ -77,6 +77,10 @@ class TeacherConfig:
     """auto is cuda:LOCAL_RANK when CUDA is available, else cpu."""
     trust_remote_code: bool = False
     """Allow the model folder's own modelling code (off by default)."""
+    tp: int = field(default=1, metadata=flag(metavar="T"))
+    """Tensor parallel: split the teacher over groups of this many torchrun ranks (transformers'
+    tensor parallelism, the model's own plan); each group captures its share of the prompts.
+    Must divide the number of processes; 1: a whole teacher in each process."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class CaptureConfig:
             p.append(
                 f"--shard-index is {r.shard_index}; expected 0 ≤ index < --num-shards {r.num_shards}"
             )
+        if self.teacher.tp < 1:
+            p.append(f"--tp is {self.teacher.tp}; expected ≥ 1 (1: no tensor parallelism)")
         if self.teacher.dtype not in ("auto", "float32", "bfloat16", "float16"):
             p.append(
                 f"--dtype is {self.teacher.dtype!r}; expected auto, float32, bfloat16, float16"

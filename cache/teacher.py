@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -138,16 +139,28 @@ def load_teacher(
         use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code,
     )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, attn_implementation="sdpa", **kwargs)
-    except ValueError as e:
-        if "sdpa" not in str(e).lower():
-            raise InputError(f"--teacher {cfg.path}: cannot load the model ({e})") from None
-        log.warning("%s does not support SDPA attention; using eager attention", cfg.path)
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.path, attn_implementation="eager", **kwargs
-        )
-    model.to(device).eval()
+    if cfg.tp > 1:  # sharded over this rank's group as it loads (cache/tensor_parallel.py)
+        from .tensor_parallel import sharded_loading
+
+        loading = sharded_loading(cfg.tp, device)
+    else:
+        loading = nullcontext({})
+    with loading as parallel:
+        kwargs.update(parallel)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, attn_implementation="sdpa", **kwargs
+            )
+        except ValueError as e:
+            if "sdpa" not in str(e).lower():
+                raise InputError(f"--teacher {cfg.path}: cannot load the model ({e})") from None
+            log.warning("%s does not support SDPA attention; using eager attention", cfg.path)
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, attn_implementation="eager", **kwargs
+            )
+    if cfg.tp == 1:
+        model.to(device)
+    model.eval()
     head = model.get_output_embeddings()
     vocab = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
     if len(tok) > vocab:

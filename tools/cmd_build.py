@@ -6,6 +6,7 @@ field, its docstring as help. Examples:
     logitcache build --teacher TEACHER_DIR --prompts prompts.jsonl --context fewshot.json \\
         --mode generate --k 64 --out ds/
     torchrun --nproc-per-node 8 -m logitcache.tools.cli build ... --out ds/   # one writer per rank
+    torchrun --nproc-per-node 8 -m logitcache.tools.cli build ... --tp 4   # 2 teachers of 4 GPUs
     logitcache build ... --num-shards 16 --shard-index $TASK_ID --out ds/     # job array, then:
     logitcache finalize ds/
     logitcache build --config ds/capture_config.json        # the saved settings, run again

@@ -45,7 +45,7 @@ def test_build_flags_keep_their_spellings() -> None:
         "--targets", "--k", "--n", "--sampling", "--codec", "--temperature", "--max-new-tokens",
         "--gen-temperature", "--top-p", "--seed", "--eos-token-ids", "--out", "--max-batch-tokens",
         "--shard-positions", "--num-shards", "--shard-index", "--no-progress", "--config",
-        "--license",
+        "--license", "--tp",
     ])  # fmt: skip
     assert [f for f, a in flags.items() if a.required] == ["--prompts", "--teacher", "--out"]
     assert {f: a.nargs for f, a in flags.items() if a.nargs} == {
@@ -69,7 +69,7 @@ def test_build_flags_keep_their_spellings() -> None:
         "--max-new-tokens": int, "--gen-temperature": float, "--top-p": float, "--seed": int,
         "--eos-token-ids": int, "--out": str, "--max-batch-tokens": int,
         "--shard-positions": int, "--num-shards": int, "--shard-index": int, "--prompts": str,
-        "--license": str,
+        "--license": str, "--tp": int,
     }  # fmt: skip
     args = parse([*REQUIRED, "--no-progress", "--trust-remote-code", "--eos-token-ids", "2", "3"])
     assert (args.progress, args.trust_remote_code, args.eos_token_ids) == (False, True, [2, 3])
@@ -168,6 +168,7 @@ def test_configs_saved_before_load_unchanged(path: Path) -> None:
     again = json.loads(cfg.dumps())
     stored["generate"].setdefault("eos_token_ids", None)  # configs older than the flag
     stored["run"].setdefault("license", None)  # configs older than the flag
+    stored["teacher"].setdefault("tp", 1)  # configs older than the flag
     assert again == stored
     assert config_from_args(parse(["--config", str(path)])) == cfg
 

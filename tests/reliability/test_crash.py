@@ -67,9 +67,14 @@ def test_one_killed_torchrun_rank_then_rerun_holds_every_example_once(
     reference = tmp_path / "reference"
     run_to_end(build_command(tiny_teacher_dir, prompts, reference))  # one process
     out = tmp_path / "two-ranks"
-    cmd = torchrun_build_command(tiny_teacher_dir, prompts, out)
     # Rank 1 dies after rank 0 and it together committed some shards; torchrun stops rank 0.
-    killed, code = run_rank_killed(cmd, 1, after_shards(out, 6, 0.0))
+    kill_rank_then_rerun(torchrun_build_command(tiny_teacher_dir, prompts, out), 1, out, reference)
+
+
+def kill_rank_then_rerun(cmd: list[str], rank: int, out: Path, reference: Path) -> None:
+    """Kill ``rank`` of the torchrun ``cmd`` once 6 shard files exist, then run ``cmd`` again:
+    the dataset must hold the 300 examples of ``reference``, each once, with its targets."""
+    killed, code = run_rank_killed(cmd, rank, after_shards(out, 6, 0.0))
     assert killed and code != 0
     assert not (out / "manifest.json").exists()  # nobody finalized the broken run
     run_to_end(cmd)  # the same command again
@@ -77,6 +82,18 @@ def test_one_killed_torchrun_rank_then_rerun_holds_every_example_once(
     assert c["examples"] == 300 and c["duplicates"] == 0 and c["missing"] == [], c
     assert c["mismatched"] == [] and c["max_logprob_diff"] <= 1e-4, c
     assert c["verify_ok"] and c["warnings"] == [] and c["leftover_tmp"] == [], c
+
+
+def test_one_killed_rank_of_a_tp_group_then_rerun_holds_every_example_once(
+    tmp_path: Path, tiny_teacher_dir
+) -> None:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 300)
+    reference = tmp_path / "reference"
+    run_to_end(build_command(tiny_teacher_dir, prompts, reference))  # one process, whole teacher
+    for rank in (1, 0):  # the rank that only computes, then the one that writes
+        out = tmp_path / f"tp-rank{rank}-killed"
+        cmd = [*torchrun_build_command(tiny_teacher_dir, prompts, out), "--tp", "2"]
+        kill_rank_then_rerun(cmd, rank, out, reference)
 
 
 def test_killed_training_resumes_to_the_same_losses(

@@ -91,6 +91,42 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_capture-"))
+    try:
+        folder, name = _teacher_dir(tmp, args.tiny)
+        measure(
+            folder,
+            name,
+            prompts=args.prompts,
+            k=args.k,
+            codec=args.codec,
+            max_batch_tokens=args.max_batch_tokens,
+            repeats=args.repeats,
+            full_pass=args.full_pass,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def measure(
+    folder: str,
+    name: str,
+    *,
+    prompts: int = 24,
+    k: int = 64,
+    codec: str = "u8",
+    max_batch_tokens: int = 2048,
+    repeats: int = 3,
+    full_pass: bool = False,
+    device: str = "cpu",
+    dtype: str = "auto",
+) -> dict[str, float]:
+    """Run the three variants on the teacher in ``folder`` and print the table; returns the
+    figures: tokens/s of each variant (best-of) and the capture ÷ bare ratios (best-of and
+    paired medians). ``device``/``dtype`` as ``--device``/``--dtype`` (auto: bf16 on CUDA)."""
+    import torch
+
     from logitcache.cache.capture import run_batches
     from logitcache.cache.capture_config import (
         DEFAULT_TARGETS,
@@ -111,29 +147,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..demo.behaviour import DEMO_CONTEXT
 
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     tmp = Path(tempfile.mkdtemp(prefix="bench_capture-"))
     try:
-        folder, name = _teacher_dir(tmp, args.tiny)
         ctx_file = str(DEMO_CONTEXT)
         cfg = CaptureConfig(
             input=InputConfig(prompts=("bench",), context=ctx_file),
-            teacher=TeacherConfig(path=folder),
-            run=RunConfig(
-                out=str(tmp / "ds"), max_batch_tokens=args.max_batch_tokens, progress=False
-            ),
-            targets=TargetConfig(spec=replace(DEFAULT_TARGETS, k=args.k, codec=args.codec)),
+            teacher=TeacherConfig(path=folder, dtype=dtype, device=device),  # type: ignore[arg-type]
+            run=RunConfig(out=str(tmp / "ds"), max_batch_tokens=max_batch_tokens, progress=False),
+            targets=TargetConfig(spec=replace(DEFAULT_TARGETS, k=k, codec=codec)),
         )
-        teacher = load_teacher(cfg.teacher, torch.device("cpu"))
+        teacher = load_teacher(cfg.teacher, dev)
         renderer = ViewRenderer(teacher.tokenizer, "chat", Context.load(ctx_file), folder)
         recs = [
             parse_record(r, ("bench", i + 1, None), r["id"], require_response=True)
-            for i, r in enumerate(_records(args.prompts))
+            for i, r in enumerate(_records(prompts))
         ]
         examples, bad = renderer.render_all(recs)
         assert not bad, bad
         info = dataset_info(cfg, teacher, renderer, None)
         lengths = np.array([len(e.teacher_ids) + len(e.response_ids) for e in examples])
-        batches = plan_batches(lengths, args.max_batch_tokens)
+        batches = plan_batches(lengths, max_batch_tokens)
         ordered = [examples[i] for b in batches for i in b]
         tokens = int(lengths.sum())
         positions = sum(len(e.response_ids) for e in examples)
@@ -153,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                 for b, e in enumerate(exs):
                     t = len(e.teacher_ids)
                     keep[b, t - 1 : t - 1 + len(e.response_ids)] = True
-                return ids, mask, keep
-            return ids, mask, T - min(len(e.teacher_ids) for e in exs) + 1
+                return ids.to(dev), mask.to(dev), keep.to(dev)
+            return ids.to(dev), mask.to(dev), T - min(len(e.teacher_ids) for e in exs) + 1
 
         inputs = [padded(b) for b in batches]
 
@@ -172,11 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             encode_shard(info, rows, 1024)
 
         def timed(fn: Any, *a: Any) -> tuple[float, float]:
+            if cuda:  # kernels run asynchronously: time from an idle device to an idle device
+                torch.cuda.synchronize(dev)
             w, c = time.perf_counter(), time.process_time()
             fn(*a)
+            if cuda:
+                torch.cuda.synchronize(dev)
             return time.perf_counter() - w, time.process_time() - c
 
-        def full_pass() -> float:
+        def run_full_pass() -> float:
             out = tmp / "ds"
             t0 = time.perf_counter()
             writer = DatasetWriter(out, info, writer_id="r00000", background=True)
@@ -193,14 +232,19 @@ def main(argv: list[str] | None = None) -> int:
             "window": "from the shortest prompt on",
             "none": "all positions",
         }[teacher.keep]
+        where = (
+            torch.cuda.get_device_name(dev)
+            if cuda
+            else f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        )
         print(
-            f"teacher: {name}; torch threads: {torch.get_num_threads()}; "
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+            f"teacher: {name}, {info.capture['dtype']}; torch threads: {torch.get_num_threads()}; "
+            f"{where}"
         )
         print(
             f"workload: {len(examples)} examples, {len(batches)} batches "
-            f"(≤ {args.max_batch_tokens} padded tokens), {tokens:,} tokens, "
-            f"{positions:,} target positions (top-{args.k} {args.codec}); LM head kept: {kept}"
+            f"(≤ {max_batch_tokens} padded tokens), {tokens:,} tokens, "
+            f"{positions:,} target positions (top-{k} {codec}); LM head kept: {kept}"
         )
         variants = {
             "bare": lambda b: bare(b, False),
@@ -208,40 +252,48 @@ def main(argv: list[str] | None = None) -> int:
             "capture": capture_step,
         }
         variants["bare-keep"](0)  # warm-up
-        wall = {k: np.full((args.repeats, len(batches)), np.inf) for k in variants}
-        cpu = {k: np.full((args.repeats, len(batches)), np.inf) for k in variants}
-        for rep in range(args.repeats):
+        wall = {v: np.full((repeats, len(batches)), np.inf) for v in variants}
+        cpu = {v: np.full((repeats, len(batches)), np.inf) for v in variants}
+        for rep in range(repeats):
             for b in range(len(batches)):  # interleaved per batch: load drifts hit all alike
-                for k, fn in variants.items():
-                    wall[k][rep, b], cpu[k][rep, b] = timed(fn, b)
+                for v, fn in variants.items():
+                    wall[v][rep, b], cpu[v][rep, b] = timed(fn, b)
             print(
                 f"  repeat {rep + 1}: "
-                + ", ".join(f"{k} {wall[k][rep].sum():.1f} s" for k in variants)
+                + ", ".join(f"{v} {wall[v][rep].sum():.1f} s" for v in variants)
             )
-        best = {k: v.min(0).sum() for k, v in wall.items()}  # each batch's least disturbed run
-        best_cpu = {k: v.min(0).sum() for k, v in cpu.items()}
-        for k in variants:
+        best = {v: t.min(0).sum() for v, t in wall.items()}  # each batch's least disturbed run
+        best_cpu = {v: t.min(0).sum() for v, t in cpu.items()}
+        figures: dict[str, float] = {}
+        for v in variants:
+            figures[f"{v} tokens/s"] = tokens / best[v]
             print(
-                f"{k:>10}: {tokens / best[k]:8.1f} tokens/s  (wall {best[k]:.2f} s, "
-                f"CPU {best_cpu[k]:.2f} s; sum over batches of the best of {args.repeats})"
+                f"{v:>10}: {tokens / best[v]:8.1f} tokens/s  (wall {best[v]:.2f} s, "
+                f"CPU {best_cpu[v]:.2f} s; sum over batches of the best of {repeats})"
             )
 
-        def paired(base: str, times: dict[str, np.ndarray]) -> str:
+        def paired(base: str, times: dict[str, np.ndarray]) -> tuple[str, float]:
             # One ratio per repeat, from runs made back to back: slow load drift cancels.
             r = times[base].sum(1) / times["capture"].sum(1)
-            return f"median {np.median(r):.3f} (range {r.min():.3f}-{r.max():.3f})"
+            return f"median {np.median(r):.3f} (range {r.min():.3f}-{r.max():.3f})", float(
+                np.median(r)
+            )
 
         for base, label in (("bare", "full logits"), ("bare-keep", "same kept logits")):
+            shown, median = paired(base, wall)
+            figures[f"capture ÷ {base} (best-of)"] = best[base] / best["capture"]
+            figures[f"capture ÷ {base} (paired median)"] = median
             print(
                 f"capture ÷ bare forward ({label}): best-of {best[base] / best['capture']:.3f}; "
-                f"paired wall {paired(base, wall)}; paired CPU {paired(base, cpu)}"
+                f"paired wall {shown}; paired CPU {paired(base, cpu)[0]}"
             )
-        if args.full_pass:
-            seconds = full_pass()
+        if full_pass:
+            seconds = run_full_pass()
+            figures["capture loop tokens/s"] = tokens / seconds
             print(f"end-to-end capture loop (background writer): {tokens / seconds:.1f} tokens/s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return 0
+    return figures
 
 
 if __name__ == "__main__":

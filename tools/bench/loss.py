@@ -150,7 +150,7 @@ def _run_variant(args: argparse.Namespace, variant: str, vocab: int, chunk_size:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m logitcache.tools.bench.loss", description=__doc__.splitlines()[0]
     )
@@ -171,7 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", choices=["dense", "chunked"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.worker:
         args.vocab, args.chunk_size = args.vocab[0], args.chunk_size[0]
         _worker(args)
@@ -182,8 +186,15 @@ def main(argv: list[str] | None = None) -> None:
         f"H={args.hidden} K={args.topk} divergence={args.divergence} "
         f"(distill loss + backward to hidden and lm_head; fastest of {args.repeats} run(s))"
     )
+    compare(args)
+
+
+def compare(args: argparse.Namespace) -> list[dict]:
+    """Dense and each chunked variant at each vocabulary size, each in its own process; prints
+    the table and the ratios and returns one dict per chunked variant: V, name, peak MiB of it
+    and of dense, their ratio, time ratio and |loss - dense loss|."""
     header = f"{'V':>8} {'variant':>18} {'peak MiB':>10} {'seconds':>8} {'loss':>12}"
-    rows, ratios = [header], []
+    rows, ratios, out = [header], [], []
     for vocab in args.vocab:
         dense = _run_variant(args, "dense", vocab, 0)
         results = {"dense": dense}
@@ -198,6 +209,18 @@ def main(argv: list[str] | None = None) -> None:
             )
             if name != "dense":
                 share = r["peak_bytes"] / dense["peak_bytes"]
+                out.append(
+                    {
+                        "vocab": vocab,
+                        "variant": name,
+                        "peak_mib": r["peak_bytes"] / _MIB,
+                        "dense_peak_mib": dense["peak_bytes"] / _MIB,
+                        "peak_share": share,
+                        "time_ratio": r["seconds"] / dense["seconds"],
+                        "loss_diff": abs(r["loss"] - dense["loss"]),
+                        "trusted": bool(r["trusted"] and dense["trusted"]),
+                    }
+                )
                 ratios.append(
                     f"V={vocab} {name}: peak memory {share:.3f} of dense "
                     f"(goal <= 0.25: {'met' if share <= 0.25 else 'not met'}), "
@@ -206,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     print("\n".join(rows))
     print("\n".join(ratios))
+    return out
 
 
 if __name__ == "__main__":

@@ -76,14 +76,20 @@ def _synthetic_examples(
     return out
 
 
-def _median_times(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, float]:
+def median_times(
+    fns: dict[str, Callable[[], None]], reps: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
+    """Median seconds of each function, taking turns; ``sync`` waits for the device (CUDA
+    runs kernels asynchronously)."""
     for fn in fns.values():  # warm up (allocator, thread pools)
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -106,8 +112,13 @@ def bench_steps(args: argparse.Namespace) -> dict[str, float]:
     plan = plan_loss(cfg.loss, info.targets)
     exs = _synthetic_examples(args.vocab, args.k, args.batch, args.prompt, args.response, 0, n)
     batch = collate(exs, info, max_seq_len=args.prompt + args.response, tail_draws=plan.tail_draws)
-    student = _llama(args.vocab, args.hidden, args.layers, seed=1)
-    teacher = _llama(args.vocab, args.teacher_hidden, args.teacher_layers, seed=2).eval()
+    device = torch.device(getattr(args, "device", "cpu"))
+    batch = batch.to(device)
+    student = _llama(args.vocab, args.hidden, args.layers, seed=1).to(device)
+    teacher = _llama(args.vocab, args.teacher_hidden, args.teacher_layers, seed=2).to(device)
+    teacher.eval()
+    # As the trainer does (train.precision auto): bf16 autocast on CUDA, fp32 on CPU.
+    bf16 = device.type == "cuda"
     n_s = sum(p.numel() for p in student.parameters())
     n_t = sum(p.numel() for p in teacher.parameters())
     kd_mod = DistillStudent(student, plan)
@@ -116,37 +127,36 @@ def bench_steps(args: argparse.Namespace) -> dict[str, float]:
     labels = torch.full_like(batch.input_ids, -100)
     labels.view(-1)[batch.positions + 1] = batch.labels
 
-    def step(loss: torch.Tensor) -> None:
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        """One training step: ``forward``'s loss (under autocast), backward, AdamW."""
 
-    def kd_offline() -> None:
-        step(
-            kd_mod(
-                batch.input_ids,
-                batch.attention_mask,
-                batch.positions,
-                batch.labels,
-                batch.targets,
-            )[0]
-        )
+        def run() -> None:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = forward()
+            loss.backward()  # outside autocast, as in the trainer
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    def kd_dense() -> None:
+        return run
+
+    def kd_offline() -> torch.Tensor:
+        return kd_mod(
+            batch.input_ids, batch.attention_mask, batch.positions, batch.labels, batch.targets
+        )[0]
+
+    def kd_dense() -> torch.Tensor:
         # Diagnostic: the same loss on (N, V) logits at once, no chunking or recompute.
         hidden = kd_mod.hidden(batch.input_ids, batch.attention_mask, batch.positions)
         logits = torch.nn.functional.linear(hidden, student.lm_head.weight)  # (N, V)
         mask = torch.ones_like(batch.labels, dtype=torch.bool)
-        step(distill_loss(logits, batch.targets, batch.labels, mask, alpha=1.0).total)
+        return distill_loss(logits, batch.targets, batch.labels, mask, alpha=1.0).total
 
-    def ce_hf() -> None:
-        step(
-            student(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
-            ).loss
-        )
+    def ce_hf() -> torch.Tensor:
+        return student(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels
+        ).loss
 
-    def kd_online() -> None:
+    def kd_online() -> torch.Tensor:
         with torch.no_grad():
             h = teacher.model(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask
@@ -162,24 +172,23 @@ def bench_steps(args: argparse.Namespace) -> dict[str, float]:
             hidden, student.lm_head.weight, t, batch.labels, torch.ones_like(batch.labels, dtype=torch.bool),
             alpha=1.0, chunk_size=args.chunk,
         )  # fmt: skip
-        step(out.total)
+        return out.total
 
     print(
         f"student {n_s / 1e6:.1f} M params (hidden {args.hidden}, {args.layers} layers), teacher "
         f"{n_t / 1e6:.1f} M ({n_t / n_s:.1f}×), vocab {args.vocab}, batch {args.batch}×"
         f"{args.prompt}+{args.response} tokens, {batch.num_positions} loss positions, "
         f"{info.targets.label}, "
-        f"torch threads {torch.get_num_threads()}"
+        + (
+            f"{torch.cuda.get_device_name(device)}, bf16 autocast"
+            if device.type == "cuda"
+            else f"torch threads {torch.get_num_threads()}"
+        )
     )
-    t = _median_times(
-        {
-            "CE (HF)": ce_hf,
-            "KD (dense)": kd_dense,
-            "KD (offline)": kd_offline,
-            "KD (online)": kd_online,
-        },
-        args.reps,
-    )
+    variants = {"CE (HF)": ce_hf, "KD (dense)": kd_dense, "KD (offline)": kd_offline}
+    variants["KD (online)"] = kd_online
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    t = median_times({name: step(fn) for name, fn in variants.items()}, args.reps, sync)
     t["positions"] = batch.num_positions
     return t
 
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                    "default: --k 32 --tail-draws 32); 0: top-k with the tail bucket")  # fmt: skip
     p.add_argument("--chunk", type=int, default=0, help="loss.chunk_size (0: auto)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (bf16 autocast, as the trainer)")
     p.add_argument("--loader-examples", type=int, default=2000)
     args = p.parse_args(argv)
     if args.quick:
