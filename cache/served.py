@@ -255,6 +255,7 @@ class ServedTeacher(ExternalTeacher):
                 "return_tokens_as_token_ids": True,
                 "return_token_ids": True,
                 "stop_token_ids": list(self.eos_ids),
+                "ignore_eos": not self.eos_ids,  # no end ids: like the HF engine, never stop
                 "skip_special_tokens": False,
                 "add_special_tokens": False,
             }

@@ -150,6 +150,7 @@ class VLLMTeacher(ExternalTeacher):
                 seed=int(key),
                 logprobs=k,
                 stop_token_ids=list(self.eos_ids),
+                ignore_eos=not self.eos_ids,  # no end ids: like the HF engine, never stop early
             )
             for key in ex_keys
         ]
