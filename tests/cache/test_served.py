@@ -187,3 +187,20 @@ def test_cli_refuses_tail_draws_and_other_temperatures(tmp_path, tiny_teacher_di
     assert "drop --engine" in capsys.readouterr().err
     with pytest.raises(InputError, match="expected http://"):
         capture(served_cfg(prompts, tiny_teacher_dir, tmp_path / "ds", "localhost:8000"))
+
+
+def test_engine_vllm_without_vllm_names_the_extra(tmp_path, tiny_teacher_dir, capsys) -> None:
+    pytest.importorskip("transformers")
+    try:
+        import vllm  # noqa: F401
+
+        pytest.skip("vLLM is installed here")
+    except ModuleNotFoundError:
+        pass
+    prompts = write_jsonl(tmp_path / "p.jsonl", records(2))
+    argv = ["build", "--teacher", str(tiny_teacher_dir), "--prompts", prompts,
+            "--out", str(tmp_path / "ds"), "--engine", "vllm", "--n", "0"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'logitcache[vllm]'" in err and "make test-vllm" in err
+    assert not (tmp_path / "ds").exists() or not committed_ids(tmp_path / "ds")
