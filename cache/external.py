@@ -109,8 +109,9 @@ def check_targets(targets: TargetConfig, engine: str) -> list[str]:
 class ExternalTeacher:
     """A teacher whose logits stay inside another engine: what capture needs to know of it.
 
-    Subclasses implement :meth:`score_batch` and :meth:`generate_batch` with the Hugging Face
-    engine's signatures (cache/engine.py) and return the same :class:`BatchResult`."""
+    Subclasses implement :meth:`prompt_rows` and :meth:`generations`; :meth:`score_batch` and
+    :meth:`generate_batch` have the Hugging Face engine's signatures (cache/engine.py) and
+    return the same :class:`BatchResult`."""
 
     tokenizer: Any
     vocab_size: int
@@ -123,6 +124,8 @@ class ExternalTeacher:
     """The dtype the engine runs the model in, as the manifest records it."""
     engine: dict[str, Any] = field(default_factory=dict)
     """The engine as the manifest records it: name, version, parallelism."""
+    where: str = "the engine"
+    """How errors name the engine (its flag)."""
 
     def describe(self) -> dict[str, Any]:
         """The manifest's ``capture`` entries that differ from the Hugging Face engine's."""
@@ -132,10 +135,42 @@ class ExternalTeacher:
             "dtype": self.dtype,
         }
 
+    # What an engine implements: token ids in, {id: log-prob} rows out.
+
+    def prompt_rows(self, prompts: list[list[int]], k: int) -> list[Sequence[TopRow]]:
+        """Per prompt, the top-k rows of every prompt position p ≥ 1 at index p (the
+        distribution of token p given the ones before it); index 0 may hold anything."""
+        raise NotImplementedError
+
+    def generations(
+        self, prompts: list[list[int]], k: int, gen: GenerateConfig, ex_keys: np.ndarray
+    ) -> list[tuple[list[int], Sequence[TopRow]]]:
+        """Per prompt, the generated ids and the top-k row of each generation step; the
+        sampler seeded per request by ``ex_keys``."""
+        raise NotImplementedError
+
+    # The capture's side: the HF engine's signatures and results (cache/engine.py).
+
     def score_batch(
         self, examples: list[Rendered], targets: TargetConfig, ex_keys: np.ndarray
     ) -> BatchResult:
-        raise NotImplementedError
+        """Teacher-force each response after its full view: response position j is prompt row
+        len(teacher view) + j."""
+        k = targets.spec.k
+        prompts = [
+            [int(i) for i in np.concatenate([e.teacher_ids, e.response_ids])]  # type: ignore[list-item]
+            for e in examples
+        ]
+        per_example = []
+        for e, rows in zip(examples, self.prompt_rows(prompts, k), strict=True):
+            t, n = len(e.teacher_ids), len(e.response_ids)  # type: ignore[arg-type]
+            if len(rows) < t + n:
+                raise RuntimeError(
+                    f"{self.where}: example {e.id}: log-probs for {len(rows)} prompt positions "
+                    f"of {t + n}"
+                )
+            per_example.append(topk_rows(rows[t : t + n], k, self.where))
+        return result(examples, [e.response_ids for e in examples], per_example)  # type: ignore[misc]
 
     def generate_batch(
         self,
@@ -144,7 +179,20 @@ class ExternalTeacher:
         gen: GenerateConfig,
         ex_keys: np.ndarray,
     ) -> BatchResult:
-        raise NotImplementedError
+        """The teacher writes each response; a response ends after its first end id (kept)."""
+        k = targets.spec.k
+        prompts = [[int(i) for i in e.teacher_ids] for e in examples]
+        responses, per_example, finished = [], [], 0
+        for ids, rows in self.generations(prompts, k, gen, ex_keys):
+            if len(rows) < len(ids):
+                raise RuntimeError(
+                    f"{self.where}: {len(ids)} tokens generated but log-probs for {len(rows)}"
+                )
+            n, ended = response_length(ids, self.eos_ids)
+            finished += ended
+            responses.append(np.asarray(ids[:n], dtype=np.int64))
+            per_example.append(topk_rows(rows[:n], k, self.where))
+        return result(examples, responses, per_example, finished)
 
     def close(self) -> None:
         """Release the engine (processes, connections)."""

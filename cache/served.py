@@ -30,24 +30,15 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .capture_config import CaptureConfig, GenerateConfig, TargetConfig
-from .engine import BatchResult
+from .capture_config import CaptureConfig, GenerateConfig
 from .errors import IncompatibleError, InputError, LogitCacheError
-from .external import (
-    ExternalTeacher,
-    TopRow,
-    folder_vocab_context,
-    pad_id,
-    response_length,
-    result,
-    topk_rows,
-)
+from .external import ExternalTeacher, TopRow, folder_vocab_context, pad_id
 from .teacher import teacher_identity
-from .views import Rendered
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +104,7 @@ class ServedTeacher(ExternalTeacher):
             eos_ids=eos_ids,
             context_size=int(server_len) if server_len else context,
             dtype="served",
+            where=f"--teacher-url {self.url}",
             engine={"name": "served", "api": "openai /v1/completions", "model": self.model},
         )
         self.fingerprint = check_tokenizer(self, tokenizer)
@@ -204,49 +196,36 @@ class ServedTeacher(ExternalTeacher):
 
     # ------------------------------------------------------------------ capture
 
-    def score_batch(
-        self, examples: list[Rendered], targets: TargetConfig, ex_keys: np.ndarray
-    ) -> BatchResult:
-        k = targets.spec.k
+    def prompt_rows(self, prompts: list[list[int]], k: int) -> list[Sequence[TopRow]]:
         bodies = [
             {
                 "model": self.model,
-                "prompt": [int(i) for i in np.concatenate([e.teacher_ids, e.response_ids])],  # type: ignore[list-item]
+                "prompt": p,
                 "max_tokens": 1,
                 "temperature": 0.0,
                 "prompt_logprobs": k,
                 "add_special_tokens": False,
             }
-            for e in examples
+            for p in prompts
         ]
-        answers = self.post_many(bodies)
-        per_example = []
-        for e, a in zip(examples, answers, strict=True):
-            choice = _choice(a, self.url)
-            rows = choice.get("prompt_logprobs")
-            t = len(e.teacher_ids)
-            n = len(e.response_ids)  # type: ignore[arg-type]
-            if not isinstance(rows, list) or len(rows) < t + n:
+        out = []
+        for p, a in zip(prompts, self.post_many(bodies), strict=True):
+            rows = _choice(a, self.url).get("prompt_logprobs")
+            if not isinstance(rows, list) or len(rows) < len(p):
                 raise ServerError(
-                    f"--teacher-url {self.url}: example {e.id}: the answer holds no prompt_logprobs "
-                    f"for its {t + n} prompt ids; the server must support prompt_logprobs (vLLM)"
+                    f"--teacher-url {self.url}: an answer without prompt_logprobs for its "
+                    f"{len(p)} prompt ids; the server must support prompt_logprobs (vLLM)"
                 )
-            parsed = [_id_row(r, self.url) for r in rows[t : t + n]]
-            per_example.append(topk_rows(parsed, k, f"--teacher-url {self.url}"))
-        return result(examples, [e.response_ids for e in examples], per_example)  # type: ignore[misc]
+            out.append([_id_row(r, self.url) if r else {} for r in rows])
+        return out
 
-    def generate_batch(
-        self,
-        examples: list[Rendered],
-        targets: TargetConfig,
-        gen: GenerateConfig,
-        ex_keys: np.ndarray,
-    ) -> BatchResult:
-        k = targets.spec.k
+    def generations(
+        self, prompts: list[list[int]], k: int, gen: GenerateConfig, ex_keys: np.ndarray
+    ) -> list[tuple[list[int], Sequence[TopRow]]]:
         bodies = [
             {
                 "model": self.model,
-                "prompt": [int(i) for i in e.teacher_ids],
+                "prompt": p,
                 "max_tokens": gen.max_new_tokens,
                 "temperature": gen.temperature,
                 "top_p": gen.top_p,
@@ -259,28 +238,19 @@ class ServedTeacher(ExternalTeacher):
                 "skip_special_tokens": False,
                 "add_special_tokens": False,
             }
-            for e, key in zip(examples, ex_keys, strict=True)
+            for p, key in zip(prompts, ex_keys, strict=True)
         ]
-        answers = self.post_many(bodies)
-        responses, per_example, finished = [], [], 0
-        for e, a in zip(examples, answers, strict=True):
+        out = []
+        for a in self.post_many(bodies):
             choice = _choice(a, self.url)
             lp = choice.get("logprobs") or {}
-            tops = lp.get("top_logprobs")
             ids = choice.get("token_ids")
             if ids is None:  # servers without return_token_ids: the ids of the token strings
                 ids = [_token_id(s, self.url) for s in lp.get("tokens") or []]
-            if not isinstance(tops, list) or len(tops) < len(ids):
-                raise ServerError(
-                    f"--teacher-url {self.url}: example {e.id}: {len(ids)} tokens generated but "
-                    "logprobs for fewer; the server must return logprobs per token"
-                )
-            n, ended = response_length(ids, self.eos_ids)
-            finished += ended
-            responses.append(np.asarray(ids[:n], dtype=np.int64))
-            rows = [{_token_id(s, self.url): float(v) for s, v in t.items()} for t in tops[:n]]
-            per_example.append(topk_rows(rows, k, f"--teacher-url {self.url}"))
-        return result(examples, responses, per_example, finished)
+            tops = lp.get("top_logprobs") or []
+            rows = [{_token_id(s, self.url): float(v) for s, v in t.items()} for t in tops]
+            out.append(([int(i) for i in ids], rows))
+        return out
 
 
 def _hint(text: str) -> str:

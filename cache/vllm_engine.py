@@ -22,23 +22,15 @@ tail draws: :mod:`logitcache.cache.external` says what exactly, and the manifest
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .capture_config import CaptureConfig, GenerateConfig, TargetConfig
-from .engine import BatchResult
+from .capture_config import CaptureConfig, GenerateConfig
 from .errors import InputError
-from .external import (
-    ExternalTeacher,
-    folder_vocab_context,
-    pad_id,
-    response_length,
-    result,
-    topk_rows,
-)
+from .external import ExternalTeacher, TopRow, folder_vocab_context, pad_id
 from .teacher import teacher_identity
-from .views import Rendered
 
 log = logging.getLogger(__name__)
 _WHERE = "--engine vllm"
@@ -96,6 +88,7 @@ class VLLMTeacher(ExternalTeacher):
             eos_ids=eos_ids,
             context_size=context,
             dtype=dtype,
+            where=_WHERE,
             engine={
                 "name": "vllm",
                 "version": vllm.__version__,
@@ -115,33 +108,17 @@ class VLLMTeacher(ExternalTeacher):
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
 
-    def score_batch(
-        self, examples: list[Rendered], targets: TargetConfig, ex_keys: np.ndarray
-    ) -> BatchResult:
-        k = targets.spec.k
+    def prompt_rows(self, prompts: list[list[int]], k: int) -> list[Sequence[TopRow]]:
         params = self._params(max_tokens=1, temperature=0.0, prompt_logprobs=k)
-        prompts = [
-            [int(i) for i in np.concatenate([e.teacher_ids, e.response_ids])]  # type: ignore[list-item]
-            for e in examples
+        outs = self._run(prompts, [params] * len(prompts))
+        return [
+            [{i: lp.logprob for i, lp in r.items()} if r else {} for r in out.prompt_logprobs]
+            for out in outs
         ]
-        outs = self._run(prompts, [params] * len(examples))
-        per_example = []
-        for e, out in zip(examples, outs, strict=True):
-            t, n = len(e.teacher_ids), len(e.response_ids)  # type: ignore[arg-type]
-            rows = out.prompt_logprobs[t : t + n]
-            per_example.append(
-                topk_rows([{i: lp.logprob for i, lp in r.items()} for r in rows], k, _WHERE)
-            )
-        return result(examples, [e.response_ids for e in examples], per_example)  # type: ignore[misc]
 
-    def generate_batch(
-        self,
-        examples: list[Rendered],
-        targets: TargetConfig,
-        gen: GenerateConfig,
-        ex_keys: np.ndarray,
-    ) -> BatchResult:
-        k = targets.spec.k
+    def generations(
+        self, prompts: list[list[int]], k: int, gen: GenerateConfig, ex_keys: np.ndarray
+    ) -> list[tuple[list[int], Sequence[TopRow]]]:
         params = [
             self._params(
                 max_tokens=gen.max_new_tokens,
@@ -154,16 +131,11 @@ class VLLMTeacher(ExternalTeacher):
             )
             for key in ex_keys
         ]
-        outs = self._run([[int(i) for i in e.teacher_ids] for e in examples], params)
-        responses, per_example, finished = [], [], 0
-        for out in outs:
-            o = out.outputs[0]
-            n, ended = response_length(list(o.token_ids), self.eos_ids)
-            finished += ended
-            responses.append(np.asarray(o.token_ids[:n], dtype=np.int64))
-            rows = [{i: lp.logprob for i, lp in r.items()} for r in o.logprobs[:n]]
-            per_example.append(topk_rows(rows, k, _WHERE))
-        return result(examples, responses, per_example, finished)
+        out = []
+        for o in (r.outputs[0] for r in self._run(prompts, params)):
+            rows = [{i: lp.logprob for i, lp in r.items()} for r in o.logprobs]
+            out.append((list(o.token_ids), rows))
+        return out
 
     def close(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)
