@@ -168,7 +168,7 @@ class Server:
         cmd = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
             "--host", "127.0.0.1", "--port", str(self.port), "--max-logprobs", "64",
-            "--gpu-memory-utilization", MEMORY, "--max-model-len", "2048",
+            "--gpu-memory-utilization", MEMORY, "--max-model-len", "2048", "--dtype", "float32",
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True

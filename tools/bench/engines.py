@@ -17,8 +17,8 @@ The same rendered prompts (the demo's prompts in the chat template, no context) 
 
 Every response runs to ``--new`` tokens (no end-of-sequence stop), so every variant generates
 the same count. Figures: generated tokens/s and captured positions/s (here equal: one position
-per generated token) and capture ÷ bare per engine; the variants alternate, ``--repeats`` times,
-best of each kept. The engines differ in batching (HF: static batches; vLLM: continuous), so
+per generated token) and capture ÷ bare per engine; after one untimed warm-up run of each, the
+variants alternate, ``--repeats`` times, best of each kept. The engines differ in batching (HF: static batches; vLLM: continuous), so
 compare engines by their own bare rows, and the ratios within an engine.
 """
 
@@ -52,7 +52,7 @@ def _rendered(teacher: str, n: int, tmp: Path) -> tuple[Any, list[Any]]:
     path = tmp / "p.jsonl"
     path.write_text(
         "".join(
-            json.dumps({"id": f"q{i}", "prompt": prompts[i % len(prompts)]}) + "\n"
+            json.dumps({"id": f"q{i}", "prompt": prompts[i % len(prompts)]["prompt"]}) + "\n"
             for i in range(n)
         )
     )
@@ -92,6 +92,8 @@ def _alternate(
 ) -> tuple[dict[str, list[float]], dict[str, int]]:
     times: dict[str, list[float]] = {v: [] for v in variants}
     counts: dict[str, int] = {}
+    for fn in variants.values():  # warm-up: lazy initialisation, compiled graphs, caches
+        fn()
     for _ in range(repeats):
         for name, fn in variants.items():
             t0 = time.perf_counter()
@@ -211,7 +213,7 @@ def bench_served(
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", teacher,
         "--host", "127.0.0.1", "--port", str(port), "--max-logprobs", "64",
-        "--gpu-memory-utilization", str(MEMORY), "--max-model-len", "2048",
+        "--gpu-memory-utilization", str(MEMORY), "--max-model-len", "2048", "--dtype", "float32",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
