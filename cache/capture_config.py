@@ -34,6 +34,7 @@ Render = Literal["chat", "plain"]
 Truncation = Literal["error", "left", "drop"]
 OnError = Literal["raise", "skip"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Engine = Literal["hf", "vllm"]
 CONFIG_NAME = "capture_config.json"
 
 DEFAULT_TARGETS = TargetSpec("topk", k=32, n=32, codec="u8", sampling="systematic")
@@ -77,10 +78,29 @@ class TeacherConfig:
     """auto is cuda:LOCAL_RANK when CUDA is available, else cpu."""
     trust_remote_code: bool = False
     """Allow the model folder's own modelling code (off by default)."""
+    engine: Engine = "hf"
+    """hf: Hugging Face transformers in this process (every target kind); vllm: vLLM in this
+    process (continuous batching, its own tensor parallelism with --tp, prefix caching; top-k
+    targets without tail draws: --n 0). See docs/CAPTURE.md for which engine fits which teacher."""
     tp: int = field(default=1, metadata=flag(metavar="T"))
-    """Tensor parallel: split the teacher over groups of this many torchrun ranks (transformers'
-    tensor parallelism, the model's own plan); each group captures its share of the prompts.
-    Must divide the number of processes; 1: a whole teacher in each process."""
+    """Tensor parallel: split the teacher over T devices. --engine hf: groups of T torchrun ranks
+    (transformers' tensor parallelism, the model's own plan), each group capturing its share of
+    the prompts; T must divide the number of processes. --engine vllm: vLLM's
+    tensor_parallel_size (vLLM starts its own workers). 1: a whole teacher per process."""
+    url: str | None = field(default=None, metadata=flag("--teacher-url", metavar="URL"))
+    """A served teacher: base URL of an OpenAI-compatible server that returns log-probs (vLLM,
+    SGLang), e.g. http://host:8000; --teacher is then the local folder of its config.json and
+    tokenizer (no weights). Top-k targets without tail draws (--n 0)."""
+    gpu_memory_utilization: float | None = field(default=None, metadata=flag(metavar="F"))
+    """--engine vllm: fraction of the device's memory vLLM may reserve (its
+    gpu_memory_utilization; on a CPU build, of host memory); default: vLLM's."""
+    max_in_flight: int = 64
+    """--teacher-url: requests in flight at once."""
+    request_timeout: float = field(default=600.0, metadata=flag(metavar="S"))
+    """--teacher-url: seconds one request may take before it is retried."""
+    request_retries: int = 8
+    """--teacher-url: retries of a request (exponential backoff) on connection errors, timeouts,
+    429 and 5xx, before the build stops (rerun to resume)."""
 
 
 @dataclass(frozen=True)
@@ -193,12 +213,41 @@ class CaptureConfig:
             p.append(
                 f"--shard-index is {r.shard_index}; expected 0 ≤ index < --num-shards {r.num_shards}"
             )
-        if self.teacher.tp < 1:
-            p.append(f"--tp is {self.teacher.tp}; expected ≥ 1 (1: no tensor parallelism)")
+        p += self.teacher_problems()
         if self.teacher.dtype not in ("auto", "float32", "bfloat16", "float16"):
             p.append(
                 f"--dtype is {self.teacher.dtype!r}; expected auto, float32, bfloat16, float16"
             )
+        return p
+
+    def teacher_problems(self) -> list[str]:
+        """The engine settings' problems: an external engine stores top-k without draws."""
+        te, p = self.teacher, []
+        if te.engine not in ("hf", "vllm"):
+            p.append(f"--engine is {te.engine!r}; expected hf or vllm")
+        if te.tp < 1:
+            p.append(f"--tp is {te.tp}; expected ≥ 1 (1: no tensor parallelism)")
+        if te.url is not None:
+            if not te.url.startswith(("http://", "https://")):
+                p.append(f"--teacher-url is {te.url!r}; expected http://HOST:PORT or https://…")
+            if te.engine != "hf":
+                p.append(
+                    "--teacher-url and --engine vllm both given: a served teacher runs in its "
+                    "server; drop --engine"
+                )
+        gmu = te.gpu_memory_utilization
+        if gmu is not None and not 0 < gmu <= 1:
+            p.append(f"--gpu-memory-utilization is {gmu}; expected 0 < F ≤ 1")
+        if te.max_in_flight < 1:
+            p.append(f"--max-in-flight is {te.max_in_flight}; expected ≥ 1")
+        if not te.request_timeout > 0:
+            p.append(f"--request-timeout is {te.request_timeout}; expected > 0 seconds")
+        if te.request_retries < 0:
+            p.append(f"--request-retries is {te.request_retries}; expected ≥ 0")
+        if te.url is not None or te.engine == "vllm":
+            from .external import check_targets
+
+            p += check_targets(self.targets, "--teacher-url" if te.url else "--engine vllm")
         return p
 
     def to_json(self) -> dict[str, Any]:

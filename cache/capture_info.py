@@ -13,6 +13,7 @@ from typing import Any
 
 from .capture_config import CONFIG_NAME, CaptureConfig, GenerateConfig
 from .errors import IncompatibleError
+from .external import ExternalTeacher
 from .format import DatasetInfo
 from .manifest import committed_manifests
 from .storage import Location
@@ -21,8 +22,12 @@ from .tokenizer import tokenizer_fingerprint
 from .views import ViewRenderer
 
 
-def describe_generation(gen: GenerateConfig, teacher: Teacher) -> dict[str, Any]:
+def describe_generation(gen: GenerateConfig, teacher: Teacher | ExternalTeacher) -> dict[str, Any]:
     """Generation settings as recorded in the manifest."""
+    if isinstance(teacher, ExternalTeacher):
+        sampler = f"{teacher.engine.get('name')}'s sampler, seeded per request by the example's key"
+    else:
+        sampler = "inverse CDF on counter-based uniforms of (seed, example id, step)"
     return {
         "max_new_tokens": gen.max_new_tokens,
         "strategy": "greedy" if gen.temperature == 0 else "sample",
@@ -30,12 +35,15 @@ def describe_generation(gen: GenerateConfig, teacher: Teacher) -> dict[str, Any]
         "top_p": gen.top_p,
         "seed": gen.seed,
         "eos_token_ids": teacher.eos_ids,
-        "sampler": "inverse CDF on counter-based uniforms of (seed, example id, step)",
+        "sampler": sampler,
     }
 
 
 def dataset_info(
-    cfg: CaptureConfig, teacher: Teacher, renderer: ViewRenderer, max_length: int | None
+    cfg: CaptureConfig,
+    teacher: Teacher | ExternalTeacher,
+    renderer: ViewRenderer,
+    max_length: int | None,
 ) -> DatasetInfo:
     """The dataset's description: identical on every rank and every resumed run."""
     t = cfg.targets
@@ -47,9 +55,13 @@ def dataset_info(
         "max_length": max_length,
         "truncation": cfg.input.truncation,
         "targets_from": "log_softmax(logits / temperature) in fp32, on the teacher's device",
-        "dtype": str(teacher.model.dtype).removeprefix("torch."),
+        "dtype": None,
         "seed": cfg.generate.seed if (t.spec.n or t.mode == "generate") else None,
     }
+    if isinstance(teacher, ExternalTeacher):  # the engine, and what its targets are
+        capture.update(teacher.describe())
+    else:
+        capture["dtype"] = str(teacher.model.dtype).removeprefix("torch.")
     # JSON-normalized so that it compares equal to what journals and shards carry.
     return DatasetInfo(
         vocab_size=teacher.vocab_size,

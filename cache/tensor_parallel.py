@@ -57,9 +57,10 @@ class Groups:
 
 def tp_groups(cfg: TeacherConfig, ranks: Ranks) -> Groups:
     """The groups of ``--tp`` over these ranks; InputError when ``--tp`` does not fit the launch
-    or the teacher (checked before any slow work)."""
+    or the teacher (checked before any slow work). vLLM and a served teacher split the teacher
+    themselves: every rank is then a group of one."""
     tp, world = cfg.tp, ranks.world
-    if tp == 1:
+    if tp == 1 or cfg.engine != "hf" or cfg.url is not None:
         return Groups(1, ranks.rank, world)
     if world == 1:
         if sys.argv[1:2] == ["build"]:  # the command line: the same command, under torchrun

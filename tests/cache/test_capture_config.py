@@ -45,7 +45,9 @@ def test_build_flags_keep_their_spellings() -> None:
         "--targets", "--k", "--n", "--sampling", "--codec", "--temperature", "--max-new-tokens",
         "--gen-temperature", "--top-p", "--seed", "--eos-token-ids", "--out", "--max-batch-tokens",
         "--shard-positions", "--num-shards", "--shard-index", "--no-progress", "--config",
-        "--license", "--tp",
+        "--license",
+        "--engine", "--tp", "--teacher-url", "--gpu-memory-utilization", "--max-in-flight",
+        "--request-timeout", "--request-retries",
     ])  # fmt: skip
     assert [f for f, a in flags.items() if a.required] == ["--prompts", "--teacher", "--out"]
     assert {f: a.nargs for f, a in flags.items() if a.nargs} == {
@@ -61,6 +63,7 @@ def test_build_flags_keep_their_spellings() -> None:
         "--targets": ["topk", "sampled"],
         "--sampling": ["systematic", "multinomial"],
         "--codec": ["f32", "f16", "u8", "u16"],
+        "--engine": ["hf", "vllm"],
     }
     typed = {f: a.type for f, a in flags.items() if a.type is not None}
     assert typed == {
@@ -69,7 +72,8 @@ def test_build_flags_keep_their_spellings() -> None:
         "--max-new-tokens": int, "--gen-temperature": float, "--top-p": float, "--seed": int,
         "--eos-token-ids": int, "--out": str, "--max-batch-tokens": int,
         "--shard-positions": int, "--num-shards": int, "--shard-index": int, "--prompts": str,
-        "--license": str, "--tp": int,
+        "--license": str, "--tp": int, "--teacher-url": str, "--gpu-memory-utilization": float,
+        "--max-in-flight": int, "--request-timeout": float, "--request-retries": int,
     }  # fmt: skip
     args = parse([*REQUIRED, "--no-progress", "--trust-remote-code", "--eos-token-ids", "2", "3"])
     assert (args.progress, args.trust_remote_code, args.eos_token_ids) == (False, True, [2, 3])
@@ -168,7 +172,12 @@ def test_configs_saved_before_load_unchanged(path: Path) -> None:
     again = json.loads(cfg.dumps())
     stored["generate"].setdefault("eos_token_ids", None)  # configs older than the flag
     stored["run"].setdefault("license", None)  # configs older than the flag
-    stored["teacher"].setdefault("tp", 1)  # configs older than the flag
+    engine_flags = {  # configs older than issue 13's engine flags
+        "engine": "hf", "tp": 1, "url": None, "gpu_memory_utilization": None,
+        "max_in_flight": 64, "request_timeout": 600.0, "request_retries": 8,
+    }  # fmt: skip
+    for key, value in engine_flags.items():
+        stored["teacher"].setdefault(key, value)
     assert again == stored
     assert config_from_args(parse(["--config", str(path)])) == cfg
 
