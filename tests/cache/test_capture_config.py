@@ -43,6 +43,7 @@ def test_build_flags_keep_their_spellings() -> None:
         "--prompts", "--context", "--render", "--on-error", "--max-length", "--truncation",
         "--teacher", "--tokenizer", "--dtype", "--device", "--trust-remote-code", "--mode",
         "--targets", "--k", "--n", "--sampling", "--codec", "--temperature", "--max-new-tokens",
+        "--k-mass", "--k-min", "--n-rate",
         "--gen-temperature", "--top-p", "--seed", "--eos-token-ids", "--out", "--max-batch-tokens",
         "--shard-positions", "--num-shards", "--shard-index", "--no-progress", "--config",
         "--license",
@@ -66,6 +67,7 @@ def test_build_flags_keep_their_spellings() -> None:
     assert typed == {
         "--context": str, "--max-length": int, "--teacher": str, "--tokenizer": str,
         "--device": str, "--k": int, "--n": int, "--temperature": float,
+        "--k-mass": float, "--k-min": int, "--n-rate": float,
         "--max-new-tokens": int, "--gen-temperature": float, "--top-p": float, "--seed": int,
         "--eos-token-ids": int, "--out": str, "--max-batch-tokens": int,
         "--shard-positions": int, "--num-shards": int, "--shard-index": int, "--prompts": str,
@@ -79,6 +81,9 @@ def test_build_flags_keep_their_spellings() -> None:
         "n": "--n",
         "codec": "--codec",
         "sampling": "--sampling",
+        "k_mass": "--k-mass",
+        "k_min": "--k-min",
+        "n_rate": "--n-rate",
     }
 
 
@@ -168,6 +173,8 @@ def test_configs_saved_before_load_unchanged(path: Path) -> None:
     again = json.loads(cfg.dumps())
     stored["generate"].setdefault("eos_token_ids", None)  # configs older than the flag
     stored["run"].setdefault("license", None)  # configs older than the flag
+    for key in ("k_mass", "k_min", "n_rate"):  # configs older than adaptive targets
+        stored["targets"].setdefault(key, None)
     assert again == stored
     assert config_from_args(parse(["--config", str(path)])) == cfg
 
