@@ -29,7 +29,7 @@ def mean_rows(rows: list[Row]) -> list[tuple[Row, list[Row]]]:
             values = [getattr(r, key) for r in runs]
             return None if None in values else statistics.fmean(values)
 
-        keys = ("bytes_per_position", "kl", "ce", "top1", "step_s", "unique_ids")
+        keys = ("bytes_per_position", "kl", "ce", "top1", "step_s", "unique_ids", "mean_k")
         out.append((Row(config, **{k: mean(k) for k in keys}), runs))
     return out
 
@@ -64,8 +64,10 @@ def table(rows: list[Row], tolerance: float = 0.01) -> str:
     ]
     for r, runs in mean_rows(rows):
         b = "— (teacher in loop)" if r.bytes_per_position is None else f"{r.bytes_per_position:.1f}"
-        if r.unique_ids is not None:
-            b += f" (u={r.unique_ids:.1f})"
+        notes = [f"k̄={r.mean_k:.1f}"] if r.mean_k is not None else []
+        notes += [f"u={r.unique_ids:.1f}"] if r.unique_ids is not None else []
+        if notes:
+            b += f" ({', '.join(notes)})"
         is_ref = r.variant == ref.variant
         ok = "ref" if is_ref else ("yes" if r.kl <= ref.kl * (1 + tolerance) else "no")
         spread = "—"
