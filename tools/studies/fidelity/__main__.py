@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
                     "draws (RATE 0: N each); e.g. 0.9:32:32:64")  # fmt: skip
     ap.add_argument("--sample-seeds", default="0,1,2",
                     help="seeds of the draws: each configuration with draws trains once per seed")  # fmt: skip
+    ap.add_argument("--online", action=argparse.BooleanOptionalAction, default=True,
+                    help="include the online run (--no-online: merge with one that has it, "
+                    "by --replot)")  # fmt: skip
     ap.add_argument("--hard", action=argparse.BooleanOptionalAction, default=True,
                     help="include the hard-label run")  # fmt: skip
     ap.add_argument("--codecs", default="f32,f16,u16,u8", help="codecs compared at --codec-k")
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         args.hard, args.seed, _pairs(args.tail_draws), tuple(_ints(args.sample_seeds)),
         _adaptive(args.adaptive),
     )  # fmt: skip
+    if not args.online:
+        variants = [v for v in variants if v.kind != "online"]
     print(
         f"teacher {teacher}; student: its layers {args.student_layers}; "
         f"{len(train_tokens)} train + {len(eval_tokens)} held-out KJV sequences of "
@@ -134,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(variants)} runs; workdir {work}"
     )
     rows, initial = run_study(teacher, student, train_tokens, eval_tokens, variants, settings, work)
+    if not any(r.variant.kind == "online" for r in rows):  # no reference here: keep the rows
+        if args.json:
+            save_rows(rows, initial, args.json)
+        print(f"no online run: merge with one that has it (--replot BASE.json {args.json})")
+        return
     print()
     print(table(rows, args.tolerance))
     ref, best = reference(rows), winner(rows, args.tolerance)
