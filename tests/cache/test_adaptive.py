@@ -212,3 +212,35 @@ def test_writer_names_missing_or_out_of_range_counts(tmp_path) -> None:
         bad = TopK(ids, lp, tail, None, np.array([1, 2, 4]))
         with pytest.raises(ValueError, match=r"TopK.counts must lie in \[2, 4\]"):
             w.add(Example("b", np.arange(2), np.arange(3), bad))
+
+
+def test_verify_export_and_stats_read_variable_k(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from logitcache.cache.export import export_dataset
+    from logitcache.cache.stats import collect_stats
+    from logitcache.cache.verify import verify_dataset
+
+    spec = TargetSpec("topk", k=10, n=8, codec="u8", sampling="systematic", k_mass=0.8,
+                      n_rate=20.0)  # fmt: skip
+    from dataclasses import replace
+
+    info = replace(make_info("topk", k=10, n=8, vocab=200, tail_draws=8), targets=spec)
+    examples = adaptive_examples(spec, 12, 200, seed=4)
+    with DatasetWriter(tmp_path / "ds", info) as w:
+        for ex in examples:
+            w.add(ex)
+    report = verify_dataset(tmp_path / "ds")
+    assert report.ok, report.problems
+    export_dataset(tmp_path / "ds", tmp_path / "out")
+    table = pq.read_table(next((tmp_path / "out" / "data").glob("*.parquet")))
+    got = {r["id"]: r for r in table.to_pylist()}
+    for ex in examples:
+        counts = ex.targets.counts  # type: ignore[union-attr]
+        assert [len(ids) for ids in got[ex.id]["topk_ids"]] == counts.tolist()
+    stats = collect_stats(open_dataset(tmp_path / "ds"))
+    stored = [
+        ex.targets.counts + ex.targets.tail_draws.nunique  # type: ignore[union-attr]
+        for ex in open_dataset(tmp_path / "ds").iter_examples()
+    ]
+    assert np.array_equal(stats.unique, np.concatenate(stored))  # k_j + distinct draws
