@@ -52,7 +52,7 @@ def _capture_targets(spec: TargetSpec) -> TargetConfig:
 
     # Without draws the sampling scheme is recorded as None and never used.
     sampling = spec.sampling or "multinomial"
-    return TargetConfig(spec=TargetSpec(spec.kind, k=spec.k, n=spec.n, sampling=sampling))
+    return TargetConfig(spec=replace(spec, codec="u8", sampling=sampling))
 
 
 def build_datasets(
