@@ -99,7 +99,8 @@ def plot(
         if r.variant.seed == ref.variant.seed and r.bytes_per_position is not None
     ]
     same = [r for r, _ in means]
-    topk = [r for r in same if r.variant.kind == "topk"]
+    topk = [r for r in same if r.variant.kind == "topk" and not _adaptive(r.variant)]
+    adaptive = [r for r in same if r.variant.kind == "topk" and _adaptive(r.variant)]
     codec_k = {r.variant.k for r in topk if r.variant.codec != "u8"}
     series: dict[str, tuple[str, list[Row]]] = {
         "top-k + tail draws (u8)": ("*", [r for r in topk if r.variant.n > 0 and r.variant.sampling != "systematic"]),
@@ -110,6 +111,7 @@ def plot(
         "sampled N": ("^", [r for r in same if r.variant.kind == "sampled" and r.variant.sampling != "systematic"]),
         "sampled N, systematic": ("v", [r for r in same if r.variant.kind == "sampled" and r.variant.sampling == "systematic"]),
         "hard labels": ("x", [r for r in same if r.variant.kind == "hard"]),
+        "adaptive: ids by mass, draws by tail mass (u8)": ("X", adaptive),
     }  # fmt: skip
     others = [r for r in rows if r.variant.kind == "online" and r is not ref]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
@@ -127,7 +129,10 @@ def plot(
             for r, x_, y_ in zip(rs, xs, ys, strict=True):
                 v = r.variant
                 codec_tag = "" if v.codec == "u8" else v.codec  # its k is marked already
-                tag = {"topk": f"k={v.k}" + (f"+{v.n}" if v.n else "") if label.endswith("(u8)") else codec_tag,
+                fixed = f"k={v.k}" + (f"+{v.n}" if v.n else "")
+                if _adaptive(v):
+                    fixed = f"k≤{v.k}@{v.k_mass:g}" + (f"+n≤{v.n}" if v.n else "")
+                tag = {"topk": fixed if label.endswith("(u8)") else codec_tag,
                        "sampled": f"N={v.n}", "hard": "hard"}[v.kind]  # fmt: skip
                 if y_ > hi:  # off-scale: say where it is
                     tag, y_ = f"hard labels: {getattr(r, key):.2f} ↑", hi
@@ -160,6 +165,10 @@ def plot(
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def _adaptive(v: Variant) -> bool:
+    return v.k_mass is not None or v.n_rate is not None
 
 
 def save_rows(rows: list[Row], initial: dict[str, float], path: str | Path) -> None:
