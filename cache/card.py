@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 from .capture_config import CONFIG_NAME
-from .format import FORMAT_VERSION
+from .format import format_version_for
 from .manifest import Manifest
 from .storage import Location
 
@@ -107,7 +107,7 @@ def dataset_card(m: Manifest, config: dict[str, Any] | None = None) -> str:
 # Teacher logits of {name}: {t.label}
 
 A logit dataset for distilling a student from `{name}`, written by {m.to_json()["created_by"]}
-(format version {FORMAT_VERSION}). Each row is an example: the student's prompt ids, the response
+(format version {format_version_for(t)}). Each row is an example: the student's prompt ids, the response
 ids, and for each response token the teacher's distribution over it.
 
 | | |

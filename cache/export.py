@@ -96,12 +96,16 @@ def export_batch(b: DecodedBatch, schema: pa.Schema) -> pa.RecordBatch:
         assert b.topk_logprobs is not None and b.tail_logmass is not None
         P, k = b.topk_ids.shape
         per_pos = np.arange(P + 1, dtype=np.int64) * k
+        ids, lps = b.topk_ids.reshape(-1), b.topk_logprobs.reshape(-1)
+        if b.topk_counts is not None:  # adaptive top-k: each position's kept ids only
+            kept = np.arange(k) < b.topk_counts[:, None]
+            ids, lps = b.topk_ids[kept], b.topk_logprobs[kept]
+            per_pos = np.concatenate([[0], np.cumsum(b.topk_counts)])
         cols["topk_ids"] = pa.ListArray.from_arrays(
-            pa.array(r_off.astype(np.int32)), _lists(b.topk_ids.reshape(-1), per_pos, pa.int32())
+            pa.array(r_off.astype(np.int32)), _lists(ids, per_pos, pa.int32())
         )
         cols["topk_logprobs"] = pa.ListArray.from_arrays(
-            pa.array(r_off.astype(np.int32)),
-            _lists(b.topk_logprobs.reshape(-1), per_pos, pa.float32()),
+            pa.array(r_off.astype(np.int32)), _lists(lps, per_pos, pa.float32())
         )
         cols["tail_logmass"] = _lists(b.tail_logmass, r_off, pa.float32())
     if b.sample_offsets is not None:

@@ -96,6 +96,11 @@ def check_targets(targets: TargetConfig, engine: str) -> list[str]:
             "--n 0 (top-k + tail mass; docs/CAPTURE.md gives the fidelity cost), or use "
             "--engine hf for tail draws"
         )
+    if spec.k_mass is not None or spec.n_rate is not None:
+        p.append(
+            f"--k-mass/--n-rate: adaptive targets are computed from the whole distribution, "
+            f"which {engine} does not return; drop them (fixed --k), or use --engine hf"
+        )
     if targets.temperature != 1.0:
         p.append(
             f"--temperature {targets.temperature}: {engine}'s raw log-probs are at temperature 1 "

@@ -20,7 +20,11 @@ from .codecs import CODECS, Codec, id_bytes_for_vocab, storage_dtype
 from .errors import ManifestError
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest version this module writes and reads. A dataset is written as version 1 unless
+its positions hold a variable number of ids or draws (:attr:`TargetSpec.variable`): a reader of
+version 1 would misread those, so they are version 2 (:func:`format_version_for`)."""
+READ_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "_parts"
 SHARD_SUFFIX = ".arrow"
@@ -59,6 +63,17 @@ class TargetSpec:
     """How the n draws are made: systematic (one uniform per position, n evenly spaced points on
     the CDF: counts within 1 of n·p for every id, lower variance) or multinomial (independent);
     both give unbiased counts. Without draws it means nothing and the manifest has none."""
+    k_mass: float | None = None
+    """Adaptive top-k: a position keeps the fewest of its most likely ids whose probabilities
+    sum to at least this mass (0 < mass ≤ 1), then at least --k-min and at most --k ids; unset:
+    every position keeps k. Near-certain positions then store one or two ids."""
+    k_min: int | None = None
+    """With --k-mass: the fewest ids a position keeps (default 1)."""
+    n_rate: float | None = None
+    """Tail draws by tail mass: a position whose tail holds mass m gets min(n, round(rate·m))
+    draws, so a near-certain position gets none (its tail mass is then left out of the draws'
+    estimate); unset: every position gets n. Draws proportional to the tail mass are the
+    allocation that minimises the estimator's variance for a total budget (docs/FORMAT.md)."""
 
     @property
     def has_draws(self) -> bool:
@@ -71,20 +86,45 @@ class TargetSpec:
         return self.kind == "topk" and self.n > 0
 
     @property
+    def adaptive_k(self) -> bool:
+        """Whether positions keep a variable number of top-k ids (``k_mass`` is set)."""
+        return self.kind == "topk" and self.k_mass is not None
+
+    @property
+    def variable(self) -> bool:
+        """Whether positions hold a variable number of top-k ids or of tail draws: such a
+        dataset is format version 2 (a version-1 reader would misread it)."""
+        return self.adaptive_k or (self.tail_draws and self.n_rate is not None)
+
+    @property
+    def min_k(self) -> int:
+        """The fewest top-k ids a position holds: ``k_min`` (default 1) when adaptive, else k."""
+        return (self.k_min or 1) if self.adaptive_k else self.k
+
+    @property
     def label(self) -> str:
-        """Short human name: "top-16 u8", "top-16 u8 + 16 tail draws", "sampled n=16"."""
+        """Short human name: "top-16 u8", "top-16 u8 + 16 tail draws", "sampled n=16",
+        "top-≤32 @0.9 u8 + ≤32 tail draws @64/mass"."""
         if self.kind == "sampled":
             return f"sampled n={self.n}" + (" systematic" if self.sampling == "systematic" else "")
-        tail = f" + {self.n} tail draws" if self.n else ""
-        return f"top-{self.k} {self.codec}{tail}"
+        rate = f" @{self.n_rate:g}/mass" if self.n_rate is not None else ""
+        tail = f" + {'≤' if rate else ''}{self.n} tail draws{rate}" if self.n else ""
+        head = f"≤{self.k} @{self.k_mass:g}" if self.adaptive_k else str(self.k)
+        return f"top-{head} {self.codec}{tail}"
 
     @property
     def in_words(self) -> str:
         """What a position holds, in words (`logitcache inspect`, the dataset card)."""
         if self.kind == "sampled":
             return f"{self.n} {self.sampling} sampled draws per position (ids + counts)"
-        tail = f" + {self.n} {self.sampling} draws from the tail (ids + counts)" if self.n else ""
-        return f"top-{self.k} ids + log-probs ({self.codec}) + tail mass{tail}"
+        n = f"min({self.n}, round({self.n_rate:g}·tail mass))" if self.n_rate else str(self.n)
+        tail = f" + {n} {self.sampling} draws from the tail (ids + counts)" if self.n else ""
+        head = f"top-{self.k}"
+        if self.adaptive_k:
+            head = (
+                f"the fewest top ids holding {self.k_mass:g} of the mass ({self.min_k} to {self.k})"
+            )
+        return f"{head} ids + log-probs ({self.codec}) + tail mass{tail}"
 
     def stored(self) -> TargetSpec:
         """This spec as a dataset records it: without draws, no sampling scheme (None, and no
@@ -93,8 +133,12 @@ class TargetSpec:
         they read as None too. An unknown word is kept, for :meth:`validate` to name. Sampled
         targets have no top-k: k = 0 whatever was asked for."""
         spec = replace(self, k=0) if self.kind == "sampled" else self
+        if spec.kind == "sampled":  # no top-k: no adaptive head, and draws are always n
+            spec = replace(spec, k_mass=None, k_min=None, n_rate=None)
+        if spec.adaptive_k and spec.k_min is None:
+            spec = replace(spec, k_min=1)
         if not spec.has_draws and spec.sampling in SAMPLINGS:
-            return replace(spec, sampling=None)
+            return replace(spec, sampling=None, n_rate=None)
         return spec
 
     def validate(self, names: Mapping[str, str] | None = None) -> list[str]:
@@ -125,6 +169,48 @@ class TargetSpec:
             problems.append(
                 f"{name['sampling']} is {self.sampling!r}; expected one of {', '.join(SAMPLINGS)}"
             )
+        return problems + self._adaptive_problems(name)
+
+    def _adaptive_problems(self, name: Mapping[str, str]) -> list[str]:
+        """Problems with k_mass, k_min and n_rate, each naming the flag and the fix."""
+        problems = []
+        if self.k_mass is not None and not (
+            isinstance(self.k_mass, int | float) and 0 < self.k_mass <= 1
+        ):
+            problems.append(
+                f"{name['k_mass']} is {self.k_mass!r}; expected a probability mass "
+                "0 < mass ≤ 1 (e.g. 0.9), or leave it out for a fixed k"
+            )
+        if self.k_min is not None:
+            if self.k_mass is None and self.kind == "topk":
+                problems.append(
+                    f"{name['k_min']} is {self.k_min} but {name['k_mass']} is not set; the floor "
+                    f"applies to adaptive top-k only: add {name['k_mass']} (e.g. 0.9) or drop "
+                    f"{name['k_min']}"
+                )
+            elif self.kind == "topk" and not 1 <= self.k_min <= max(self.k, 1):
+                problems.append(
+                    f"{name['k_min']} is {self.k_min}; expected 1 ≤ {name['k_min']} ≤ "
+                    f"{name['k']} ({self.k})"
+                )
+        if self.n_rate is not None:
+            if not (isinstance(self.n_rate, int | float) and self.n_rate > 0):
+                problems.append(
+                    f"{name['n_rate']} is {self.n_rate!r}; expected draws per unit of tail mass "
+                    f"> 0 (e.g. 64), or leave it out for {name['n']} draws at every position"
+                )
+            elif self.kind == "topk" and self.n == 0:
+                problems.append(
+                    f"{name['n_rate']} is {self.n_rate} but {name['n']} is 0 (no tail draws); "
+                    f"{name['n']} caps the draws of a position: set it (e.g. {name['n']} 32) or "
+                    f"drop {name['n_rate']}"
+                )
+        for field_name in ("k_mass", "k_min", "n_rate"):
+            if self.kind == "sampled" and getattr(self, field_name) is not None:
+                problems.append(
+                    f"{name[field_name]} applies to top-k targets only, not to sampled ones; "
+                    f"drop it or use {name['kind']} topk"
+                )
         return problems
 
 
@@ -200,6 +286,17 @@ class DatasetInfo:
         """The Arrow schema of every shard of this dataset, with self-describing metadata."""
         return shard_schema(self)
 
+    @property
+    def format_version(self) -> int:
+        """The format version this dataset is written as (:func:`format_version_for`)."""
+        return format_version_for(self.targets)
+
+
+def format_version_for(targets: TargetSpec) -> int:
+    """1, or 2 when positions hold a variable number of ids or draws (a reader of version 1
+    would take every position to hold k ids and n draws, and misread them)."""
+    return 2 if targets.variable else 1
+
 
 def id_plane_names(prefix: str, id_bytes: int) -> list[str]:
     return [f"{prefix}_id_b{b}" for b in range(id_bytes)]
@@ -223,6 +320,8 @@ def shard_schema(info: DatasetInfo) -> pa.Schema:
             pa.field("topk_logprobs", pa.list_(val), nullable=False),
             pa.field("tail_logmass", pa.list_(val), nullable=False),
         ]
+        if t.adaptive_k:  # version 2: ids per position
+            fields.append(pa.field("topk_count", pa.list_(pa.uint16()), nullable=False))
     if t.has_draws:
         fields += [
             pa.field(n, pa.list_(pa.uint8()), nullable=False)
@@ -234,7 +333,7 @@ def shard_schema(info: DatasetInfo) -> pa.Schema:
         ]
     meta = {
         f"{META_PREFIX}format": FORMAT_NAME,
-        f"{META_PREFIX}format_version": str(FORMAT_VERSION),
+        f"{META_PREFIX}format_version": str(info.format_version),
         f"{META_PREFIX}info": json.dumps(info.to_json(), sort_keys=True),
     }
     return pa.schema(fields, metadata=meta)
@@ -257,18 +356,22 @@ def check_shard_name(name: str, where: str) -> str:
 
 @dataclass
 class TopK:
-    """Top-k targets of one example: P response positions, k ids each."""
+    """Top-k targets of one example: P response positions, k ids each (adaptive top-k:
+    ``counts[p]`` ≤ k ids at position p, the rest of its row padding)."""
 
     ids: np.ndarray
-    """(P, k) int token ids (any order)."""
+    """(P, k) int token ids (any order; adaptive: the kept ids first, padding after them)."""
     logprobs: np.ndarray
-    """(P, k) float log-probs under the teacher's full-vocabulary softmax."""
+    """(P, k) float log-probs under the teacher's full-vocabulary softmax; -inf on padding."""
     tail_logmass: np.ndarray
     """(P,) float log(1 − Σ exp(logprobs)); -inf when the top-k hold all the mass."""
     tail_draws: Sampled | None = None
     """Draws from the teacher's distribution outside the top k (datasets with targets.n > 0):
-    each drawn id weighs exp(tail_logmass) · count / n. A position whose tail mass is zero has
-    no draws."""
+    each drawn id weighs exp(tail_logmass) · count / n_p, n_p being the position's draws
+    (the sum of its counts: n, or fewer with targets.n_rate). A position whose tail mass is
+    zero, or that got no draws, has none."""
+    counts: np.ndarray | None = None
+    """(P,) int ids kept per position (adaptive top-k, targets.k_mass set); None: k each."""
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Any
 from .errors import IncompatibleError, ManifestError
 from .format import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST_NAME,
     PARTS_DIR,
+    READ_VERSIONS,
     DatasetInfo,
     check_shard_name,
 )
@@ -84,7 +84,7 @@ class Manifest:
 
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": self.info.format_version,
             **self.info.to_json(),
             "num_examples": self.num_examples,
             "num_positions": self.num_positions,
@@ -106,12 +106,19 @@ class Manifest:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
             raise ManifestError(f'{where}: not a logitcache manifest (no "format": "logitcache")')
         version = obj.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READ_VERSIONS or isinstance(version, bool):
             raise ManifestError(
-                f"{where}: format_version is {version!r} but this logitcache reads version "
-                f"{FORMAT_VERSION}; upgrade logitcache (pip install -U logitcache) to read it"
+                f"{where}: format_version is {version!r} but this logitcache reads versions "
+                f"{' and '.join(map(str, READ_VERSIONS))}; upgrade logitcache "
+                "(pip install -U logitcache) to read it"
             )
         info = DatasetInfo.from_json(obj, where)
+        if info.format_version != version:
+            raise ManifestError(
+                f"{where}: format_version is {version} but its targets ({info.targets.label}) "
+                f"are version {info.format_version}: positions hold a variable number of ids "
+                "or draws exactly in version 2; the manifest was edited by hand"
+            )
         shards_obj = obj.get("shards")
         if not isinstance(shards_obj, list):
             raise ManifestError(

@@ -59,6 +59,9 @@ class DecodedBatch:
     """(U,) uint8 draws of each id."""
     sample_offsets: np.ndarray | None = None
     """(P+1,) int64 offsets of each position's sampled ids."""
+    topk_counts: np.ndarray | None = None
+    """(P,) int64 ids kept at each position (adaptive top-k, format version 2): row p of
+    ``topk_ids``/``topk_logprobs`` holds them first, then padding (id 0, log-prob -inf)."""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -83,8 +86,13 @@ class DecodedBatch:
         targets: TopK | Sampled
         if self.topk_ids is not None:
             assert self.topk_logprobs is not None and self.tail_logmass is not None
+            counts = None if self.topk_counts is None else self.topk_counts[r0:r1]
             targets = TopK(
-                self.topk_ids[r0:r1], self.topk_logprobs[r0:r1], self.tail_logmass[r0:r1], draws
+                self.topk_ids[r0:r1],
+                self.topk_logprobs[r0:r1],
+                self.tail_logmass[r0:r1],
+                draws,
+                counts,
             )
         else:
             assert draws is not None
@@ -128,7 +136,9 @@ def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
         response_offsets=response_off,
     )
     spec = info.targets
-    if spec.kind == "topk":
+    if spec.adaptive_k:
+        _decode_adaptive_topk(batch, info, out)
+    elif spec.kind == "topk":
         planes = [list_values(batch.column(n))[0] for n in id_plane_names("topk", info.id_bytes)]
         out.topk_ids = decode_id_planes_fixed(planes, spec.k)
         stored = list_values(batch.column("topk_logprobs"))[0]
@@ -153,6 +163,33 @@ def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
         out.sample_counts = list_values(batch.column("sample_counts"))[0]
         out.sample_offsets = np.concatenate([[0], np.cumsum(nunique)])
     return out
+
+
+def _decode_adaptive_topk(batch: pa.RecordBatch, info: DatasetInfo, out: DecodedBatch) -> None:
+    """Top-k of a variable-k batch (``topk_count`` ids per position) into padded (P, k) rows."""
+    spec = info.targets
+    counts = list_values(batch.column("topk_count"))[0].astype(np.int64)  # (P,)
+    planes = [list_values(batch.column(n))[0] for n in id_plane_names("topk", info.id_bytes)]
+    flat_ids = decode_id_planes(planes, counts)  # (Σ counts,)
+    stored = list_values(batch.column("topk_logprobs"))[0]
+    tail = list_values(batch.column("tail_logmass"))[0]
+    pos = np.repeat(np.arange(len(counts)), counts)  # (Σ counts,) position of each entry
+    if spec.codec in ("f32", "f16"):
+        flat_lp = decode_logprobs(stored, spec.codec)
+        out.tail_logmass = decode_logprobs(tail, spec.codec)
+    else:
+        prob, logp = _TABLES.get(spec.codec)
+        with np.errstate(divide="ignore"):  # renormalize each position with its tail
+            total = np.bincount(pos, weights=prob[stored], minlength=len(counts)) + prob[tail]
+            log_total = np.log(total).astype(np.float32)
+        flat_lp = logp[stored] - log_total[pos]
+        out.tail_logmass = logp[tail] - log_total
+    kept = np.arange(spec.k) < counts[:, None]  # (P, k); row-major, as the flat entries
+    out.topk_ids = np.zeros(kept.shape, dtype=np.int32)
+    out.topk_ids[kept] = flat_ids
+    out.topk_logprobs = np.full(kept.shape, -np.inf, dtype=np.float32)
+    out.topk_logprobs[kept] = flat_lp
+    out.topk_counts = counts
 
 
 class ShardReader:

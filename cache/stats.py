@@ -90,9 +90,12 @@ def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetSt
                 p = np.exp(np.concatenate([b.topk_logprobs, b.tail_logmass[:, None]], axis=1))
                 cov.append(1.0 - p[:, -1])
                 ent.append(-(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1))
-                top_hit = (b.topk_ids == b.response_ids[:, None]).any(axis=1)
+                kept = b.topk_logprobs > -np.inf  # adaptive top-k: padding holds no id
+                top_hit = ((b.topk_ids == b.response_ids[:, None]) & kept).any(axis=1)
                 hit.append(top_hit if drawn_hit is None else top_hit | drawn_hit)
                 k = np.full(len(p), b.topk_ids.shape[1])
+                if b.topk_counts is not None:
+                    k = b.topk_counts
                 uniq.append(k if drawn is None else k + drawn)
             else:
                 assert drawn is not None and drawn_hit is not None and b.sample_counts is not None

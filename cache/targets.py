@@ -149,6 +149,12 @@ class TopKTensors:
     when uniforms were given; rows whose tail holds no mass hold meaningless ids."""
     tail_sampled: SampledTensors | None = None
     """The tail draws as unique ids with counts (:meth:`reduced`); none where the tail is empty."""
+    counts: torch.Tensor | None = None
+    """(P,) int32 ids kept per row (adaptive top-k): row p's first counts[p] entries, the rest
+    padding at log-prob -inf; None: all k."""
+    draw_counts: torch.Tensor | None = None
+    """(P,) int64 draws of each row (draws by tail mass): row p's first draw_counts[p] tail
+    draws count, the rest are padding; None: all n."""
 
     def reduced(self) -> TopKTensors:
         """Tail draws reduced to unique ids with counts; a row whose tail holds no mass keeps
@@ -156,7 +162,8 @@ class TopKTensors:
         if self.tail_draws is None:
             return self
         keep = self.tail > float("-inf")  # (P,)
-        return replace(self, tail_draws=None, tail_sampled=unique_counts(self.tail_draws, keep))
+        sampled = unique_counts(self.tail_draws, keep, self.draw_counts)
+        return replace(self, tail_draws=None, draw_counts=None, tail_sampled=sampled)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TopKTensors:
         """These targets with ``fn`` applied to every tensor (to move or pin them)."""
@@ -168,8 +175,15 @@ class TopKTensors:
         ids, logprobs, tail = self.ids.numpy(), self.logprobs.numpy(), self.tail.numpy()
         n = len(bounds) - 1
         draws = self.tail_sampled.split(bounds) if self.tail_sampled is not None else [None] * n
+        counts = self.counts.numpy() if self.counts is not None else None
         return [
-            TopK(ids[p0:p1], logprobs[p0:p1], tail[p0:p1], d)
+            TopK(
+                ids[p0:p1],
+                logprobs[p0:p1],
+                tail[p0:p1],
+                d,
+                None if counts is None else counts[p0:p1],
+            )
             for p0, p1, d in zip(bounds[:-1], bounds[1:], draws, strict=True)
         ]
 
@@ -207,10 +221,21 @@ def topk_targets(
     *,
     inplace: bool = False,
     tail_uniforms: torch.Tensor | None = None,
+    k_mass: float | None = None,
+    k_min: int = 1,
+    n_rate: float | None = None,
+    sampling: str = "multinomial",
 ) -> TopKTensors:
     """Top-k ids, log-probs and tail log-mass of (P, V) logits at temperature T; with
     ``tail_uniforms`` (P, n), also n inverse-CDF draws from the tail (the ids outside the top k,
     renormalised), from the same exponentials that sum the tail.
+
+    Adaptive top-k (``k_mass``): row p keeps the fewest of its most likely ids whose mass
+    reaches ``k_mass``, clamped to [k_min, k] (:func:`kept_per_row`); the other entries of its
+    k are padding at log-prob -inf, and its tail is everything outside the kept ids. Draws by
+    tail mass (``n_rate``): row p draws min(n, round(n_rate · tail mass)) times
+    (:func:`draws_per_row`); ``sampling`` says how ``tail_uniforms`` were made, so that
+    systematic points are respaced for the row's own number of draws.
 
     One exponential pass: e = exp(x - max) gives the normalizer Z and, with the top k zeroed,
     the tail mass summed directly (no 1 − Σ cancellation); the top-k log-probs are
@@ -228,17 +253,69 @@ def topk_targets(
     e = x.sub_(m).exp_()  # (P, V) = exp(x - max), in x's own storage
     log_z = e.sum(dim=-1).log()  # (P,)
     logprobs = vals - m - log_z[:, None]
-    draws = None
-    if k == x.shape[-1]:
+    draws = counts = n_draws = None
+    if k_mass is not None:
+        counts = kept_per_row(logprobs, k_mass, k_min)  # (P,)
+        kept = torch.arange(k, device=x.device) < counts[:, None]  # (P, k)
+    if k == x.shape[-1] and counts is None:
         tail = torch.full_like(log_z, float("-inf"))
         if tail_uniforms is not None:
             draws = torch.zeros(tail_uniforms.shape, dtype=torch.int64, device=x.device)
     else:
-        e.scatter_(-1, idx, 0.0)  # (P, V) the tail's unnormalised probabilities
+        # (P, V) the tail's unnormalised probabilities: the kept ids zeroed
+        e.scatter_(-1, idx, 0.0 if counts is None else e.gather(-1, idx).masked_fill_(kept, 0.0))
         tail = e.sum(dim=-1).log() - log_z  # (P,)
+        if tail_uniforms is not None and n_rate is not None:
+            n_draws = draws_per_row(tail, tail_uniforms.shape[-1], n_rate)  # (P,)
+            if sampling == "systematic":  # points (j + u) / n_p instead of (j + u) / n
+                scale = tail_uniforms.shape[-1] / n_draws.clamp(min=1).double()
+                tail_uniforms = tail_uniforms * scale[:, None]
         if tail_uniforms is not None:
             draws = _inverse_cdf(e.double().cumsum_(-1), tail_uniforms)
-    return TopKTensors(idx.to(torch.int32), logprobs, tail, draws)
+    if counts is not None:
+        logprobs = logprobs.masked_fill(~kept, float("-inf"))
+    return TopKTensors(idx.to(torch.int32), logprobs, tail, draws, None, counts, n_draws)
+
+
+def kept_per_row(logprobs: torch.Tensor, k_mass: float, k_min: int = 1) -> torch.Tensor:
+    """(P,) int32 ids kept per row of (P, k) log-probs sorted most likely first: the fewest
+    whose probabilities sum to at least ``k_mass``, clamped to [k_min, k]. A row whose k ids
+    hold less than ``k_mass`` keeps all k."""
+    cum = logprobs.double().exp().cumsum(-1)  # (P, k)
+    reached = (cum < k_mass).sum(-1) + 1  # the first index at which the mass is reached, + 1
+    return reached.clamp(min=k_min, max=logprobs.shape[-1]).to(torch.int32)
+
+
+def draws_per_row(tail: torch.Tensor, n: int, n_rate: float) -> torch.Tensor:
+    """(P,) int64 tail draws of each row from its (P,) tail log-mass: min(n, round(n_rate·m)).
+
+    For a total budget of draws, this allocation (draws ∝ tail mass) minimises the summed
+    variance of the tail estimates m · count / n_p when the tails are alike in spread:
+    Var ∝ m_p² / n_p, minimised under Σ n_p = B at n_p ∝ m_p (Neyman allocation)."""
+    return torch.round(tail.double().exp() * n_rate).clamp_(0, n).to(torch.int64)
+
+
+def rate_for_budget(tail_mass: np.ndarray, budget: float, n: int) -> float:
+    """The ``n_rate`` whose :func:`draws_per_row` spends ``budget`` draws per position on
+    average over positions with tail masses ``tail_mass`` (P,), by bisection; each position
+    gets at most ``n``. Raises ValueError when even n at every position with a tail is less."""
+    m = np.asarray(tail_mass, dtype=np.float64)
+    if not 0 < budget <= n:
+        raise ValueError(f"budget {budget} must be in (0, n = {n}]")
+
+    def spent(rate: float) -> float:
+        return float(np.minimum(np.round(rate * m), n).mean())
+
+    hi = 1.0
+    while spent(hi) < budget:
+        hi *= 2
+        if hi > 1e12:
+            raise ValueError(f"no rate spends {budget} draws per position (cap n = {n})")
+    lo = 0.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if spent(mid) < budget else (lo, mid)
+    return hi
 
 
 def _inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -253,20 +330,30 @@ def sample_ids(logp: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return _inverse_cdf(logp.double().exp().cumsum(-1), u)  # fp64: the last entries differ
 
 
-def unique_counts(draws: torch.Tensor, keep: torch.Tensor | None = None) -> SampledTensors:
+def unique_counts(
+    draws: torch.Tensor, keep: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+) -> SampledTensors:
     """(P, n) drawn ids → unique ids (ascending per row), their counts, and uniques per row.
 
     ``keep`` (P,) bool: rows where it is False get no ids (nunique 0), e.g. a top-k row whose
-    tail holds no mass to draw from."""
+    tail holds no mass to draw from. ``lengths`` (P,): only the first lengths[p] draws of row
+    p count (draws by tail mass); None: all n."""
+    n = draws.shape[-1]
+    if lengths is not None:  # uncounted draws sort last, past every id
+        col = torch.arange(n, device=draws.device)
+        draws = torch.where(col < lengths[:, None], draws, torch.iinfo(torch.int64).max)
     draws = draws.sort(dim=-1).values
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
     if keep is not None:
         first &= keep[:, None]
+    if lengths is not None:
+        first &= col < lengths[:, None]
     starts = first.reshape(-1).nonzero().squeeze(1)  # (U,) flat index of each unique id
     # A kept row starts with a "first", so its runs never cross a row boundary; a dropped
     # row's entries would extend the run before it, so they are cut at each row's end.
-    row_end = (starts // draws.shape[-1] + 1) * draws.shape[-1]
+    row = starts // n
+    row_end = row * n + (n if lengths is None else lengths[row])
     nxt = torch.cat([starts[1:], torch.tensor([draws.numel()], device=draws.device)])
     return SampledTensors(
         ids=draws.reshape(-1)[starts].to(torch.int32),
@@ -315,7 +402,17 @@ def row_targets(
     u = None
     if spec.n:
         u = uniforms(row_keys(keys, positions, STREAM_TARGETS), spec.n, spec.sampling)
-    return topk_targets(logits, spec.k, targets.temperature, inplace=inplace, tail_uniforms=u)
+    return topk_targets(
+        logits,
+        spec.k,
+        targets.temperature,
+        inplace=inplace,
+        tail_uniforms=u,
+        k_mass=spec.k_mass,
+        k_min=spec.min_k,
+        n_rate=spec.n_rate,
+        sampling=spec.sampling or "multinomial",
+    )
 
 
 def join_rows(parts: list[RowTargets], join: Callable[[list[torch.Tensor]], torch.Tensor]) -> Any:

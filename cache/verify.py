@@ -147,8 +147,19 @@ def _verify_batch(rb: pa.RecordBatch, info: DatasetInfo, batch: str, bad: Any) -
             bad(f"{batch} {name}", f"{expected[r]} values in row {r}", found[r])
 
     if spec.kind == "topk":
+        per_row = n_pos * spec.k
+        if spec.adaptive_k:  # version 2: topk_count ids at each position, within [k_min, k]
+            lengths("topk_count", n_pos)
+            kj, _ = list_values(rb.column("topk_count"))
+            if kj.size and (kj.min() < spec.min_k or kj.max() > spec.k):
+                bad(
+                    f"{batch} topk_count",
+                    f"in [{spec.min_k}, {spec.k}]",
+                    f"[{kj.min()}, {kj.max()}]",
+                )
+            per_row = _segment_sums(kj, roff) if len(kj) == n_pos.sum() else per_row
         for name in [*id_plane_names("topk", info.id_bytes), "topk_logprobs"]:
-            lengths(name, n_pos * spec.k)
+            lengths(name, per_row)
         lengths("tail_logmass", n_pos)
     if spec.has_draws:
         lengths("sample_nunique", n_pos)
@@ -161,14 +172,17 @@ def _verify_batch(rb: pa.RecordBatch, info: DatasetInfo, batch: str, bad: Any) -
             per_pos = _segment_sums(
                 counts, np.concatenate([[0], np.cumsum(nunique, dtype=np.int64)])
             )
-            # Top-k tail draws: a position whose tail holds no mass has none.
+            # Top-k tail draws: a position whose tail holds no mass has none; with n_rate,
+            # a position has at most n (the rule's count depends on the exact tail mass).
             ok = (per_pos == spec.n) | ((per_pos == 0) & (spec.kind == "topk"))
+            want = f"{spec.n} draws at every position"
+            if spec.tail_draws and spec.n_rate is not None:
+                ok, want = per_pos <= spec.n, f"at most {spec.n} draws at a position"
             if not np.all(ok):
                 p = int(np.argmax(~ok))
                 bad(
                     f"{batch} sample_counts",
-                    f"{spec.n} draws at every position"
-                    + (" (or 0 where the tail is empty)" if spec.kind == "topk" else ""),
+                    want + (" (or 0 where the tail is empty)" if spec.kind == "topk" else ""),
                     f"{per_pos[p]} at position {p}",
                 )
     try:

@@ -197,6 +197,25 @@ class DatasetWriter:
                     f"got {t.ids.shape}, {t.logprobs.shape}, {t.tail_logmass.shape}"
                 )
             ids = t.ids
+            if spec.adaptive_k:
+                counts = None if t.counts is None else np.asarray(t.counts)
+                if counts is None or counts.shape != (P,):
+                    raise ValueError(
+                        f"{where}: the dataset stores adaptive top-k (targets.k_mass "
+                        f"{spec.k_mass}): TopK.counts must give the ids kept at each of its {P} "
+                        f"positions, got {None if counts is None else counts.shape}"
+                    )
+                if P and (counts.min() < spec.min_k or counts.max() > spec.k):
+                    raise ValueError(
+                        f"{where}: TopK.counts must lie in [{spec.min_k}, {spec.k}] "
+                        f"(targets.k_min, targets.k), got {counts.min()}..{counts.max()}"
+                    )
+                ids = t.ids[np.arange(spec.k) < counts[:, None]]  # the kept ids only
+            elif t.counts is not None:
+                raise ValueError(
+                    f"{where}: the example's TopK has counts (adaptive top-k) but the dataset "
+                    f"stores {spec.k} ids at every position (targets.k_mass is not set)"
+                )
             if spec.n and t.tail_draws is None:
                 raise ValueError(
                     f"{where}: the dataset stores top-{spec.k} with {spec.n} tail draws per "
@@ -300,13 +319,23 @@ def encode_columns(info: DatasetInfo, rows: list[Example]) -> dict[str, pa.Array
         ids = _concat([r.targets.ids for r in rows], np.int64).reshape(-1, k)
         lps = _concat([r.targets.logprobs for r in rows], np.float32).reshape(-1, k)
         tail = _concat([r.targets.tail_logmass for r in rows], np.float32)
+        per_pos = np.full(len(ids), k)  # ids kept at each position
+        per_row = n_pos * k  # ids of each example
+        if spec.adaptive_k:
+            per_pos = _concat([r.targets.counts for r in rows], np.int64)
+            per_row = np.array([int(np.sum(r.targets.counts)) for r in rows], dtype=np.int64)
+            kept = np.arange(k) < per_pos[:, None]  # (P, k)
+            ids = np.where(kept, ids, np.iinfo(np.int64).max)  # padding sorts last
         ids, lps = sort_by_id(ids, lps)
-        planes = encode_id_planes(ids.reshape(-1), np.full(len(ids), k), info.id_bytes)
+        if spec.adaptive_k:
+            ids, lps = ids[kept], lps[kept]  # flat, ascending within each position
+            cols["topk_count"] = _list_array(per_pos.astype(np.uint16), n_pos, pa.uint16())
+        planes = encode_id_planes(ids.reshape(-1), per_pos, info.id_bytes)
         val_type = pa.from_numpy_dtype(encode_logprobs(np.zeros(0), spec.codec).dtype)
         for name, plane in zip(id_plane_names("topk", info.id_bytes), planes, strict=True):
-            cols[name] = _list_array(plane, n_pos * k, pa.uint8())
+            cols[name] = _list_array(plane, per_row, pa.uint8())
         cols["topk_logprobs"] = _list_array(
-            encode_logprobs(lps.reshape(-1), spec.codec), n_pos * k, val_type
+            encode_logprobs(lps.reshape(-1), spec.codec), per_row, val_type
         )
         cols["tail_logmass"] = _list_array(encode_logprobs(tail, spec.codec), n_pos, val_type)
     if spec.has_draws:

@@ -141,12 +141,12 @@ def stack_targets(
     """
     if spec.kind == "sampled":
         draws = [(ex.targets, a, z) for ex, a, z in rows]
-        ids, weights = _padded_draws(draws, spec.n)  # type: ignore[arg-type]
+        ids, weights = _padded_draws(draws)  # type: ignore[arg-type]
         return SampledTargets(torch.from_numpy(ids), torch.from_numpy(weights))  # (N, S) each
     if tail_draws:
         if not spec.n:
             raise ValueError(f"tail_draws=True, but the dataset stores {spec.label} (no draws)")
-        return _head_and_tail(rows, spec.k, spec.n)
+        return _head_and_tail(rows, spec.k)
     top_ids, lps, tail = _stacked_topk(rows, spec.k)
     return TopKTargets(
         torch.from_numpy(top_ids.astype(np.int64)),  # (N, K)
@@ -155,9 +155,11 @@ def stack_targets(
     )
 
 
-def _padded_draws(rows: list[tuple[Sampled, int, int]], n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(N, S) ids and count / n weights of positions ``[a, z)`` of each row's draws, padded
-    with id 0 at weight 0 to the most distinct ids S of a position."""
+def _padded_draws(rows: list[tuple[Sampled, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, S) ids and count / n_p weights of positions ``[a, z)`` of each row's draws, padded
+    with id 0 at weight 0 to the most distinct ids S of a position. n_p is the position's
+    number of draws, the sum of its counts: the dataset's n, or fewer where draws were
+    allocated by tail mass (targets.n_rate)."""
     # Position p's unique ids are a run of nunique[p] entries; pad runs to S.
     ids_l, counts_l, nun_l = [], [], []
     for t, a, z in rows:
@@ -173,27 +175,36 @@ def _padded_draws(rows: list[tuple[Sampled, int, int]], n: int) -> tuple[np.ndar
     ids = np.zeros((N, S), dtype=np.int64)
     weights = np.zeros((N, S), dtype=np.float32)
     ids[row, col] = flat_ids
-    weights[row, col] = flat_counts.astype(np.float32) / n
+    n_p = np.bincount(row, weights=flat_counts, minlength=N).astype(np.float32)  # (N,) draws
+    weights[row, col] = flat_counts.astype(np.float32) / n_p[row]
     return ids, weights
 
 
 def _stacked_topk(
     rows: list[tuple[Example, int, int]], k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's top-k positions ``[a, z)`` stacked: (N, k) ids and log-probs, (N,) tails."""
+    """Each row's top-k positions ``[a, z)`` stacked: (N, K) ids and log-probs, (N,) tails.
+
+    K is k, or with adaptive top-k (``TopK.counts``) the most ids kept at one of the N
+    positions: the kept ids come first in each row, so the columns past K are all padding."""
     tops: list[TopK] = [ex.targets for ex, _, _ in rows]  # type: ignore[misc]
     spans = [(a, z) for _, a, z in rows]
     ids = _cat([t.ids[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
     lps = _cat([t.logprobs[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0, k))
     tail = _cat([t.tail_logmass[a:z] for t, (a, z) in zip(tops, spans, strict=True)], (0,))
+    if tops and tops[0].counts is not None:
+        counts = [t.counts[a:z] for t, (a, z) in zip(tops, spans, strict=True)]  # type: ignore[index]
+        width = max((int(c.max(initial=1)) for c in counts), default=1)
+        ids, lps = ids[:, :width], lps[:, :width]
     return ids, lps, tail
 
 
-def _head_and_tail(rows: list[tuple[Example, int, int]], k: int, n: int) -> SampledTargets:
-    """Top-k with tail draws as one sparse distribution: (N, k + S) ids and weights."""
+def _head_and_tail(rows: list[tuple[Example, int, int]], k: int) -> SampledTargets:
+    """Top-k with tail draws as one sparse distribution: (N, K + S) ids and weights. A
+    position without draws (no tail mass, or none allocated to it) has only its head."""
     head_ids, head_lp, tail = _stacked_topk(rows, k)
     draws = [(ex.targets.tail_draws, a, z) for ex, a, z in rows]  # type: ignore[union-attr]
-    tail_ids, tail_w = _padded_draws(draws, n)  # type: ignore[arg-type]
+    tail_ids, tail_w = _padded_draws(draws)  # type: ignore[arg-type]
     ids = np.concatenate([head_ids.astype(np.int64), tail_ids], axis=1)
     weights = np.concatenate(
         [np.exp(head_lp, dtype=np.float32), tail_w * np.exp(tail, dtype=np.float32)[:, None]],

@@ -775,3 +775,28 @@ def test_finalize_refuses_a_job_array_with_a_part_missing(
     assert main(["finalize", str(tmp_path / "ds")]) == 0
     ds = open_dataset(tmp_path / "ds", verify=True)
     assert ds.manifest.num_examples == 9 and ds.manifest.extra["parts"] == {"count": 3, "ranks": 1}
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_adaptive_targets_through_the_capture(tmp_path, tiny_teacher_dir, ctx_file, mode) -> None:
+    """--k-mass / --n-rate through `capture`: a version-2 dataset whose targets do not depend
+    on batching (scored in one pass or generated step by step)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", records(6, response=mode == "score"))
+    spec = dict(k=48, n=16, k_mass=0.1, k_min=2, n_rate=24.0)
+    runs = {}
+    for budget in (64, 4096):
+        out = tmp_path / f"ds{budget}"
+        capture(
+            make_cfg(prompts, tiny_teacher_dir, out, context=ctx_file,
+                     run=dict(max_batch_tokens=budget), targets=dict(mode=mode, **spec),
+                     generate=dict(max_new_tokens=6))
+        )  # fmt: skip
+        runs[budget] = by_id(out)
+    assert json.loads((tmp_path / "ds64" / "manifest.json").read_text())["format_version"] == 2
+    kept = np.concatenate([e.targets.counts for e in runs[64].values()])  # type: ignore[union-attr]
+    assert kept.min() >= 2 and kept.max() <= 48 and len(set(kept.tolist())) > 1
+    for i, a in runs[64].items():
+        b = runs[4096][i]
+        assert np.array_equal(a.targets.counts, b.targets.counts)  # type: ignore[union-attr]
+        assert np.array_equal(a.targets.ids, b.targets.ids)
+        assert np.array_equal(a.targets.tail_draws.ids, b.targets.tail_draws.ids)  # type: ignore[union-attr]

@@ -43,6 +43,7 @@ def test_build_flags_keep_their_spellings() -> None:
         "--prompts", "--context", "--render", "--on-error", "--max-length", "--truncation",
         "--teacher", "--tokenizer", "--dtype", "--device", "--trust-remote-code", "--mode",
         "--targets", "--k", "--n", "--sampling", "--codec", "--temperature", "--max-new-tokens",
+        "--k-mass", "--k-min", "--n-rate",
         "--gen-temperature", "--top-p", "--seed", "--eos-token-ids", "--out", "--max-batch-tokens",
         "--shard-positions", "--num-shards", "--shard-index", "--no-progress", "--config",
         "--license",
@@ -69,6 +70,7 @@ def test_build_flags_keep_their_spellings() -> None:
     assert typed == {
         "--context": str, "--max-length": int, "--teacher": str, "--tokenizer": str,
         "--device": str, "--k": int, "--n": int, "--temperature": float,
+        "--k-mass": float, "--k-min": int, "--n-rate": float,
         "--max-new-tokens": int, "--gen-temperature": float, "--top-p": float, "--seed": int,
         "--eos-token-ids": int, "--out": str, "--max-batch-tokens": int,
         "--shard-positions": int, "--num-shards": int, "--shard-index": int, "--prompts": str,
@@ -83,6 +85,9 @@ def test_build_flags_keep_their_spellings() -> None:
         "n": "--n",
         "codec": "--codec",
         "sampling": "--sampling",
+        "k_mass": "--k-mass",
+        "k_min": "--k-min",
+        "n_rate": "--n-rate",
     }
 
 
@@ -178,6 +183,8 @@ def test_configs_saved_before_load_unchanged(path: Path) -> None:
     }  # fmt: skip
     for key, value in engine_flags.items():
         stored["teacher"].setdefault(key, value)
+    for key in ("k_mass", "k_min", "n_rate"):  # configs older than adaptive targets
+        stored["targets"].setdefault(key, None)
     assert again == stored
     assert config_from_args(parse(["--config", str(path)])) == cfg
 
@@ -254,3 +261,46 @@ def test_the_resume_advice_works_as_printed(tmp_path: Path, tiny_teacher_dir: Pa
     assert ds.num_examples == 6 and ds.info.targets == TargetSpec(
         "topk", k=8, n=4, codec="u8", sampling="systematic"
     )
+
+
+# --------------------------------------------------------------------------- adaptive targets
+
+
+def test_adaptive_target_flags_reach_the_spec() -> None:
+    cfg = config_from_args(
+        parse([*REQUIRED, "--k-mass", "0.9", "--k-min", "2", "--k", "16", "--n-rate", "64"])
+    )
+    spec = cfg.targets.spec
+    assert (spec.k_mass, spec.k_min, spec.k, spec.n, spec.n_rate) == (0.9, 2, 16, 32, 64.0)
+    assert cfg.validate() == []
+    assert spec.stored().variable and cfg.targets.stored().label == (
+        "top-≤16 @0.9 u8 + ≤32 tail draws @64/mass"
+    )
+
+
+def test_bad_adaptive_flags_are_all_named_with_the_fix() -> None:
+    bad = parse([*REQUIRED, "--k-mass", "1.5", "--k-min", "40", "--n-rate", "-1"])
+    problems = config_from_args(bad).validate()
+    assert problems == [
+        "--k-mass is 1.5; expected a probability mass 0 < mass ≤ 1 (e.g. 0.9), or leave it out "
+        "for a fixed k",
+        "--k-min is 40; expected 1 ≤ --k-min ≤ --k (32)",
+        "--n-rate is -1.0; expected draws per unit of tail mass > 0 (e.g. 64), or leave it out "
+        "for --n draws at every position",
+    ]
+    floor_alone = config_from_args(parse([*REQUIRED, "--k-min", "2"])).validate()
+    assert floor_alone == [
+        "--k-min is 2 but --k-mass is not set; the floor applies to adaptive top-k only: add "
+        "--k-mass (e.g. 0.9) or drop --k-min"
+    ]
+    no_draws = config_from_args(parse([*REQUIRED, "--n", "0", "--n-rate", "8"])).validate()
+    assert no_draws == [
+        "--n-rate is 8.0 but --n is 0 (no tail draws); --n caps the draws of a position: set "
+        "it (e.g. --n 32) or drop --n-rate"
+    ]
+    sampled = parse([*REQUIRED, "--targets", "sampled", "--n", "8", "--k-mass", "0.9"])
+    assert config_from_args(sampled).validate() == [
+        "--k-mass applies to top-k targets only, not to sampled ones; drop it or use --targets topk"
+    ]
+    with pytest.raises(SystemExit):  # argparse: not a number
+        parse([*REQUIRED, "--k-mass", "most"])

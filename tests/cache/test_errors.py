@@ -82,7 +82,9 @@ def test_manifest_rows_edited(dataset):
 
 def test_unknown_format_version(dataset):
     _edit_manifest(dataset, lambda m: m.update(format_version=99))
-    with pytest.raises(ManifestError, match=r"format_version is 99 .* reads version 1; upgrade"):
+    with pytest.raises(
+        ManifestError, match=r"format_version is 99 .* reads versions 1 and 2; upgrade"
+    ):
         open_dataset(dataset)
 
 

@@ -41,14 +41,17 @@ READER = textwrap.dedent(
         cols = ["id", "prompt_ids", "response_ids"]
         if t["kind"] == "topk":
             cols += planes("topk") + ["topk_logprobs", "tail_logmass"]
+            cols += ["topk_count"] if "k_mass" in t else []  # version 2: variable k
         if t["kind"] == "sampled" or t["n"] > 0:
             cols += planes("sample") + ["sample_counts", "sample_nunique"]
         return cols
 
     def read(root):
         manifest = json.load(open(os.path.join(root, "manifest.json")))
-        assert manifest["format"] == "logitcache" and manifest["format_version"] == 1
         t = manifest["targets"]
+        variable = "k_mass" in t or "n_rate" in t  # FORMAT.md: version 2 exactly then
+        assert manifest["format"] == "logitcache"
+        assert manifest["format_version"] == (2 if variable else 1)
         nbytes = t["id_bytes"]
         out = {}
         for shard in manifest["shards"]:
@@ -73,21 +76,27 @@ READER = textwrap.dedent(
                     c = row["sample_counts"]
                     rec["counts"] = [c[a:b] for a, b in zip(starts[:-1], starts[1:])]
                 if t["kind"] == "topk":
+                    # k ids per position, or topk_count[p] of them (version 2, k_mass set)
+                    kp = row["topk_count"] if "k_mass" in t else [t["k"]] * P
+                    starts = np.concatenate([[0], np.cumsum(kp)]).astype(int)
                     gaps = gaps_of("topk")
-                    k = t["k"]
-                    ids = np.cumsum(gaps.reshape(P, k), axis=1)
-                    v = np.array(row["topk_logprobs"], dtype=np.float64).reshape(P, k)
+                    vals = np.array(row["topk_logprobs"], dtype=np.float64)
                     tail = np.array(row["tail_logmass"], dtype=np.float64)
-                    if t["codec"] in ("u8", "u16"):  # codes of sqrt(p): decode, renormalize
-                        Q = 255 if t["codec"] == "u8" else 65535
-                        p, pt = (v / Q) ** 2, (tail / Q) ** 2
-                        total = p.sum(axis=1) + pt
-                        with np.errstate(divide="ignore"):
-                            v, tail = np.log(p / total[:, None]), np.log(pt / total)
-                    else:  # f32, f16: log p and log p_tail, used as stored
-                        total = np.exp(v).sum(axis=1) + np.exp(tail)
-                    rec.update(ids=ids.tolist(), logprobs=v.tolist(), tail=tail.tolist(),
-                               raw_sum=total.tolist())
+                    ids, lps, sums = [], [], []
+                    for j, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+                        ids.append(np.cumsum(gaps[a:b]).tolist())
+                        v = vals[a:b]
+                        if t["codec"] in ("u8", "u16"):  # codes of sqrt(p): decode, renormalize
+                            Q = 255 if t["codec"] == "u8" else 65535
+                            p, pt = (v / Q) ** 2, (tail[j] / Q) ** 2
+                            total = p.sum() + pt
+                            with np.errstate(divide="ignore"):
+                                v, tail[j] = np.log(p / total), np.log(pt / total)
+                        else:  # f32, f16: log p and log p_tail, used as stored
+                            total = np.exp(v).sum() + np.exp(tail[j])
+                        lps.append(v.tolist())
+                        sums.append(float(total))
+                    rec.update(ids=ids, logprobs=lps, tail=tail.tolist(), raw_sum=sums)
                 out[row["id"]] = rec
         return {"targets": t, "examples": out}
 

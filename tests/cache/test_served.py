@@ -185,6 +185,10 @@ def test_cli_refuses_tail_draws_and_other_temperatures(tmp_path, tiny_teacher_di
     assert "--temperature 2.0" in err and "pass --temperature 1" in err
     assert main([*base, "--n", "0", "--engine", "vllm"]) == 1
     assert "drop --engine" in capsys.readouterr().err
+    assert main([*base, "--n", "0", "--k-mass", "0.9"]) == 1
+    err = capsys.readouterr().err
+    assert "--k-mass/--n-rate: adaptive targets are computed from the whole distribution" in err
+    assert "use --engine hf" in err
     with pytest.raises(InputError, match="expected http://"):
         capture(served_cfg(prompts, tiny_teacher_dir, tmp_path / "ds", "localhost:8000"))
 

@@ -39,6 +39,7 @@ def test_study_runs_every_variant(
         Variant("topk", k=384, codec="f32"),  # k = vocab: the offline twin of online KD
         Variant("topk", k=4, n=6, tail="draws"),
         Variant("topk", k=4, n=6, tail="draws", sample_seed=1),
+        Variant("topk", k=8, n=6, tail="draws", k_mass=0.5, k_min=1, n_rate=12.0),
     ]
     rows, initial = run_study(
         tiny_teacher_dir,
@@ -65,6 +66,10 @@ def test_study_runs_every_variant(
     # Top-k + tail draws: other draws with another seed, the same top-k; one mean row.
     a, b = by["top-4 + 6 tail draws"], by["top-4 + 6 tail draws [draws 1]"]
     assert a.unique_ids is not None and a.kl != b.kl
+    # Adaptive targets: fewer than the cap of ids per position on average, draws by tail mass.
+    adaptive = by["top-≤8 @0.5 + ≤6 tail draws @12/mass"]
+    assert adaptive.mean_k is not None and 1 <= adaptive.mean_k < 8
+    assert adaptive.unique_ids is not None and adaptive.unique_ids < 6
     assert "| top-8 renorm u8 |" in table(rows)
     assert "| top-4 + 6 tail draws | " in table(rows) and "2 runs: " in table(rows)
     plot(rows, initial, tmp_path / "f.png")

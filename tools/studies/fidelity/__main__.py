@@ -37,6 +37,18 @@ def _pairs(text: str) -> tuple[tuple[int, int], ...]:
     return tuple((int(a), int(b)) for a, b in (x.split(":") for x in text.split(",") if x))
 
 
+def _adaptive(text: str) -> tuple[tuple[float, int, int, float, int], ...]:
+    """ "0.9:32:32:64,0.95:16:16:0:2" → ((0.9, 32, 32, 64.0, 1), (0.95, 16, 16, 0.0, 2))."""
+    out = []
+    for item in (x for x in text.split(",") if x):
+        parts = item.split(":")
+        if len(parts) not in (4, 5):
+            raise SystemExit(f"--adaptive {item!r}: expected MASS:K:N:RATE[:KMIN]")
+        mass, k, n, rate = float(parts[0]), int(parts[1]), int(parts[2]), float(parts[3])
+        out.append((mass, k, n, rate, int(parts[4]) if len(parts) == 5 else 1))
+    return tuple(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="python -m logitcache.tools.studies.fidelity",
@@ -60,8 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samplings", default="multinomial", help="sampled draw schemes (, separated)")
     ap.add_argument("--tail-draws", default="8:8,8:16,16:16,32:16,16:32,32:32,64:16",
                     help="top-k + tail draws as K:N pairs (, separated)")  # fmt: skip
+    ap.add_argument("--adaptive", default="",
+                    help="adaptive targets as MASS:K:N:RATE[:KMIN] (, separated): the fewest ids "
+                    "holding MASS (0: all K), at most K; min(N, round(RATE·tail mass)) tail "
+                    "draws (RATE 0: N each); e.g. 0.9:32:32:64")  # fmt: skip
     ap.add_argument("--sample-seeds", default="0,1,2",
                     help="seeds of the draws: each configuration with draws trains once per seed")  # fmt: skip
+    ap.add_argument("--online", action=argparse.BooleanOptionalAction, default=True,
+                    help="include the online run (--no-online: merge with one that has it, "
+                    "by --replot)")  # fmt: skip
     ap.add_argument("--hard", action=argparse.BooleanOptionalAction, default=True,
                     help="include the hard-label run")  # fmt: skip
     ap.add_argument("--codecs", default="f32,f16,u16,u8", help="codecs compared at --codec-k")
@@ -107,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         _ints(args.ks), _ints(args.draws), args.codecs.split(","), args.codec_k,
         _ints(args.noise_seeds), tuple(args.tails.split(",")), tuple(args.samplings.split(",")),
         args.hard, args.seed, _pairs(args.tail_draws), tuple(_ints(args.sample_seeds)),
+        _adaptive(args.adaptive),
     )  # fmt: skip
+    if not args.online:
+        variants = [v for v in variants if v.kind != "online"]
     print(
         f"teacher {teacher}; student: its layers {args.student_layers}; "
         f"{len(train_tokens)} train + {len(eval_tokens)} held-out KJV sequences of "
@@ -117,6 +139,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(variants)} runs; workdir {work}"
     )
     rows, initial = run_study(teacher, student, train_tokens, eval_tokens, variants, settings, work)
+    if not any(r.variant.kind == "online" for r in rows):  # no reference here: keep the rows
+        if args.json:
+            save_rows(rows, initial, args.json)
+        print(f"no online run: merge with one that has it (--replot BASE.json {args.json})")
+        return
     print()
     print(table(rows, args.tolerance))
     ref, best = reference(rows), winner(rows, args.tolerance)

@@ -29,7 +29,7 @@ def mean_rows(rows: list[Row]) -> list[tuple[Row, list[Row]]]:
             values = [getattr(r, key) for r in runs]
             return None if None in values else statistics.fmean(values)
 
-        keys = ("bytes_per_position", "kl", "ce", "top1", "step_s", "unique_ids")
+        keys = ("bytes_per_position", "kl", "ce", "top1", "step_s", "unique_ids", "mean_k")
         out.append((Row(config, **{k: mean(k) for k in keys}), runs))
     return out
 
@@ -64,8 +64,10 @@ def table(rows: list[Row], tolerance: float = 0.01) -> str:
     ]
     for r, runs in mean_rows(rows):
         b = "— (teacher in loop)" if r.bytes_per_position is None else f"{r.bytes_per_position:.1f}"
-        if r.unique_ids is not None:
-            b += f" (u={r.unique_ids:.1f})"
+        notes = [f"k̄={r.mean_k:.1f}"] if r.mean_k is not None else []
+        notes += [f"u={r.unique_ids:.1f}"] if r.unique_ids is not None else []
+        if notes:
+            b += f" ({', '.join(notes)})"
         is_ref = r.variant == ref.variant
         ok = "ref" if is_ref else ("yes" if r.kl <= ref.kl * (1 + tolerance) else "no")
         spread = "—"
@@ -97,7 +99,8 @@ def plot(
         if r.variant.seed == ref.variant.seed and r.bytes_per_position is not None
     ]
     same = [r for r, _ in means]
-    topk = [r for r in same if r.variant.kind == "topk"]
+    topk = [r for r in same if r.variant.kind == "topk" and not _adaptive(r.variant)]
+    adaptive = [r for r in same if r.variant.kind == "topk" and _adaptive(r.variant)]
     codec_k = {r.variant.k for r in topk if r.variant.codec != "u8"}
     series: dict[str, tuple[str, list[Row]]] = {
         "top-k + tail draws (u8)": ("*", [r for r in topk if r.variant.n > 0 and r.variant.sampling != "systematic"]),
@@ -108,6 +111,7 @@ def plot(
         "sampled N": ("^", [r for r in same if r.variant.kind == "sampled" and r.variant.sampling != "systematic"]),
         "sampled N, systematic": ("v", [r for r in same if r.variant.kind == "sampled" and r.variant.sampling == "systematic"]),
         "hard labels": ("x", [r for r in same if r.variant.kind == "hard"]),
+        "adaptive: ids by mass, draws by tail mass (u8)": ("X", adaptive),
     }  # fmt: skip
     others = [r for r in rows if r.variant.kind == "online" and r is not ref]
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
@@ -125,7 +129,10 @@ def plot(
             for r, x_, y_ in zip(rs, xs, ys, strict=True):
                 v = r.variant
                 codec_tag = "" if v.codec == "u8" else v.codec  # its k is marked already
-                tag = {"topk": f"k={v.k}" + (f"+{v.n}" if v.n else "") if label.endswith("(u8)") else codec_tag,
+                fixed = f"k={v.k}" + (f"+{v.n}" if v.n else "")
+                if _adaptive(v):
+                    fixed = f"k≤{v.k}@{v.k_mass:g}" + (f"+n≤{v.n}" if v.n else "")
+                tag = {"topk": fixed if label.endswith("(u8)") else codec_tag,
                        "sampled": f"N={v.n}", "hard": "hard"}[v.kind]  # fmt: skip
                 if y_ > hi:  # off-scale: say where it is
                     tag, y_ = f"hard labels: {getattr(r, key):.2f} ↑", hi
@@ -158,6 +165,10 @@ def plot(
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(png, dpi=110)
     plt.close(fig)
+
+
+def _adaptive(v: Variant) -> bool:
+    return v.k_mass is not None or v.n_rate is not None
 
 
 def save_rows(rows: list[Row], initial: dict[str, float], path: str | Path) -> None:

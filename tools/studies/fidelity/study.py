@@ -86,14 +86,14 @@ def run_study(
             nbytes = None
         elif v.kind == "hard":
             nbytes = hard_bytes / manifest.num_positions
-        unique = None
+        unique = mean_k = None
+        batches = list(open_dataset(ds).iter_batches()) if v.kind != "online" else []
+        positions = sum(b.num_positions for b in batches)
         if v.has_draws:
-            unique = float(
-                np.mean(
-                    [len(b.sample_ids) / b.num_positions for b in open_dataset(ds).iter_batches()]
-                )
-            )
-        rows.append(Row(v, nbytes, m["kl"], m["ce"], m["top1"], step_s, unique))
+            unique = sum(len(b.sample_ids) for b in batches) / positions  # type: ignore[arg-type]
+        if v.k_mass is not None:
+            mean_k = sum(int(b.topk_counts.sum()) for b in batches) / positions  # type: ignore[union-attr]
+        rows.append(Row(v, nbytes, m["kl"], m["ce"], m["top1"], step_s, unique, mean_k))
         log(
             f"{v.name:<28} KL {m['kl']:.4f}  CE {m['ce']:.4f}  top-1 {m['top1']:.3f}  "
             f"step {step_s:.2f} s  ({time.perf_counter() - t0:.0f} s)"

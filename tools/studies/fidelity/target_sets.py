@@ -52,7 +52,7 @@ def _capture_targets(spec: TargetSpec) -> TargetConfig:
 
     # Without draws the sampling scheme is recorded as None and never used.
     sampling = spec.sampling or "multinomial"
-    return TargetConfig(spec=TargetSpec(spec.kind, k=spec.k, n=spec.n, sampling=sampling))
+    return TargetConfig(spec=replace(spec, codec="u8", sampling=sampling))
 
 
 def build_datasets(
@@ -85,7 +85,12 @@ def build_datasets(
     responses = [e.response_ids for e in seqs]
     keys = {seed: example_keys([e.id for e in seqs], seed) for _, seed in specs}  # (S,)
     examples: dict[tuple[TargetSpec, int], list[Example]] = {x: [] for x in specs}
-    for first, logits in _teacher_logits(teacher, tokens, batch):
+    # A dataset already written under root for the same targets (an earlier run with this
+    # --workdir) is kept; the teacher runs only for the others, and not at all without any.
+    out = {x: dataset_dir(root, *x) for x in specs if _written(dataset_dir(root, *x), x[0])}
+    specs = [x for x in specs if x not in out]
+    examples = {x: examples[x] for x in specs}
+    for first, logits in _teacher_logits(teacher, tokens if specs else tokens[:0], batch):
         logits = logits[:, context:]  # (B, P, V): the student's positions
         flat = logits.reshape(-1, logits.shape[-1])  # (B·P, V)
         pos = torch.arange(P).repeat(len(logits))  # (B·P,)
@@ -99,14 +104,35 @@ def build_datasets(
                 result = BatchResult(views[here], responses[here], targets)
                 done[cfg, seed] = result.to_examples()
             examples[spec, seed] += done[cfg, seed]
-    out = {}
     for (spec, seed), exs in examples.items():
-        d = root / f"{spec.kind}-k{spec.k}-n{spec.n}-{spec.codec}-{spec.sampling}-s{seed}"
+        d = dataset_dir(root, spec, seed)
         with DatasetWriter(d, replace(info, targets=spec)) as w:
             for ex in exs:
                 w.add(ex)
         out[spec, seed] = d
     return out
+
+
+def dataset_dir(root: Path, spec: TargetSpec, seed: int) -> Path:
+    """The folder of one (targets, draws' seed) dataset: every field of the targets in its
+    name, so that two target sets never share one."""
+    name = f"{spec.kind}-k{spec.k}-n{spec.n}-{spec.codec}-{spec.sampling}"
+    if spec.k_mass is not None:
+        name += f"-mass{spec.k_mass:g}-kmin{spec.k_min}"
+    if spec.n_rate is not None:
+        name += f"-rate{spec.n_rate:g}"
+    return root / f"{name}-s{seed}"
+
+
+def _written(path: Path, spec: TargetSpec) -> bool:
+    """Whether ``path`` holds a finished dataset of exactly ``spec``."""
+    from logitcache.cache.errors import LogitCacheError
+    from logitcache.cache.reader import open_dataset
+
+    try:
+        return open_dataset(path).info.targets == spec
+    except (LogitCacheError, OSError):
+        return False
 
 
 def token_bytes(examples: list[Example], info: DatasetInfo) -> int:

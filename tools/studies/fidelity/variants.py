@@ -28,6 +28,12 @@ class Variant:
     """Data-order seed (train.seed); a second seed estimates run-to-run noise."""
     sample_seed: int = 0
     """Seed of the stored draws (as `logitcache build --seed`); other draws, same data."""
+    k_mass: float | None = None
+    """Adaptive top-k: the mass a position's kept ids reach (at most k of them); None: k."""
+    k_min: int | None = None
+    """Adaptive top-k: the fewest ids a position keeps."""
+    n_rate: float | None = None
+    """Tail draws by tail mass: min(n, round(n_rate · tail mass)) per position; None: n."""
 
     @property
     def config(self) -> Variant:
@@ -41,6 +47,8 @@ class Variant:
     @property
     def name(self) -> str:
         codec = "" if self.codec == "u8" else f" {self.codec}"
+        if self.kind == "topk" and (self.k_mass is not None or self.n_rate is not None):
+            return self._adaptive_name()
         base = {
             "online": "online full KD",
             "hard": "hard labels (CE)",
@@ -55,6 +63,21 @@ class Variant:
             base += f" [draws {self.sample_seed}]"
         return base if self.seed == 0 else f"{base} (seed {self.seed})"
 
+    def _adaptive_name(self) -> str:
+        """ "top-≤32 @0.9 + ≤32 tail draws @64/mass": the cap, the mass, the draws' rule."""
+        head = f"top-{self.k}" if self.k_mass is None else f"top-≤{self.k} @{self.k_mass:g}"
+        if self.k_mass is not None and (self.k_min or 1) > 1:
+            head += f" ≥{self.k_min}"
+        tail = f" {self.tail}" if not self.n else ""
+        if self.n:
+            rate = f" @{self.n_rate:g}/mass" if self.n_rate is not None else ""
+            tail = f" + {'≤' if rate else ''}{self.n} tail draws{rate}"
+            tail += " systematic" if self.sampling == "systematic" else ""
+        base = head + tail + ("" if self.codec == "u8" else f" {self.codec}")
+        if self.sample_seed:
+            base += f" [draws {self.sample_seed}]"
+        return base if self.seed == 0 else f"{base} (seed {self.seed})"
+
     @property
     def dataset(self) -> tuple[TargetSpec, int]:
         """The stored targets this variant trains on and their draws' seed (hard and online
@@ -62,7 +85,14 @@ class Variant:
         ignores it)."""
         if self.kind == "topk":
             spec = TargetSpec(
-                "topk", k=self.k, n=self.n, codec=self.codec, sampling=self.sampling
+                "topk",
+                k=self.k,
+                n=self.n,
+                codec=self.codec,
+                sampling=self.sampling,  # type: ignore[arg-type]
+                k_mass=self.k_mass,
+                k_min=self.k_min,
+                n_rate=self.n_rate,
             ).stored()  # without draws, no scheme: one target set whatever the sampling
             return spec, self.sample_seed if self.n else 0
         if self.kind == "sampled":
@@ -97,6 +127,8 @@ class Row:
     """Median seconds per optimizer step (the first step excluded)."""
     unique_ids: float | None = None
     """Mean distinct ids per position (sampled targets)."""
+    mean_k: float | None = None
+    """Mean top-k ids kept per position (adaptive top-k)."""
 
 
 def default_variants(
@@ -111,9 +143,11 @@ def default_variants(
     seed: int = 0,
     tail_draws: tuple[tuple[int, int], ...] = (),
     sample_seeds: tuple[int, ...] = (0,),
+    adaptive: tuple[tuple[float, int, int, float, int], ...] = (),
 ) -> list[Variant]:
     """Online (the reference) and hard first, then top-k × tail (u8), the other codecs at
-    ``codec_k``, top-k + tail draws (k, n), sampled N, all at data-order ``seed``, those with
+    ``codec_k``, top-k + tail draws (k, n), adaptive targets (k_mass, k, n, n_rate, k_min;
+    0 for a fixed k or n), sampled N, all at data-order ``seed``, those with
     draws once per sample seed; then online at each noise seed."""
     out = [Variant("online")] + ([Variant("hard")] if hard else [])
     out += [Variant("topk", k=k, tail=t) for k in ks for t in tails]
@@ -122,6 +156,20 @@ def default_variants(
         Variant("topk", k=k, n=n, tail="draws", sampling=m)
         for m in samplings
         for k, n in tail_draws
+    ]
+    out += [
+        Variant(
+            "topk",
+            k=k,
+            n=n,
+            tail="draws" if n else "bucket",
+            sampling=m,
+            k_mass=mass if mass > 0 else None,
+            k_min=k_min if mass > 0 else None,
+            n_rate=rate if rate > 0 and n else None,
+        )
+        for m in samplings
+        for mass, k, n, rate, k_min in adaptive
     ]
     out += [Variant("sampled", n=n, sampling=m) for m in samplings for n in draws]
     out = [
