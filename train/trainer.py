@@ -264,10 +264,11 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         state, rng = load_checkpoint(
             ckpt, model=model, optimizer=optimizer, adapter=cfg.lora.r > 0, sharded=fsdp
         )
+        # The stream first: it refuses another number of ranks or workers before any resharding.
+        loader.load_state_dict(state["stream"])
         if fsdp:
             fsdp_.load_sharded(ckpt, module, optimizer)
         step = int(state["step"])
-        loader.load_state_dict(state["stream"])
         torch.set_rng_state(rng[f"cpu.rank{dist.rank}"])
         if dist.device.type == "cuda" and f"cuda.rank{dist.rank}" in rng:
             torch.cuda.set_rng_state(rng[f"cuda.rank{dist.rank}"], dist.device)

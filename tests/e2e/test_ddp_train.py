@@ -73,6 +73,15 @@ def test_two_process_ddp_resume_reproduces_the_uninterrupted_losses(
     # Stopped after step 5, mid-epoch (an epoch is 5 steps of 8); the checkpoint is step 3.
     torchrun_train(ds, tiny_student_dir, tmp_path / "b", *every, "--train.stop_after", "5")
     assert not (tmp_path / "b" / "final").exists()
+    # Resuming in one process is refused before anything is restored, naming the mismatch.
+    one = [
+        sys.executable, "-m", "logitcache.tools.cli", "train", "--config",
+        str(tmp_path / "b" / "resolved_config.yaml"), "--resume",
+    ]  # fmt: skip
+    proc = subprocess.run(one, capture_output=True, text=True, timeout=280)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "cannot resume the data stream exactly: num_slots was 2 and is now 1" in proc.stderr
+    assert "number of ranks and data.num_workers as the checkpointed run" in proc.stderr
     torchrun_train(ds, tiny_student_dir, tmp_path / "b", *every, "--resume")
     keys = ("step", "loss", "kd", "ce", "grad_norm", "lr", "positions", "epoch", "eval/kl")
 
