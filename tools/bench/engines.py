@@ -13,7 +13,9 @@ The same rendered prompts (the demo's prompts in the chat template, no context) 
   ``generate_batch`` (``logprobs = k``, raw log-probs) plus the conversion into targets;
 - **served**: ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1, started here;
   bare = the same completions without log-probs; capture = ``--teacher-url``'s
-  ``generate_batch`` (``logprobs = k`` by token id) plus the conversion.
+  ``generate_batch`` (``logprobs = k`` by token id) plus the conversion; and **server** = the
+  capture's own requests with the answers read but not decoded, so capture ÷ server is the
+  client's share (decoding, conversion) and server ÷ bare the server's (producing the log-probs).
 
 Every response runs to ``--new`` tokens (no end-of-sequence stop), so every variant generates
 the same count. Figures: generated tokens/s and captured positions/s (here equal: one position
