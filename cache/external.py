@@ -50,19 +50,27 @@ def topk_rows(rows: Sequence[TopRow], k: int, where: str = "the engine") -> TopK
     RuntimeError naming ``where`` when a row holds fewer than k (the engine was asked for
     fewer)."""
     P = len(rows)
-    ids = np.zeros((P, k), dtype=np.int32)
-    lps = np.zeros((P, k), dtype=np.float32)
-    tail = np.zeros(P, dtype=np.float32)
-    for p, row in enumerate(rows):
-        if len(row) < k:
+    widths = [len(row) for row in rows]
+    for w in widths:
+        if w < k:
             raise RuntimeError(
-                f"{where} returned {len(row)} log-probs at a position where {k} were asked for"
+                f"{where} returned {w} log-probs at a position where {k} were asked for"
             )
-        top = sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-        ids[p] = [t for t, _ in top]
-        lps[p] = [lp for _, lp in top]
-        mass = math.fsum(math.exp(lp) for _, lp in top)
-        tail[p] = math.log1p(-mass) if mass < 1.0 else float("-inf")
+    W = max(widths, default=k)
+    # Vectorised: rows padded to the widest (id = max int64, log-prob = -inf sort last), then
+    # one lexsort per row by (-log-prob, id) — the most likely first, ties by the smaller id.
+    all_ids = np.full((P, W), np.iinfo(np.int64).max, dtype=np.int64)
+    all_lps = np.full((P, W), -np.inf, dtype=np.float64)
+    for p, (row, w) in enumerate(zip(rows, widths, strict=True)):
+        all_ids[p, :w] = np.fromiter(row.keys(), np.int64, w)
+        all_lps[p, :w] = np.fromiter(row.values(), np.float64, w)
+    order = np.lexsort((all_ids, -all_lps), axis=-1)[:, :k]
+    ids = np.take_along_axis(all_ids, order, -1).astype(np.int32)
+    top = np.take_along_axis(all_lps, order, -1)
+    lps = top.astype(np.float32)
+    # The tail from the exact (fsum) top-k mass: near 1 its log needs every digit.
+    mass = [math.fsum(r) for r in np.exp(top).tolist()]
+    tail = np.array([math.log1p(-m) if m < 1.0 else -math.inf for m in mass], dtype=np.float32)
     return TopKTensors(torch.from_numpy(ids), torch.from_numpy(lps), torch.from_numpy(tail))
 
 

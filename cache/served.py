@@ -165,7 +165,7 @@ class ServedTeacher(ExternalTeacher):
                             f"--teacher-url {self.url}{path} refused the request: HTTP "
                             f"{r.status_code}: {r.text[:500]}" + _hint(r.text)
                         )
-                    return r.json()
+                    return _loads(r.content)
         except httpx.HTTPError as e:
             raise ServerError(
                 f"--teacher-url {self.url}{path}: no answer after {self.retries + 1} tries "
@@ -219,10 +219,11 @@ class ServedTeacher(ExternalTeacher):
             out.append([_id_row(r, self.url) if r else {} for r in rows])
         return out
 
-    def generations(
+    def generation_bodies(
         self, prompts: list[list[int]], k: int, gen: GenerateConfig, ex_keys: np.ndarray
-    ) -> list[tuple[list[int], Sequence[TopRow]]]:
-        bodies = [
+    ) -> list[dict[str, Any]]:
+        """The ``/v1/completions`` request of each prompt in generate mode."""
+        return [
             {
                 "model": self.model,
                 "prompt": p,
@@ -240,17 +241,31 @@ class ServedTeacher(ExternalTeacher):
             }
             for p, key in zip(prompts, ex_keys, strict=True)
         ]
+
+    def generations(
+        self, prompts: list[list[int]], k: int, gen: GenerateConfig, ex_keys: np.ndarray
+    ) -> list[tuple[list[int], Sequence[TopRow]]]:
         out = []
-        for a in self.post_many(bodies):
+        for a in self.post_many(self.generation_bodies(prompts, k, gen, ex_keys)):
             choice = _choice(a, self.url)
             lp = choice.get("logprobs") or {}
             ids = choice.get("token_ids")
             if ids is None:  # servers without return_token_ids: the ids of the token strings
                 ids = [_token_id(s, self.url) for s in lp.get("tokens") or []]
             tops = lp.get("top_logprobs") or []
-            rows = [{_token_id(s, self.url): float(v) for s, v in t.items()} for t in tops]
+            rows = [_token_row(t, self.url) for t in tops]
             out.append(([int(i) for i in ids], rows))
         return out
+
+
+def _loads(content: bytes) -> Any:
+    """JSON → Python: orjson where installed (the ``served`` extra; ~1.5x faster on the
+    log-prob answers), else the standard library."""
+    try:
+        import orjson
+    except ModuleNotFoundError:
+        return json.loads(content)
+    return orjson.loads(content)
 
 
 def _hint(text: str) -> str:
@@ -279,6 +294,15 @@ def _token_id(s: str, url: str) -> int:
         f"--teacher-url {url}: log-probs keyed by the string {s!r} rather than a token id; the "
         "server must honour return_tokens_as_token_ids (vLLM ≥ 0.6)"
     )
+
+
+def _token_row(row: dict[str, float], url: str) -> TopRow:
+    """One generation step's ``{"token_id:<id>": log-prob}`` → {id: log-prob}."""
+    out = {int(s[9:]): v for s, v in row.items() if s.startswith("token_id:")}
+    if len(out) != len(row):  # a key that is not an id: name it
+        for s in row:
+            _token_id(s, url)
+    return out
 
 
 def _id_row(row: Any, url: str) -> TopRow:

@@ -13,7 +13,9 @@ The same rendered prompts (the demo's prompts in the chat template, no context) 
   ``generate_batch`` (``logprobs = k``, raw log-probs) plus the conversion into targets;
 - **served**: ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1, started here;
   bare = the same completions without log-probs; capture = ``--teacher-url``'s
-  ``generate_batch`` (``logprobs = k`` by token id) plus the conversion.
+  ``generate_batch`` (``logprobs = k`` by token id) plus the conversion; and **server** = the
+  capture's own requests with the answers read but not decoded, so capture ÷ server is the
+  client's share (decoding, conversion) and server ÷ bare the server's (producing the log-probs).
 
 Every response runs to ``--new`` tokens (no end-of-sequence stop), so every variant generates
 the same count. Figures: generated tokens/s and captured positions/s (here equal: one position
@@ -25,6 +27,7 @@ compare engines by their own bare rows, and the ratios within an engine.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -150,7 +153,13 @@ def bench_hf(
 
 
 def bench_external(
-    teacher_obj: Any, bare_fn: Any, rendered: list[Any], cfg: Any, batch: int, repeats: int
+    teacher_obj: Any,
+    bare_fn: Any,
+    rendered: list[Any],
+    cfg: Any,
+    batch: int,
+    repeats: int,
+    server_fn: Any = None,
 ) -> dict[str, float]:
     from ...cache.targets import example_keys
 
@@ -169,7 +178,12 @@ def bench_external(
     def bare() -> int:
         return sum(bare_fn([rendered[i] for i in idx]) for idx in chunks)
 
-    times, counts = _alternate({"bare": bare, "capture": capture}, repeats)
+    variants = {"bare": bare, "capture": capture}
+    if server_fn is not None:
+        variants["server"] = lambda: sum(
+            server_fn([rendered[i] for i in idx], keys[idx]) for idx in chunks
+        )
+    times, counts = _alternate(variants, repeats)
     return _best(times, counts)
 
 
@@ -240,8 +254,23 @@ def bench_served(
             ]  # fmt: skip
             return sum(len(a["choices"][0]["token_ids"]) for a in eng.post_many(bodies))
 
+        def server(exs: list[Any], keys: np.ndarray) -> int:
+            """The capture's requests, answers read but not decoded: the server's own cost."""
+            prompts = [[int(i) for i in e.teacher_ids] for e in exs]
+            bodies = eng.generation_bodies(prompts, k, cfg.generate, keys)
+            client = eng._http()
+
+            async def go() -> list[Any]:
+                return await asyncio.gather(
+                    *(client.post("/v1/completions", json=b) for b in bodies)
+                )
+
+            for r in eng._run(go()):
+                r.raise_for_status()
+            return new * len(exs)  # ignore_eos: --new tokens each
+
         try:
-            return bench_external(eng, bare, rendered, cfg, len(rendered), repeats)
+            return bench_external(eng, bare, rendered, cfg, len(rendered), repeats, server)
         finally:
             eng.close()
     finally:
@@ -291,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['bare']:.1f} | {r['capture']:.1f} | {r['capture'] / r['bare']:.3f} |")
+    if "server" in rows.get("served", {}):
+        r = rows["served"]
+        print(
+            f"\nserved, the capture's requests with answers read but not decoded: "
+            f"{r['server']:.1f} tok/s = {r['server'] / r['bare']:.3f} of bare (the server's log-prob "
+            f"output); the client's decoding and conversion: capture ÷ that = "
+            f"{r['capture'] / r['server']:.3f}"
+        )
     return 0
 
 
