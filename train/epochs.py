@@ -22,30 +22,37 @@ is skipped or repeated.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 
 from .batching import Batcher
-from .stream import LogitStream, StreamLoader
+from .stream import LogitStream, SlotState, StreamLoader
 
 
 def micro_batches(loader: StreamLoader) -> int:
-    """The micro-batches ``loader`` yields over the whole run (its rank's share), counted
-    without reading any targets. Its stream must end (``epochs`` set) and batch with a
-    :class:`Batcher`."""
+    """The micro-batches ``loader`` yields from where it stands (a fresh loader: over the whole
+    run) to the end of the run, its rank's share, counted without reading any targets. Its
+    stream must end (``epochs`` set) and batch with a :class:`Batcher`. A resumed slot's
+    epoch is batched afresh from its position, as the resumed stream batches it."""
     stream, batcher = loader.stream, loader.stream.make_batches
     assert stream.epochs is not None and isinstance(batcher, Batcher)
     workers = max(loader.num_workers, 1)
     lengths = _Lengths(stream, batcher) if batcher.max_tokens else None
+    start = SlotState(stream.carry.first if stream.carry else 0, 0)
     total = 0
     for slot in range(stream.rank * workers, (stream.rank + 1) * workers):
-        for epoch in range(math.ceil(stream.epochs)):
+        at = loader.slots.get(slot, start)
+        for epoch in range(at.epoch, math.ceil(stream.epochs)):
+            skip = at.emitted if epoch == at.epoch else 0
             if lengths is None:
-                n = stream.epoch_length(slot, loader.num_slots, epoch)
+                n = stream.epoch_length(slot, loader.num_slots, epoch) - skip
                 total += math.ceil(n / batcher.batch_size)
             else:
-                rows = stream.epoch_rows(slot, loader.num_slots, epoch)
+                rows = itertools.islice(
+                    stream.epoch_rows(slot, loader.num_slots, epoch), skip, None
+                )
                 total += batcher.count(lengths.of(shard, row) for shard, row in rows)
     return total
 

@@ -24,6 +24,7 @@ local ``cache_dir``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import os
 import queue
@@ -42,6 +43,7 @@ from logitcache.cache.format import Example
 from logitcache.cache.reader import LogitDataset, ShardReader, open_dataset
 
 from .order import Shuffle, shard_order, slot_range, slot_segments
+from .reslot import Carry, layout_length, layout_rows
 
 STATE_VERSION = 1
 
@@ -74,6 +76,24 @@ class _OpenShard:
         if b != self._batch_index:
             self._batch, self._batch_index = self.reader.batch(b), b
         return _standalone(self._batch.example(row - self.starts[b]))
+
+
+class _RecentShards:
+    """Examples by (shard, row), the last few shards kept open: a carried epoch reads each old
+    slot's order, which moves among the shards of its shuffle buffer."""
+
+    def __init__(self, ds: LogitDataset, keep: int = 3):
+        self.ds, self.keep = ds, keep
+        self._open: dict[int, _OpenShard] = {}
+
+    def example(self, shard: int, row: int) -> Example:
+        if shard not in self._open:
+            if len(self._open) == self.keep:
+                del self._open[next(iter(self._open))]
+            self._open[shard] = _OpenShard(self.ds.shard(shard))
+        else:
+            self._open[shard] = self._open.pop(shard)  # most recently used last
+        return self._open[shard].example(row)
 
 
 class _SlotSource:
@@ -181,6 +201,8 @@ class LogitStream(IterableDataset):
         self.make_batches = make_batches
         self.dataset = open_dataset(self.url, **self.open_kwargs)
         self.shard_rows = [s.rows for s in self.dataset.shards]
+        self.carry: Carry | None = None
+        """Epochs begun on another number of slots, set by a resume (:mod:`.reslot`)."""
         self.start: dict[int, SlotState] = {}
         """Per-slot resume states, set by :class:`StreamLoader`.load_state_dict."""
         self.rotation = 0
@@ -220,15 +242,24 @@ class LogitStream(IterableDataset):
                 "(ranks × data.num_workers) forever: one would never yield; use fewer "
                 "data.num_workers or ranks, or a larger dataset"
             )
-        state = self.start.get(slot, SlotState(0, 0))
+        state = self.start.get(slot, SlotState(self.carry.first if self.carry else 0, 0))
         epoch, skip = state.epoch, state.emitted
         while self.epochs is None or epoch < self.epochs:
             yield from self._epoch_items(slot, num_slots, epoch, skip)
             epoch, skip = epoch + 1, 0
 
     def epoch_length(self, slot: int, num_slots: int, epoch: int) -> int:
-        """Examples ``slot`` emits in ``epoch``: its whole range, or in the last epoch of a
-        fractional ``epochs`` the first ⌈fraction × range⌉ of them; 0 after the last epoch."""
+        """Examples ``slot`` emits in ``epoch`` (a carried epoch: its piece of the rest)."""
+        return layout_length(self, self.carry, slot, num_slots, epoch)
+
+    def epoch_rows(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[int, int]]:
+        """(shard, row) of each example ``slot`` emits in ``epoch``, in order; reads nothing."""
+        return layout_rows(self, self.carry, slot, num_slots, epoch)
+
+    def plain_epoch_length(self, slot: int, num_slots: int, epoch: int) -> int:
+        """Examples ``slot`` emits in an epoch laid out for ``num_slots``: its whole range, or
+        in the last epoch of a fractional ``epochs`` the first ⌈fraction × range⌉ of them; 0
+        after the last epoch."""
         lo, hi = slot_range(self.num_examples, slot, num_slots)
         if self.epochs is None or epoch + 1 <= self.epochs:
             return hi - lo
@@ -236,11 +267,11 @@ class LogitStream(IterableDataset):
             return math.ceil((self.epochs - epoch) * (hi - lo))
         return 0
 
-    def epoch_rows(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[int, int]]:
-        """(shard, row) of each example ``slot`` emits in ``epoch``, in order; reads nothing."""
+    def plain_epoch_rows(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[int, int]]:
+        """:meth:`epoch_rows` of an epoch laid out for ``num_slots`` (not carried)."""
         source, plan = self._epoch_plan(slot, num_slots, epoch)
         plan.fill()
-        for _ in range(self.epoch_length(slot, num_slots, epoch)):
+        for _ in range(self.plain_epoch_length(slot, num_slots, epoch)):
             pos = plan.emit()
             assert pos is not None
             plan.fill()
@@ -257,8 +288,11 @@ class LogitStream(IterableDataset):
     def _epoch_items(
         self, slot: int, num_slots: int, epoch: int, skip: int
     ) -> Iterator[StreamItem]:
+        if self.carry is not None and self.carry.covers(epoch):
+            yield from self._carried_items(slot, num_slots, epoch, skip)
+            return
         source, plan = self._epoch_plan(slot, num_slots, epoch)
-        length = self.epoch_length(slot, num_slots, epoch)
+        length = self.plain_epoch_length(slot, num_slots, epoch)
         # Replay the first `skip` steps as index arithmetic only, then read what is pending.
         plan.fill()
         for _ in range(skip):
@@ -279,6 +313,19 @@ class LogitStream(IterableDataset):
                 yield StreamItem(ex, slot, state, end)
         finally:
             source.close()
+
+    def _carried_items(
+        self, slot: int, num_slots: int, epoch: int, skip: int
+    ) -> Iterator[StreamItem]:
+        """A carried epoch (:mod:`logitcache.train.reslot`): the piece, in order, from ``skip``."""
+        assert self.carry is not None
+        length = self.carry.length(self, slot, num_slots, epoch)
+        rows = itertools.islice(self.carry.rows(self, slot, num_slots, epoch), skip, None)
+        shards = _RecentShards(self.dataset)
+        for emitted, (shard, row) in enumerate(rows, start=skip + 1):
+            end = emitted == length
+            state = SlotState(epoch + 1, 0) if end else SlotState(epoch, emitted)
+            yield StreamItem(shards.example(shard, row), slot, state, end)
 
     def __iter__(self) -> Iterator[Any]:
         items = self.items()
@@ -358,6 +405,8 @@ class StreamLoader:
         self.consumed = 0
         self.due = 0
         """The worker (this rank's slot index) whose batch is due next."""
+        self.resumed_from: tuple[int, int] | None = None
+        """(ranks, slots) the loaded state was saved on, when either differs from ours."""
 
     @property
     def num_slots(self) -> int:
@@ -394,8 +443,9 @@ class StreamLoader:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position of this rank's slots, for a checkpoint."""
         s = self.stream
+        carried = {} if s.carry is None else {"carry": s.carry.to_json()}
         return {
-            "version": STATE_VERSION,
+            "version": STATE_VERSION + bool(carried),
             "seed": s.seed,
             "shuffle": s.shuffle,
             "shuffle_buffer": s.shuffle_buffer,
@@ -404,7 +454,7 @@ class StreamLoader:
             "slots": {str(k): [v.epoch, v.emitted] for k, v in sorted(self.slots.items())},
             "due": {str(s.rank): self.due},
             "consumed": self.consumed,
-        }
+        } | carried
 
     @staticmethod
     def merge_states(states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -415,7 +465,10 @@ class StreamLoader:
         return merged
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``, one rank's or all ranks' (:meth:`merge_states`)."""
+        """Continue from ``state``, one rank's or all ranks' (:meth:`merge_states`). Saved on
+        another number of slots (ranks × workers), the begun epochs are carried over
+        (:mod:`logitcache.train.reslot`); on as many slots dealt to other ranks, each slot
+        continues. Either needs all ranks' state, and sets :attr:`resumed_from`."""
         s = self.stream
         problems = []
         mine = {
@@ -423,10 +476,9 @@ class StreamLoader:
             "shuffle": s.shuffle,
             "shuffle_buffer": s.shuffle_buffer,
             "num_examples": s.num_examples,
-            "num_slots": self.num_slots,
         }
-        if state.get("version") != STATE_VERSION:
-            problems.append(f"stream state version {state.get('version')!r} (expected 1)")
+        if state.get("version") not in (STATE_VERSION, STATE_VERSION + 1):
+            problems.append(f"stream state version {state.get('version')!r} (expected 1 or 2)")
         for key, value in mine.items():
             if state.get(key) != value:
                 problems.append(f"{key} was {state.get(key)!r} and is now {value!r}")
@@ -434,11 +486,24 @@ class StreamLoader:
             raise InputError(
                 "cannot resume the data stream exactly: "
                 + "; ".join(problems)
-                + ". Resume with the same dataset, seed, shuffle buffer, number of ranks and "
-                "data.num_workers as the checkpointed run (or start a new run)"
+                + ". Resume with the same dataset, seed and shuffle buffer as the checkpointed "
+                "run (or start a new run)"
             )
-        self.slots = {int(k): SlotState(int(e), int(n)) for k, (e, n) in state["slots"].items()}
+        slots = {int(k): (int(e), int(n)) for k, (e, n) in state["slots"].items()}
+        carry = Carry.from_json(state.get("carry"))
+        ranks = len(state.get("due", {})) or s.world_size  # `due` has one entry per rank
+        if state["num_slots"] != self.num_slots or ranks != s.world_size:
+            self.resumed_from = (ranks, int(state["num_slots"]))
+        if state["num_slots"] != self.num_slots:
+            s.carry = Carry.of(int(state["num_slots"]), slots, carry)
+            self.slots, self.consumed, self.due = {}, 0, 0
+            return
+        s.carry = carry
+        self.slots = {k: SlotState(e, n) for k, (e, n) in slots.items()}
         self.consumed = int(state["consumed"])
+        if self.resumed_from is not None:  # the same slots, dealt to ranks another way
+            self.consumed, self.due = 0, 0
+            return
         # Checkpoints written before `due` was kept come from never-ending streams, where every
         # worker takes its turn and every rank takes as many batches: the turn is consumed % W.
         due = state.get("due", {}).get(str(s.rank))

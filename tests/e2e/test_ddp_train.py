@@ -11,13 +11,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from logitcache.train.metrics import read_metrics
 from tests.train.helpers import capture_dataset
 
 
-def torchrun_train(ds: Path, student: Path, out: Path, *extra: str) -> str:
+def torchrun_train(ds: Path, student: Path, out: Path, *extra: str, nproc: int = 2) -> str:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
         "-m", "logitcache.tools.cli", "train",
         "--data.train", str(ds),
         "--data.eval", str(ds),
@@ -73,15 +75,6 @@ def test_two_process_ddp_resume_reproduces_the_uninterrupted_losses(
     # Stopped after step 5, mid-epoch (an epoch is 5 steps of 8); the checkpoint is step 3.
     torchrun_train(ds, tiny_student_dir, tmp_path / "b", *every, "--train.stop_after", "5")
     assert not (tmp_path / "b" / "final").exists()
-    # Resuming in one process is refused before anything is restored, naming the mismatch.
-    one = [
-        sys.executable, "-m", "logitcache.tools.cli", "train", "--config",
-        str(tmp_path / "b" / "resolved_config.yaml"), "--resume",
-    ]  # fmt: skip
-    proc = subprocess.run(one, capture_output=True, text=True, timeout=280)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "cannot resume the data stream exactly: num_slots was 2 and is now 1" in proc.stderr
-    assert "number of ranks and data.num_workers as the checkpointed run" in proc.stderr
     torchrun_train(ds, tiny_student_dir, tmp_path / "b", *every, "--resume")
     keys = ("step", "loss", "kd", "ce", "grad_norm", "lr", "positions", "epoch", "eval/kl")
 
@@ -91,6 +84,48 @@ def test_two_process_ddp_resume_reproduces_the_uninterrupted_losses(
 
     assert [r["step"] for r in losses("a") if "loss" in r] == list(range(1, 8))
     assert losses("a") == losses("b")  # bit for bit, across both ranks' all-reduces
+
+
+@pytest.mark.parametrize(
+    "workers,how",
+    [
+        ("0", "2 reader slots (2 rank(s) × 1 data.num_workers) and this one on 1 (1 × 1): the "
+         "rest of epoch 0 is spread over the new slots"),
+        ("2", "2 reader slots (2 rank(s) × 1 data.num_workers) and this one on 2 (1 × 2): each "
+         "slot continues where it stood"),
+    ],
+)  # fmt: skip
+def test_resumed_on_one_process_each_example_is_trained_once_per_epoch(
+    tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path, workers: str, how: str
+) -> None:
+    ds = capture_dataset(tiny_teacher_dir, tmp_path / "ds", count=40, shard_positions=120)
+    out = tmp_path / "run"
+    epochs = ("--train.steps", "0", "--train.epochs", "2", "--log.example_ids", "true")
+    # 2 ranks × 4 examples a step: 5 steps an epoch. Stopped after step 3, checkpoint at 2.
+    every = ("--log.checkpoint_every", "2", "--log.eval_every", "0")
+    torchrun_train(ds, tiny_student_dir, out, *epochs, *every, "--train.stop_after", "3")
+    one = [
+        sys.executable, "-m", "logitcache.tools.cli", "train", "--config",
+        str(out / "resolved_config.yaml"), "--resume", "--data.num_workers", workers,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(one, capture_output=True, text=True, env=env, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The rest of epoch 0 (24 examples) and epoch 1 (40) on 1 rank, batches of 4: 6 and 10
+    # micro-batches (on 2 slots: 3 + 3 and 5 + 5), so 16 more steps.
+    message = f"--resume at step 2: the checkpointed run read its data on {how}, so each"
+    assert message in proc.stderr
+    assert "18 steps in all" in proc.stderr
+    assert proc.stdout.strip().endswith(f"done: 18 steps; student saved to {out}/final")
+    seen: dict[int, Counter[str]] = {0: Counter(), 1: Counter()}
+    for rank in (0, 1):  # rank 1's records after step 2 were dropped on resume
+        for line in (out / f"examples-rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            seen[rec["epoch"]].update(rec["ids"])
+    everyone = Counter(f"ex{i}" for i in range(40))
+    assert seen == {0: everyone, 1: everyone}
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 19))
 
 
 def test_two_process_epochs_run_with_uneven_ranks_resumes_as_it_advises(

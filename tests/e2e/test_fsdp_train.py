@@ -58,6 +58,34 @@ def test_two_process_fsdp_trains_to_ddps_losses_and_resumes_exactly(
     assert all(torch.allclose(fa[k], fd[k], rtol=1e-6, atol=1e-7) for k in fa)  # measured: equal
 
 
+@pytest.mark.slow
+def test_fsdp_resumed_on_three_ranks_trains_as_ddp_resumed_on_three(
+    tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path
+) -> None:
+    # DCP reshards the 2-rank checkpoint's weights and Adam moments onto 3 ranks; the data
+    # carried over is the same for both, so FSDP must go on as DDP (whose checkpoint is whole).
+    ds = capture_dataset(tiny_teacher_dir, tmp_path / "ds", count=40, shard_positions=120)
+    every = ("--log.checkpoint_every", "3", "--log.eval_every", "3", "--optim.grad_accum", "2")
+    for name, extra in (("ddp", ()), ("fsdp", ("--train.parallel", "fsdp"))):
+        torchrun_train(
+            ds, tiny_student_dir, tmp_path / name, *every, *extra, "--train.stop_after", "5"
+        )
+        torchrun_train(ds, tiny_student_dir, tmp_path / name, *every, *extra, "--resume", nproc=3)
+    ddp, fsdp = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert [r["step"] for r in fsdp if "loss" in r] == list(range(1, 8))
+    trained = read_metrics(tmp_path / "fsdp" / "metrics.jsonl")
+    examples = [r["examples"] for r in trained if "loss" in r]
+    assert examples[:4] == [16, 16, 16, 24]  # 3 ranks × 4 × grad_accum 2 after the resume
+    assert [sorted(r) for r in fsdp] == [sorted(r) for r in ddp]
+    for x, y in zip(fsdp, ddp, strict=True):
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-6), (k, x, y)
+    fa = load_file(str(tmp_path / "fsdp" / "final" / "model.safetensors"))
+    fd = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    assert fa.keys() == fd.keys()
+    assert all(torch.allclose(fa[k], fd[k], rtol=1e-5, atol=1e-6) for k in fa)
+
+
 def test_fsdp_is_refused_with_lora_and_on_one_process(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"train.parallel=fsdp trains every weight; got lora.r=8"):
         load_config(

@@ -120,8 +120,15 @@ def test_a_fractional_epoch_trains_part_of_one_more_pass_once(
     shares = []
     for rank in range(world):
         loader = rank_loader(cfg, rank, world)
+        share = micro_batches(loader)
         batches = list(loader)
-        assert len(batches) == micro_batches(loader)
+        assert len(batches) == share
+        # Counted from a resumed position: what is left.
+        cut = rank_loader(cfg, rank, world)
+        taken = len(list(itertools.islice(cut, share // 2)))
+        rest = rank_loader(cfg, rank, world)
+        rest.load_state_dict(cut.state_dict())
+        assert micro_batches(rest) == share - taken
         shares.append(len(batches))
         first.update(i for b in batches if b.epoch == 0 for i in b.ids)
         second.update(i for b in batches if b.epoch == 1 for i in b.ids)

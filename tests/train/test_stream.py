@@ -12,6 +12,7 @@ from logitcache.cache.errors import InputError
 from logitcache.cache.writer import DatasetWriter
 from logitcache.train.batching import Batcher
 from logitcache.train.order import Shuffle, slot_range
+from logitcache.train.reslot import Carry
 from logitcache.train.stream import LogitStream, StreamLoader
 from tests.cache.synth import make_examples, make_info
 
@@ -126,13 +127,77 @@ def test_every_example_once_per_epoch_through_workers(dataset: Path) -> None:
     assert sorted(per_epoch[0]) == sorted(f"ex{i}" for i in range(COUNT))
 
 
-def test_resume_refuses_a_different_split(dataset: Path) -> None:
+def test_resume_refuses_another_order(dataset: Path) -> None:
     loader = make_loader(dataset, workers=0)
     next(iter(loader))
     state = loader.state_dict()
-    other = make_loader(dataset, workers=2)
-    with pytest.raises(InputError, match=r"num_slots was 1 and is now 2.*data.num_workers"):
+    other = make_loader(dataset, workers=0)
+    other.stream.seed = 8
+    with pytest.raises(InputError, match=r"seed was 7 and is now 8.*same dataset, seed"):
         other.load_state_dict(state)
+
+
+def run_slots(
+    dataset: Path, world: int, workers: int, epochs: float | None, take: list[int], state=None
+) -> tuple[dict[int, list[str]], dict]:
+    """Each rank of ``world`` takes ``take[rank]`` batches of 4 (all, for None); the ids it
+    saw by epoch, and the merged state after."""
+    seen: dict[int, list[str]] = {}
+    states = []
+    for rank in range(world):
+        loader = make_loader(dataset, workers, rank=rank, world_size=world)
+        loader.stream.epochs = epochs
+        if state is not None:
+            loader.load_state_dict(state)
+        for batch in itertools.islice(loader, take[rank]):
+            seen.setdefault(batch.epoch, []).extend(batch.ids)
+        states.append(loader.state_dict())
+    return seen, StreamLoader.merge_states(states)
+
+
+@pytest.mark.parametrize(
+    "before,after,epochs,take",
+    [
+        ((2, 1), (1, 1), 2, [9, 8]),  # 2 ranks → 1, mid-epoch, one rank a batch ahead
+        ((1, 1), (3, 1), 2, [30]),  # 1 → 3, into epoch 1
+        ((2, 2), (1, 3), 1.5, [7, 11]),  # workers change too, fractional epochs
+        ((3, 0), (2, 0), 3, [8, 7, 8]),  # a slot has ended epoch 0, the others have not
+    ],
+)
+def test_resume_on_another_number_of_slots_sees_every_example_once_per_epoch(
+    dataset: Path, before: tuple[int, int], after: tuple[int, int], epochs: float, take: list[int]
+) -> None:
+    head, state = run_slots(dataset, *before, epochs, take)
+    tail, state2 = run_slots(dataset, *after, epochs, [10**6] * after[0], state)
+    assert state2["version"] == 2 and state2["carry"]["num_slots"] == before[0] * max(before[1], 1)
+    whole = sorted(f"ex{i}" for i in range(COUNT))
+    assert 0 < len(head[max(head)]) < COUNT  # stopped mid-epoch
+    for epoch in range(int(epochs)):
+        assert sorted(head.get(epoch, []) + tail.get(epoch, [])) == whole, epoch
+    if epochs % 1:  # the fractional last epoch: no example twice, and ⌈half⌉ of each slot's share
+        last = head.get(int(epochs), []) + tail.get(int(epochs), [])
+        assert len(last) == len(set(last)) and abs(len(last) - COUNT / 2) <= 4
+
+
+def test_a_carried_run_resumes_again_on_yet_another_number_of_slots(dataset: Path) -> None:
+    seen, state = run_slots(dataset, 2, 0, 2, [6, 7])
+    more, state = run_slots(dataset, 3, 0, 2, [2, 1, 2], state)  # inside the carried piece
+    assert state["carry"]["before"] is None and state["num_slots"] == 3
+    rest, _ = run_slots(dataset, 1, 2, 2, [10**6], state)
+    for epoch in (0, 1):
+        got = seen.get(epoch, []) + more.get(epoch, []) + rest.get(epoch, [])
+        assert sorted(got) == sorted(f"ex{i}" for i in range(COUNT)), epoch
+
+
+def test_a_carry_is_only_the_begun_epochs() -> None:
+    c = Carry.of(3, {0: (1, 0), 1: (1, 4), 2: (0, 9)}, None)
+    assert (c.first, c.last) == (0, 1)
+    assert c.covers(0) and c.covers(1) and not c.covers(2)
+    done = Carry.of(2, {0: (2, 0), 1: (2, 0)}, None)  # both slots just ended epoch 1
+    assert (done.first, done.last) == (2, 1) and not done.covers(2)
+    again = Carry.of(2, {}, c)  # resumed again before any batch: c's epochs still carried
+    assert (again.first, again.last, again.states) == (0, 1, ((0, 0), (0, 0)))
+    assert Carry.from_json(again.to_json()) == again
 
 
 def test_token_budget_batches(dataset: Path) -> None:
