@@ -23,128 +23,27 @@ local ``cache_dir``.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.cache.errors import InputError
 from logitcache.cache.format import Example
-from logitcache.cache.reader import LogitDataset, ShardReader, open_dataset
+from logitcache.cache.reader import open_dataset
 
 from .order import Shuffle, shard_order, slot_range, slot_segments
 from .reslot import Carry, layout_length, layout_rows
+from .rows import RecentShards, SlotSource
 
 STATE_VERSION = 1
-
-
-# --------------------------------------------------------------------------- reading rows
-
-
-def _standalone(x: Any) -> Any:
-    """``x`` with every array in it copied (dataclasses field by field, whatever the kind of
-    targets), so that a buffered example does not keep its whole record batch alive."""
-    if isinstance(x, np.ndarray):
-        return x.copy()
-    if is_dataclass(x):
-        return type(x)(*[_standalone(getattr(x, f.name)) for f in fields(x)])
-    return x
-
-
-class _OpenShard:
-    """One shard's bytes, the row offset of each record batch, and the last decoded batch."""
-
-    def __init__(self, reader: ShardReader):
-        self.reader = reader
-        rows = [reader.record_batch(i).num_rows for i in range(reader.num_batches)]
-        self.starts = np.concatenate([[0], np.cumsum(rows)]).tolist()
-        self._batch_index = -1
-        self._batch: Any = None
-
-    def example(self, row: int) -> Example:
-        b = bisect.bisect_right(self.starts, row) - 1
-        if b != self._batch_index:
-            self._batch, self._batch_index = self.reader.batch(b), b
-        return _standalone(self._batch.example(row - self.starts[b]))
-
-
-class _RecentShards:
-    """Examples by (shard, row), the last few shards kept open: a carried epoch reads each old
-    slot's order, which moves among the shards of its shuffle buffer."""
-
-    def __init__(self, ds: LogitDataset, keep: int = 3):
-        self.ds, self.keep = ds, keep
-        self._open: dict[int, _OpenShard] = {}
-
-    def example(self, shard: int, row: int) -> Example:
-        if shard not in self._open:
-            if len(self._open) == self.keep:
-                del self._open[next(iter(self._open))]
-            self._open[shard] = _OpenShard(self.ds.shard(shard))
-        else:
-            self._open[shard] = self._open.pop(shard)  # most recently used last
-        return self._open[shard].example(row)
-
-
-class _SlotSource:
-    """Random access to one slot's range by its position ``0 … n-1``; fastest in order.
-
-    While a shard is read, the next one is fetched in a background thread, so remote storage
-    and the checksum overlap with decoding and training.
-    """
-
-    def __init__(self, ds: LogitDataset, segments: list[tuple[int, int, int]]):
-        self.ds = ds
-        self.segments = segments
-        self.starts = np.concatenate([[0], np.cumsum([hi - lo for _, lo, hi in segments])])
-        self.n = int(self.starts[-1])
-        self._open: tuple[int, _OpenShard] | None = None
-        self._pool: ThreadPoolExecutor | None = None
-        self._ahead: tuple[int, Future[ShardReader]] | None = None
-
-    def locate(self, pos: int) -> tuple[int, int, int]:
-        """(segment, shard, row in the shard) of position ``pos``; reads nothing."""
-        seg = int(np.searchsorted(self.starts, pos, side="right")) - 1
-        shard, lo, _ = self.segments[seg]
-        return seg, shard, lo + pos - int(self.starts[seg])
-
-    def get(self, pos: int) -> Example:
-        seg, shard, row = self.locate(pos)
-        if self._open is None or self._open[0] != shard:
-            self._open = (shard, _OpenShard(self._reader(shard)))
-            self._read_ahead(seg + 1)
-        return self._open[1].example(row)
-
-    def _reader(self, shard: int) -> ShardReader:
-        if self._ahead is not None and self._ahead[0] == shard:
-            reader = self._ahead[1].result()
-            self._ahead = None
-            return reader
-        return self.ds.shard(shard)
-
-    def _read_ahead(self, seg: int) -> None:
-        if seg >= len(self.segments):
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="logitcache-read-ahead")
-        shard = self.segments[seg][0]
-        self._ahead = (shard, self._pool.submit(self.ds.shard, shard))
-
-    def close(self) -> None:
-        self._open = self._ahead = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
 
 # --------------------------------------------------------------------------- the stream
@@ -278,10 +177,10 @@ class LogitStream(IterableDataset):
             _, shard, row = source.locate(pos)
             yield shard, row
 
-    def _epoch_plan(self, slot: int, num_slots: int, epoch: int) -> tuple[_SlotSource, Shuffle]:
+    def _epoch_plan(self, slot: int, num_slots: int, epoch: int) -> tuple[SlotSource, Shuffle]:
         """The slot's range in ``epoch`` and the order its shuffle buffer emits it in."""
         order = shard_order(len(self.shard_rows), self.seed, epoch, self.shuffle)
-        source = _SlotSource(self.dataset, slot_segments(self.shard_rows, order, slot, num_slots))
+        source = SlotSource(self.dataset, slot_segments(self.shard_rows, order, slot, num_slots))
         size = self.shuffle_buffer if self.shuffle else 1
         return source, Shuffle(source.n, size, [self.seed, epoch, 1, slot])
 
@@ -321,7 +220,7 @@ class LogitStream(IterableDataset):
         assert self.carry is not None
         length = self.carry.length(self, slot, num_slots, epoch)
         rows = itertools.islice(self.carry.rows(self, slot, num_slots, epoch), skip, None)
-        shards = _RecentShards(self.dataset)
+        shards = RecentShards(self.dataset)
         for emitted, (shard, row) in enumerate(rows, start=skip + 1):
             end = emitted == length
             state = SlotState(epoch + 1, 0) if end else SlotState(epoch, emitted)

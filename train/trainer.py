@@ -38,6 +38,7 @@ from .epochs import micro_batches, steps_for
 from .evaluate import evaluate
 from .metrics import append_jsonl, plot_metrics, truncate_jsonl
 from .optim import clipped_step, lr_at, make_optimizer, set_lr
+from .resume import check_resumable, resumed_steps
 from .stream import LogitStream, StreamLoader
 from .student import Dist, DistillStudent, load_student, load_tokenizer, setup_dist
 from .tensorboard import open_writer, write_scalars
@@ -45,28 +46,6 @@ from .tensorboard import open_writer, write_scalars
 METRICS_NAME = "metrics.jsonl"
 CONFIG_NAME = "resolved_config.yaml"
 FINAL_NAME = "final"
-
-RESUMABLE_CHANGES = {
-    "train.stop_after",
-    "loss.allow_temperature_mismatch",
-    "data.prefetch",
-    "data.cache_dir",
-    "data.verify",
-    "log.progress",
-    "log.tensorboard",
-    "lora.merge",
-    "log.plot",
-    "log.eval_every",
-    "log.eval_batches",
-    "log.checkpoint_every",
-    "log.keep_checkpoints",
-}
-"""Config keys that may differ on --resume without changing the run's numbers."""
-
-RESHAPING_CHANGES = {"data.num_workers", "optim.grad_accum"}
-"""Config keys that may differ on --resume as the number of ranks may: the data is carried over
-onto the new reader slots (:mod:`logitcache.train.reslot`) and the step count is redone."""
-
 
 # --------------------------------------------------------------------------- setup
 
@@ -123,60 +102,6 @@ def make_loader(
 
 
 # --------------------------------------------------------------------------- files
-
-
-def _check_resumable(saved: dict[str, Any], cfg: Config, where: Path) -> None:
-    now, default = cfg.to_dict(), Config().to_dict()
-    # A key the checkpoint lacks (saved before it existed) held its default.
-    changed = [
-        f"{s}.{k}: {saved.get(s, {}).get(k, default[s][k])!r} → {v!r}"
-        for s, fields_ in now.items()
-        for k, v in fields_.items()
-        if f"{s}.{k}" not in RESUMABLE_CHANGES | RESHAPING_CHANGES
-        and saved.get(s, {}).get(k, default[s][k]) != v
-    ]
-    if changed:
-        raise InputError(
-            f"--resume: the config differs from the checkpoint's ({where}) in "
-            + "; ".join(changed)
-            + ". Resume with the original config (only logging, eval and checkpoint settings, "
-            "train.stop_after, data.num_workers and optim.grad_accum may change), or start a "
-            "new run in another train.output"
-        )
-
-
-def _resumed_steps(
-    cfg: Config, saved: dict[str, Any], loader: StreamLoader, dist: Dist, step: int, steps: int
-) -> int:
-    """The run's steps once resumed at ``step``: train.steps, or ``step`` plus what every rank
-    has left of train.epochs (equal to the whole run's count when nothing changed). On other
-    ranks, workers or grad_accum, rank 0 says what that means for the data."""
-    if not cfg.train.steps:
-        steps = step + steps_for(dist.gather(micro_batches(loader)), cfg.optim.grad_accum)
-    accum = saved.get("optim", {}).get("grad_accum", Config().optim.grad_accum)
-    if not dist.main or (loader.resumed_from is None and accum == cfg.optim.grad_accum):
-        return steps
-    what = []
-    if loader.resumed_from is not None:
-        (ranks, slots), carry = loader.resumed_from, loader.stream.carry
-        workers = max(cfg.data.num_workers, 1)
-        if slots == loader.num_slots:
-            how = "each slot continues where it stood"
-        elif carry is not None and carry.last >= carry.first:
-            epochs = f"{carry.first}" + (f"-{carry.last}" if carry.last > carry.first else "")
-            how = f"the rest of epoch{'s' * (carry.last > carry.first)} {epochs} is spread over the new slots"
-        else:
-            how = "the next epoch is laid out for the new slots"
-        what.append(
-            f"the checkpointed run read its data on {slots} reader slots ({ranks} rank(s) × "
-            f"{slots // ranks} data.num_workers) and this one on {loader.num_slots} "
-            f"({dist.world} × {workers}): {how}, so each example is still trained once per "
-            "epoch, in other batches than an uninterrupted run's"
-        )
-    if accum != cfg.optim.grad_accum:
-        what.append(f"optim.grad_accum {accum} → {cfg.optim.grad_accum}")
-    print(f"--resume at step {step}: {'; '.join(what)}; {steps} steps in all", file=sys.stderr)
-    return steps
 
 
 def _nothing_to_score(cfg: Config, result: dict[str, Any]) -> str:
@@ -301,7 +226,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed * 1000 + dist.rank)
     if ckpt is not None:
         saved_cfg = yaml.safe_load((ckpt / CONFIG_NAME).read_text())
-        _check_resumable(saved_cfg, cfg, ckpt)
+        check_resumable(saved_cfg, cfg, ckpt)
         state, rng = load_checkpoint(
             ckpt, model=model, optimizer=optimizer, adapter=cfg.lora.r > 0, sharded=fsdp
         )
@@ -310,7 +235,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         if fsdp:
             fsdp_.load_sharded(ckpt, module, optimizer)
         step = int(state["step"])
-        steps = _resumed_steps(cfg, saved_cfg, loader, dist, step, steps)
+        steps = resumed_steps(cfg, saved_cfg, loader, dist, step, steps)
         # A rank the checkpointed run did not have keeps the seed set above.
         if f"cpu.rank{dist.rank}" in rng:
             torch.set_rng_state(rng[f"cpu.rank{dist.rank}"])
