@@ -69,28 +69,38 @@ def encode_id_planes(ids: np.ndarray, seg_lengths: np.ndarray, id_bytes: int) ->
 
 
 def decode_id_planes(planes: list[np.ndarray], seg_lengths: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`encode_id_planes`: flat int32 ids."""
-    gaps = planes[0].astype(np.int64)
-    for b, plane in enumerate(planes[1:], start=1):
-        gaps |= plane.astype(np.int64) << (8 * b)
-    csum = np.cumsum(gaps)
-    if csum.size == 0:
-        return csum.astype(np.int32)
-    # Subtract, for each segment, the running sum accumulated before it.
+    """Inverse of :func:`encode_id_planes`: flat int32 ids.
+
+    One cumulative sum over all segments, made to restart at each: the first gap of a segment
+    has the previous (non-empty) segment's total subtracted, so every running sum is an id of
+    its own segment and fits int32 (ids of up to 3 bytes; 4-byte ids sum in int64).
+    """
+    gaps = _gaps(planes, np.int32 if len(planes) <= 3 else np.int64)
     seg_lengths = np.asarray(seg_lengths, dtype=np.int64)
-    ends = np.cumsum(seg_lengths)
-    before = np.zeros(len(seg_lengths), dtype=np.int64)
-    nonempty_prev = ends[:-1] > 0
-    before[1:][nonempty_prev] = csum[ends[:-1][nonempty_prev] - 1]
-    return (csum - np.repeat(before, seg_lengths)).astype(np.int32)
+    if int(seg_lengths.sum()) != gaps.size:
+        raise ValueError(f"{gaps.size} id gaps do not tile segments of {int(seg_lengths.sum())}")
+    if gaps.size == 0:
+        return gaps.astype(np.int32)
+    starts = (np.cumsum(seg_lengths) - seg_lengths)[seg_lengths > 0]
+    totals = np.add.reduceat(gaps, starts)
+    gaps[starts[1:]] -= totals[:-1]
+    return np.cumsum(gaps, out=gaps).astype(np.int32, copy=False)
 
 
 def decode_id_planes_fixed(planes: list[np.ndarray], k: int) -> np.ndarray:
     """Fast path of :func:`decode_id_planes` when every position holds exactly ``k`` ids: (P, k)."""
-    gaps = planes[0].astype(np.int32)
-    for b, plane in enumerate(planes[1:], start=1):
-        gaps |= plane.astype(np.int32) << (8 * b)
-    return np.cumsum(gaps.reshape(-1, k), axis=1, dtype=np.int32)
+    gaps = _gaps(planes, np.int32).reshape(-1, k)
+    return np.cumsum(gaps, axis=1, out=gaps)
+
+
+def _gaps(planes: list[np.ndarray], dtype: type) -> np.ndarray:
+    """The gaps of uint8 ``planes`` (least significant first) as one ``dtype`` array, built in
+    place: one array of the output's size is allocated (decoding is bound by fresh memory)."""
+    gaps = planes[-1].astype(dtype)
+    for plane in reversed(planes[:-1]):
+        gaps <<= 8
+        gaps |= plane
+    return gaps
 
 
 # ---------------------------------------------------------------------------- probabilities

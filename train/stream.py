@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitcache.cache.errors import InputError
 from logitcache.cache.format import Example
-from logitcache.cache.reader import open_dataset
+from logitcache.cache.reader import keep_freed_memory, open_dataset
 
 from .order import Shuffle, shard_order, slot_range, slot_segments
 from .reslot import Carry, layout_length, layout_rows
@@ -227,6 +227,7 @@ class LogitStream(IterableDataset):
             yield StreamItem(shards.example(shard, row), slot, state, end)
 
     def __iter__(self) -> Iterator[Any]:
+        keep_freed_memory()  # here: in the process (DataLoader worker or not) that decodes
         items = self.items()
         return items if self.make_batches is None else self.make_batches(items)
 
