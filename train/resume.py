@@ -58,8 +58,8 @@ def check_resumable(saved: dict[str, Any], cfg: Config, where: Path) -> None:
             f"--resume: the config differs from the checkpoint's ({where}) in "
             + "; ".join(changed)
             + ". Resume with the original config (only logging, eval and checkpoint settings, "
-            "train.stop_after, data.num_workers and optim.grad_accum may change), or start a "
-            "new run in another train.output"
+            "train.stop_after, the number of ranks, data.num_workers and optim.grad_accum may "
+            "change), or start a new run in another train.output"
         )
 
 
@@ -77,7 +77,6 @@ def resumed_steps(
     what = []
     if loader.resumed_from is not None:
         (ranks, slots), carry = loader.resumed_from, loader.stream.carry
-        workers = max(cfg.data.num_workers, 1)
         if slots == loader.num_slots:
             how = "each slot continues where it stood"
         elif carry is not None and carry.last >= carry.first:
@@ -85,13 +84,24 @@ def resumed_steps(
             how = f"the rest of epoch{'s' * (carry.last > carry.first)} {epochs} is spread over the new slots"
         else:
             how = "the next epoch is laid out for the new slots"
+        if not cfg.train.steps and steps == step:
+            how = "no data is left to train on"
+        workers = saved.get("data", {}).get("num_workers", Config().data.num_workers)
         what.append(
-            f"the checkpointed run read its data on {slots} reader slots ({ranks} rank(s) × "
-            f"{slots // ranks} data.num_workers) and this one on {loader.num_slots} "
-            f"({dist.world} × {workers}): {how}, so each example is still trained once per "
-            "epoch, in other batches than an uninterrupted run's"
+            f"the checkpointed run read its data on {_slots(slots, ranks, workers)} and this "
+            f"one on {_slots(loader.num_slots, dist.world, cfg.data.num_workers)}: {how}, so "
+            "each example is still trained once per epoch, in other batches than an "
+            "uninterrupted run's"
         )
     if accum != cfg.optim.grad_accum:
         what.append(f"optim.grad_accum {accum} → {cfg.optim.grad_accum}")
     print(f"--resume at step {step}: {'; '.join(what)}; {steps} steps in all", file=sys.stderr)
     return steps
+
+
+def _slots(slots: int, ranks: int, workers: int) -> str:
+    """'2 reader slots (2 ranks, data.num_workers 0)'."""
+    return (
+        f"{slots} reader slot{'s' * (slots != 1)} ({ranks} rank{'s' * (ranks != 1)}, "
+        f"data.num_workers {workers})"
+    )

@@ -340,6 +340,12 @@ class StreamLoader:
             if prefetcher is not None:
                 prefetcher.close()
 
+    @property
+    def own_slots(self) -> range:
+        """The slots this rank's workers play."""
+        workers = max(self.num_workers, 1)
+        return range(self.stream.rank * workers, (self.stream.rank + 1) * workers)
+
     def state_dict(self) -> dict[str, Any]:
         """JSON-able position of this rank's slots, for a checkpoint."""
         s = self.stream
@@ -399,7 +405,9 @@ class StreamLoader:
             self.slots, self.consumed, self.due = {}, 0, 0
             return
         s.carry = carry
-        self.slots = {k: SlotState(e, n) for k, (e, n) in slots.items()}
+        # This rank's slots only: a merged state holds every rank's, and a rank that kept the
+        # others' would write their stale positions into its next checkpoint.
+        self.slots = {k: SlotState(e, n) for k, (e, n) in slots.items() if k in self.own_slots}
         self.consumed = int(state["consumed"])
         if self.resumed_from is not None:  # the same slots, dealt to ranks another way
             self.consumed, self.due = 0, 0

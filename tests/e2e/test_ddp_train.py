@@ -89,10 +89,10 @@ def test_two_process_ddp_resume_reproduces_the_uninterrupted_losses(
 @pytest.mark.parametrize(
     "workers,how",
     [
-        ("0", "2 reader slots (2 rank(s) × 1 data.num_workers) and this one on 1 (1 × 1): the "
-         "rest of epoch 0 is spread over the new slots"),
-        ("2", "2 reader slots (2 rank(s) × 1 data.num_workers) and this one on 2 (1 × 2): each "
-         "slot continues where it stood"),
+        ("0", "2 reader slots (2 ranks, data.num_workers 0) and this one on 1 reader slot "
+         "(1 rank, data.num_workers 0): the rest of epoch 0 is spread over the new slots"),
+        ("2", "2 reader slots (2 ranks, data.num_workers 0) and this one on 2 reader slots "
+         "(1 rank, data.num_workers 2): each slot continues where it stood"),
     ],
 )  # fmt: skip
 def test_resumed_on_one_process_each_example_is_trained_once_per_epoch(

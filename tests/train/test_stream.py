@@ -179,14 +179,28 @@ def test_resume_on_another_number_of_slots_sees_every_example_once_per_epoch(
         assert len(last) == len(set(last)) and abs(len(last) - COUNT / 2) <= 4
 
 
-def test_a_carried_run_resumes_again_on_yet_another_number_of_slots(dataset: Path) -> None:
-    seen, state = run_slots(dataset, 2, 0, 2, [6, 7])
-    more, state = run_slots(dataset, 3, 0, 2, [2, 1, 2], state)  # inside the carried piece
-    assert state["carry"]["before"] is None and state["num_slots"] == 3
-    rest, _ = run_slots(dataset, 1, 2, 2, [10**6], state)
+ALL = 10**6
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        # (ranks, workers, batches each rank takes) per invocation, each resuming the last
+        [(2, 0, [6, 7]), (3, 0, [2, 1, 2]), (1, 2, [ALL])],  # carried, then carried again
+        [(2, 0, [5, 6]), (2, 0, [4, 4]), (2, 0, [ALL, ALL])],  # the same layout, twice
+        [(1, 2, [7]), (2, 0, [5, 5]), (2, 0, [3, 3]), (3, 0, [ALL] * 3)],  # dealt anew, kept
+        [(2, 0, [6, 7]), (3, 0, [2, 1, 2]), (3, 0, [3, 3, 3]), (3, 0, [ALL] * 3)],
+    ],
+)
+def test_a_chain_of_resumes_sees_every_example_once_per_epoch(dataset: Path, chain: list) -> None:
+    seen: dict[int, list[str]] = {}
+    state = None
+    for ranks, workers, take in chain:
+        got, state = run_slots(dataset, ranks, workers, 2, take, state)
+        for epoch, ids in got.items():
+            seen.setdefault(epoch, []).extend(ids)
     for epoch in (0, 1):
-        got = seen.get(epoch, []) + more.get(epoch, []) + rest.get(epoch, [])
-        assert sorted(got) == sorted(f"ex{i}" for i in range(COUNT)), epoch
+        assert sorted(seen[epoch]) == sorted(f"ex{i}" for i in range(COUNT)), epoch
 
 
 def test_a_carry_is_only_the_begun_epochs() -> None:
