@@ -25,8 +25,35 @@ SHARDED_NAME = "sharded"
 
 
 def shard_student(student: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``fully_shard`` each decoder layer, then the whole student (the root group). On GPU the
-    weights compute in bf16 and gradients reduce in fp32; on CPU everything stays fp32."""
+    """``fully_shard`` each decoder layer, then the whole student (the root group), and give
+    each rank its shards of rank 0's weights on ``device``. On GPU the weights compute in bf16
+    and gradients reduce in fp32; on CPU everything stays fp32.
+
+    Rank 0 holds the student's weights on the host; every other rank holds it on the meta
+    device (no memory). After sharding, each rank allocates only its shards on ``device`` and
+    receives them from rank 0 (``set_model_state_dict`` with ``broadcast_from_rank0``, as
+    PyTorch's FSDP2 guide loads a checkpoint); buffers (rotary tables, which no state dict
+    holds) are broadcast too. So a node holds one whole copy of the student, not one per rank.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    main = dist.get_rank() == 0
+    full = student.state_dict() if main else {}  # rank 0's tensors, kept alive past sharding
+    buffers = {name: b.detach().clone() for name, b in student.named_buffers()} if main else {}
+    _fully_shard(student, device)
+    student.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(student, full, options=options)
+    for name, b in student.named_buffers():
+        if main:
+            b.copy_(buffers[name])
+        dist.broadcast(b, src=0)
+    return student
+
+
+def _fully_shard(student: torch.nn.Module, device: torch.device) -> None:
+    """Each decoder layer its own group, then the root; bf16 compute on GPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy()
@@ -37,7 +64,6 @@ def shard_student(student: torch.nn.Module, device: torch.device) -> torch.nn.Mo
     for layer in layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(student, mp_policy=mp)
-    return student
 
 
 @contextlib.contextmanager

@@ -63,11 +63,14 @@ def load_student(
     eval_info: DatasetInfo | None = None,
     *,
     frozen_dtype: torch.dtype = torch.float32,
+    on_meta: bool = False,
 ) -> torch.nn.Module:
     """The student for training on ``info``'s dataset (and scoring ``eval_info``'s), refused
     when its lm_head does not cover either vocabulary or its logits are not lm_head(hidden);
     wrapped with LoRA adapters when ``lora.r > 0``, its frozen base weights in
-    ``frozen_dtype`` (the adapters stay fp32: peft's ``autocast_adapter_dtype``)."""
+    ``frozen_dtype`` (the adapters stay fp32: peft's ``autocast_adapter_dtype``).
+    ``on_meta``: built from the config on the meta device (shapes, no memory), for an FSDP rank
+    that receives its shards from rank 0."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg.model
@@ -76,6 +79,10 @@ def load_student(
             from .adapters import load_4bit
 
             model = load_4bit(m.path, gradient_checkpointing=m.gradient_checkpointing)
+        elif on_meta:
+            config = AutoConfig.from_pretrained(m.path if m.path is not None else m.config)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         elif m.path is not None:
             dtype = frozen_dtype if cfg.lora.r > 0 else torch.float32
             model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype)

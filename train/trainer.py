@@ -204,8 +204,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     )
     # Under LoRA the frozen base weights are held in bf16 when the run computes in it.
     frozen = torch.bfloat16 if bf16 and cfg.lora.r > 0 else torch.float32
-    model = load_student(cfg, info, infos.get("data.eval"), frozen_dtype=frozen)
-    if not cfg.lora.load_in_4bit:  # 4-bit weights are placed on the device as they load
+    # FSDP: only rank 0 reads the weights (onto the host); the others build the student on the
+    # meta device, and each rank receives its shards from rank 0 (fsdp.shard_student).
+    model = load_student(
+        cfg, info, infos.get("data.eval"), frozen_dtype=frozen, on_meta=fsdp and not dist.main
+    )
+    if not cfg.lora.load_in_4bit and not fsdp:  # 4-bit weights are placed as they load
         model = model.to(dist.device)
     module: torch.nn.Module = DistillStudent(model, plan)
     student = module
