@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.replot:
         rows, initial = merge_rows([load_rows(p) for p in args.replot])
         print(table(rows, args.tolerance))
-        plot(rows, initial, args.plot, args.tolerance)
+        if args.plot:  # --plot "": no plot (matplotlib would write ".png")
+            plot(rows, initial, args.plot, args.tolerance)
         if args.json:
             save_rows(rows, initial, args.json)
         return
