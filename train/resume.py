@@ -64,13 +64,15 @@ def check_resumable(saved: dict[str, Any], cfg: Config, where: Path) -> None:
 
 
 def resumed_steps(
-    cfg: Config, saved: dict[str, Any], loader: StreamLoader, dist: Dist, step: int, steps: int
+    cfg: Config, saved: dict[str, Any], loader: StreamLoader, dist: Dist, step: int
 ) -> int:
     """The run's steps once resumed at ``step``: train.steps, or ``step`` plus what every rank
-    has left of train.epochs (equal to the whole run's count when nothing changed). On other
-    ranks, workers or grad_accum, rank 0 says what that means for the data."""
-    if not cfg.train.steps:
-        steps = step + steps_for(dist.gather(micro_batches(loader)), cfg.optim.grad_accum)
+    has left of train.epochs (equal to the whole run's count when nothing changed; counted
+    from the loaded position only, not from the start as well). On other ranks, workers or
+    grad_accum, rank 0 says what that means for the data."""
+    steps = cfg.train.steps or step + steps_for(
+        dist.gather(micro_batches(loader)), cfg.optim.grad_accum
+    )
     accum = saved.get("optim", {}).get("grad_accum", Config().optim.grad_accum)
     if not dist.main or (loader.resumed_from is None and accum == cfg.optim.grad_accum):
         return steps

@@ -197,7 +197,6 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
     loader = make_loader(
         cfg, cfg.data.train, info, dist, train=True, pad_id=pad_id, tail_draws=plan.tail_draws
     )
-    steps = total_steps(cfg, loader, dist)
 
     bf16 = cfg.train.precision == "bf16" or (
         cfg.train.precision == "auto" and dist.device.type == "cuda"
@@ -239,12 +238,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         if fsdp:
             fsdp_.load_sharded(ckpt, module, optimizer)
         step = int(state["step"])
-        steps = resumed_steps(cfg, saved_cfg, loader, dist, step, steps)
+        steps = resumed_steps(cfg, saved_cfg, loader, dist, step)
         # A rank the checkpointed run did not have keeps the seed set above.
         if f"cpu.rank{dist.rank}" in rng:
             torch.set_rng_state(rng[f"cpu.rank{dist.rank}"])
         if dist.device.type == "cuda" and f"cuda.rank{dist.rank}" in rng:
             torch.cuda.set_rng_state(rng[f"cuda.rank{dist.rank}"], dist.device)
+    else:
+        steps = total_steps(cfg, loader, dist)
     if dist.main:
         if restart:
             print(
