@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from .batching import Batcher
-from .stream import LogitStream, SlotState, StreamLoader
+from .stream import LogitStream, StreamLoader
 
 
 def micro_batches(loader: StreamLoader) -> int:
@@ -38,12 +38,10 @@ def micro_batches(loader: StreamLoader) -> int:
     epoch is batched afresh from its position, as the resumed stream batches it."""
     stream, batcher = loader.stream, loader.stream.make_batches
     assert stream.epochs is not None and isinstance(batcher, Batcher)
-    workers = max(loader.num_workers, 1)
     lengths = _Lengths(stream, batcher) if batcher.max_tokens else None
-    start = SlotState(stream.carry.first if stream.carry else 0, 0)
     total = 0
-    for slot in range(stream.rank * workers, (stream.rank + 1) * workers):
-        at = loader.slots.get(slot, start)
+    for slot in loader.own_slots:
+        at = loader.slots.get(slot, stream.first_state)
         for epoch in range(at.epoch, math.ceil(stream.epochs)):
             skip = at.emitted if epoch == at.epoch else 0
             if lengths is None:

@@ -124,6 +124,11 @@ class LogitStream(IterableDataset):
         self.__dict__.update(state)
         self.dataset = open_dataset(self.url, **self.open_kwargs)
 
+    @property
+    def first_state(self) -> SlotState:
+        """Where a slot stands before it emits anything: epoch 0, or a carry's first epoch."""
+        return SlotState(self.carry.first if self.carry else 0, 0)
+
     def slot_of_worker(self) -> tuple[int, int]:
         """(this process's slot, number of slots), from the DataLoader worker info."""
         info = get_worker_info()
@@ -141,7 +146,7 @@ class LogitStream(IterableDataset):
                 "(ranks × data.num_workers) forever: one would never yield; use fewer "
                 "data.num_workers or ranks, or a larger dataset"
             )
-        state = self.start.get(slot, SlotState(self.carry.first if self.carry else 0, 0))
+        state = self.start.get(slot, self.first_state)
         epoch, skip = state.epoch, state.emitted
         while self.epochs is None or epoch < self.epochs:
             yield from self._epoch_items(slot, num_slots, epoch, skip)
