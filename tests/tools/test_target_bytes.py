@@ -1,0 +1,41 @@
+"""The target-bytes benchmark's measure of ids renumbered by frequency."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from logitcache.cache.format import Example, TopK
+from logitcache.cache.reader import open_dataset
+from logitcache.cache.writer import DatasetWriter
+from logitcache.tools.bench.target_bytes import frequency_rank_bytes
+from tests.cache.synth import make_info
+
+
+def test_frequency_ranks_shrink_the_gaps_of_popular_far_apart_ids(tmp_path) -> None:
+    # Every position's top-4 is drawn from the same 8 ids spread over a 65,536-id vocabulary:
+    # as ids their gaps need two bytes; as ranks by frequency they are 0..7, gaps of a few.
+    vocab, popular = 65536, np.arange(8) * 8000 + 1234
+    info = make_info("topk", k=4, n=0, codec="f32", vocab=vocab)
+    info = replace(info, targets=replace(info.targets, k=4))
+    rng = np.random.default_rng(0)
+    with DatasetWriter(tmp_path / "ds", info) as w:
+        for i in range(50):
+            ids = np.stack([np.sort(rng.choice(popular, 4, replace=False)) for _ in range(8)])
+            lp = np.log(np.full((8, 4), 0.2, np.float32))
+            w.add(
+                Example(
+                    f"ex{i}",
+                    np.array([1]),
+                    rng.integers(0, vocab, 8),
+                    TopK(ids, lp, np.log(np.full(8, 0.2, np.float32))),
+                )
+            )
+    ds = open_dataset(tmp_path / "ds")
+    batches = [ds.shard(0).record_batch(j) for j in range(ds.shard(0).num_batches)]
+    got = frequency_rank_bytes(batches, ds.info)
+    assert set(got) == {"top-k"}  # no draws stored
+    plain, ranked, table = got["top-k"]
+    assert ranked < plain / 2
+    assert 0 < table < 8 * 4 + 64  # the 8 ranked ids (int32), zstd-framed
