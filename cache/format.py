@@ -8,6 +8,7 @@ example. Keep the two in step: a change here is a change of FORMAT.md (and maybe
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -122,7 +123,8 @@ class TargetSpec:
         head = f"top-{self.k}"
         if self.adaptive_k:
             head = (
-                f"the fewest top ids holding {self.k_mass:g} of the mass ({self.min_k} to {self.k})"
+                f"top-k (k = {self.min_k} to {self.k}: the fewest holding {self.k_mass:g} of the "
+                "mass)"
             )
         return f"{head} ids + log-probs ({self.codec}) + tail mass{tail}"
 
@@ -194,10 +196,11 @@ class TargetSpec:
                     f"{name['k']} ({self.k})"
                 )
         if self.n_rate is not None:
-            if not (isinstance(self.n_rate, int | float) and self.n_rate > 0):
+            if not (isinstance(self.n_rate, int | float) and 0 < self.n_rate < math.inf):
                 problems.append(
-                    f"{name['n_rate']} is {self.n_rate!r}; expected draws per unit of tail mass "
-                    f"> 0 (e.g. 64), or leave it out for {name['n']} draws at every position"
+                    f"{name['n_rate']} is {self.n_rate!r}; expected a finite number of draws per "
+                    f"unit of tail mass > 0 (e.g. 64), or leave it out for {name['n']} draws at "
+                    "every position"
                 )
             elif self.kind == "topk" and self.n == 0:
                 problems.append(

@@ -285,9 +285,12 @@ def test_bad_adaptive_flags_are_all_named_with_the_fix() -> None:
         "--k-mass is 1.5; expected a probability mass 0 < mass ≤ 1 (e.g. 0.9), or leave it out "
         "for a fixed k",
         "--k-min is 40; expected 1 ≤ --k-min ≤ --k (32)",
-        "--n-rate is -1.0; expected draws per unit of tail mass > 0 (e.g. 64), or leave it out "
-        "for --n draws at every position",
+        "--n-rate is -1.0; expected a finite number of draws per unit of tail mass > 0 (e.g. "
+        "64), or leave it out for --n draws at every position",
     ]
+    for rate in ("inf", "nan"):  # JSON has no Infinity or NaN: the manifest would not parse
+        (problem,) = config_from_args(parse([*REQUIRED, "--n-rate", rate])).validate()
+        assert problem.startswith(f"--n-rate is {float(rate)!r}; expected a finite number")
     floor_alone = config_from_args(parse([*REQUIRED, "--k-min", "2"])).validate()
     assert floor_alone == [
         "--k-min is 2 but --k-mass is not set; the floor applies to adaptive top-k only: add "
