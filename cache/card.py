@@ -71,7 +71,7 @@ def dataset_card(m: Manifest, config: dict[str, Any] | None = None) -> str:
         ("tokenizer", f"fingerprint `{info.tokenizer_fingerprint}`, vocabulary {info.vocab_size}"),
         ("targets", f"per response token: {t.in_words}"),
         ("size", f"{m.num_examples} examples, {m.num_positions} response positions, "
-                 f"{len(m.shards)} shards, {m.num_bytes} bytes"
+                 f"{len(m.shards)} shard{'s' * (len(m.shards) != 1)}, {m.num_bytes} bytes"
                  + (f" ({m.num_bytes / m.num_positions:.1f} B/position)" if m.num_positions else "")),
         ("capture", ", ".join(f"{k} {cap[k]}" for k in (
             "mode", "temperature", "dtype", "max_length", "truncation", "seed") if k in cap)),

@@ -17,6 +17,10 @@ from .reader import LogitDataset
 # --------------------------------------------------------------------------- the manifest
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def describe(ds: LogitDataset) -> str:
     """The manifest in words: teacher, tokenizer, targets, capture settings and size."""
     m, info = ds.manifest, ds.info
@@ -29,8 +33,8 @@ def describe(ds: LogitDataset) -> str:
         f"tokenizer    {info.tokenizer_fingerprint[:23]}…, vocab {info.vocab_size}",
         f"targets      {targets}; ids as {info.id_bytes} byte plane(s) of sorted gaps",
         f"capture      temperature {cap.get('temperature')}, mode {cap.get('mode')}",
-        f"size         {m.num_examples} examples, {m.num_positions} positions, {len(m.shards)} shards, "
-        f"{m.num_bytes / 1e6:.2f} MB"
+        f"size         {_count(m.num_examples, 'example')}, {_count(m.num_positions, 'position')}, "
+        f"{_count(len(m.shards), 'shard')}, {m.num_bytes / 1e6:.2f} MB"
         + (f" ({m.num_bytes / m.num_positions:.1f} B/position)" if m.num_positions else ""),
     ]
     templates = cap.get("templates") or {}
@@ -67,12 +71,17 @@ class DatasetStats:
     unique: np.ndarray = field(default_factory=lambda: np.zeros(0))
     """Stored ids per position (k, plus distinct tail draws, for top-k; distinct draws for
     sampled)."""
+    kept: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """top-k: ids kept per position (k, or k_j with adaptive top-k)."""
+    draws: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    """top-k with tail draws: draws per position (the sum of its counts: n, or n_j with
+    ``n_rate``)."""
 
 
 def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetStats:
     """Lengths of every example; coverage, entropy, hits and ids of the first
     ``max_positions`` positions (whole batches)."""
-    prompt_len, resp_len, cov, ent, hit, uniq = [], [], [], [], [], []
+    prompt_len, resp_len, cov, ent, hit, uniq, kept_k, n_drawn = [], [], [], [], [], [], [], []
     seen = 0
     for b in ds.iter_batches():
         prompt_len.append(np.diff(b.prompt_offsets))
@@ -97,6 +106,10 @@ def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetSt
                 if b.topk_counts is not None:
                     k = b.topk_counts
                 uniq.append(k if drawn is None else k + drawn)
+                kept_k.append(k)
+                if drawn is not None:
+                    assert b.sample_counts is not None
+                    n_drawn.append(np.bincount(pos_of, b.sample_counts, minlength=len(drawn)))
             else:
                 assert drawn is not None and drawn_hit is not None and b.sample_counts is not None
                 q = (
@@ -119,6 +132,8 @@ def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetSt
         cat(ent),
         cat(hit, bool),
         cat(uniq),
+        cat(kept_k),
+        cat(n_drawn),
     )
 
 
@@ -140,8 +155,10 @@ def format_stats(s: DatasetStats) -> str:
     if s.kind == "topk":
         lines.append(f"top-k mass coverage {_q(s.coverage)}")
         lines.append(f"entropy (k + tail)  {_q(s.entropy)}")
-        k = int(s.unique.min(initial=0))
-        if s.unique.size and s.unique.max() > k:  # tail draws
+        if s.kept.size and s.kept.min() != s.kept.max():  # adaptive top-k
+            lines.append(f"top-k ids kept      {_q(s.kept)}")
+        if s.draws.size:
+            lines.append(f"tail draws          {_q(s.draws)}")
             lines.append(f"ids/position, k + distinct tail draws {_q(s.unique)}")
     else:
         lines.append(f"unique ids/position {_q(s.unique)}")
@@ -167,7 +184,7 @@ def plot_stats(s: DatasetStats, path: str | Path, title: str = "") -> None:
     )
     panels = [
         first,
-        (s.entropy, "teacher entropy (nats)"),
+        (s.entropy, "entropy (nats), " + ("top-k + tail bucket" if s.kind == "topk" else "draws")),
         (s.response_lengths, "response length (tokens)"),
     ]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))

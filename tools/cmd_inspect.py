@@ -43,18 +43,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"  response {text(ex.response_ids)[:300]}")
         for j in range(min(args.positions, ex.num_positions)):
             t = ex.targets
+            head = f"  [{j}] next {text(ex.response_ids[j])}:"
             if hasattr(t, "logprobs"):
-                order = np.argsort(-t.logprobs[j])[:5]
+                kept = t.ids.shape[1] if t.counts is None else int(t.counts[j])  # rest: padding
+                order = np.argsort(-t.logprobs[j][:kept])[:5]
                 tops = ", ".join(
                     f"{text(t.ids[j][o])} {np.exp(t.logprobs[j][o]):.3f}" for o in order
                 )
-                print(
-                    f"  [{j}] next {text(ex.response_ids[j])}: {tops}; tail {np.exp(t.tail_logmass[j]):.3f}"
-                )
+                k = f" (k={kept})" if t.counts is not None else ""
+                line = f"{head} {tops}{k}; tail {np.exp(t.tail_logmass[j]):.3f}"
+                if t.tail_draws is not None:
+                    line += f", {_draws(t.tail_draws, j, text)}"
+                print(line)
             else:
-                s0 = int(t.nunique[:j].sum())
-                ids, counts = t.ids[s0 : s0 + t.nunique[j]], t.counts[s0 : s0 + t.nunique[j]]
-                order = np.argsort(-counts)[:5]
-                tops = ", ".join(f"{text(ids[o])}×{counts[o]}" for o in order)
-                print(f"  [{j}] next {text(ex.response_ids[j])}: {tops}")
+                print(f"{head} {_draws(t, j, text)}")
     return 0
+
+
+def _draws(t: Any, j: int, text: Any) -> str:
+    """Position ``j``'s draws of :class:`Sampled` ``t``: their number, and the 5 most drawn."""
+    s0 = int(t.nunique[:j].sum())
+    ids, counts = t.ids[s0 : s0 + t.nunique[j]], t.counts[s0 : s0 + t.nunique[j]]
+    order = np.argsort(-counts, kind="stable")[:5]
+    shown = ", ".join(f"{text(ids[o])}×{counts[o]}" for o in order)
+    more = ", …" if len(ids) > 5 else ""
+    return f"{int(counts.sum())} draws: {shown}{more}" if len(ids) else "no draws"

@@ -37,7 +37,7 @@ def test_capture_writes_a_card_with_its_numbers(tmp_path, tiny_teacher_dir, caps
     assert f"| teacher | `{m['teacher']['name_or_path']}`" in card
     assert f"fingerprint `{m['tokenizer']['fingerprint']}`, vocabulary 384" in card
     assert "| targets | per response token: top-4 ids + log-probs (u16) + tail mass |" in card
-    assert f"| size | 6 examples, {m['num_positions']} response positions, 1 shards, " in card
+    assert f"| size | 6 examples, {m['num_positions']} response positions, 1 shard, " in card
     assert f"(prompts: {prompts})" in card
     assert "| teacher view | chat rendering, context: none |" in card
     assert json.loads((ds / "capture_config.json").read_text())["run"]["license"] == "cc-by-4.0"

@@ -87,7 +87,10 @@ def test_inspect_stats_verify_and_merge_top_k_with_tail_draws(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "top-4 ids + log-probs (u8) + tail mass + 10 multinomial draws from the tail" in out
     assert main(["stats", str(a)]) == 0
-    assert "ids/position, k + distinct tail draws mean" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "ids/position, k + distinct tail draws mean" in out
+    assert "tail draws          mean 10.000  p10 10.000" in out
+    assert "top-k ids kept" not in out  # every position keeps k = 4
     assert main(["merge", str(tmp_path / "m"), str(a), str(b)]) == 0
     assert main(["verify", str(tmp_path / "m")]) == 0
     merged = {e.id: e for e in open_dataset(tmp_path / "m").iter_examples()}
@@ -173,3 +176,38 @@ def test_inspect_and_stats_of_a_dataset_without_positions(tmp_path, capsys):
     assert main(["stats", str(ds)]) == 0
     out = capsys.readouterr().out
     assert "top-k mass coverage n/a" in out and "0.0" not in out
+
+
+def test_inspect_adaptive_shows_each_positions_kept_ids_and_draws(tmp_path, capsys):
+    from dataclasses import replace
+
+    from logitcache.cache.format import TargetSpec
+
+    from ..cache.test_adaptive import adaptive_examples
+
+    spec = TargetSpec("topk", k=12, n=16, codec="u8", sampling="systematic", k_mass=0.85,
+                      n_rate=24.0)  # fmt: skip
+    info = replace(make_info("topk", k=12, n=16, vocab=300, tail_draws=16), targets=spec)
+    examples = [e for e in adaptive_examples(spec, 30, 300) if e.num_positions >= 3]
+    with DatasetWriter(tmp_path / "ds", info) as w:
+        w.add(examples[0])
+    assert main(["inspect", str(tmp_path / "ds"), "-n", "1", "--positions", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "targets      top-k (k = 1 to 12: the fewest holding 0.85 of the mass) ids" in out
+    assert "size         1 example, " in out and " positions, 1 shard, " in out
+    t = examples[0].targets
+    lines = [ln for ln in out.splitlines() if ln.startswith("  [")]
+    assert len(lines) == 3
+    for j, line in enumerate(lines):  # the kept ids only (at most 5 shown), never the padding
+        kept = int(t.counts[j])
+        assert f"(k={kept}); tail " in line
+        assert line.split(": ", 1)[1].split(" (k=")[0].count(",") == min(kept, 5) - 1
+        draws = int(
+            t.tail_draws.counts[t.tail_draws.nunique[:j].sum() :][: t.tail_draws.nunique[j]].sum()
+        )
+        assert (f", {draws} draws: " if draws else ", no draws") in line
+    assert main(["stats", str(tmp_path / "ds")]) == 0
+    out = capsys.readouterr().out
+    kept = np.asarray(t.counts, float)
+    assert f"top-k ids kept      mean {kept.mean():.3f}" in out
+    assert "tail draws          mean " in out
