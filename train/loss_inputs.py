@@ -137,7 +137,8 @@ def stack_targets(
 
     ``tail_draws``: a top-k dataset's tail draws are used, so the targets are
     :class:`SampledTargets` holding the top-k ids at their probabilities and each drawn tail id
-    at ``exp(tail_logmass) · count / n``; otherwise top-k datasets give :class:`TopKTargets`.
+    at ``exp(tail_logmass) · count / n_j`` (n_j: the position's own draws, the sum of its
+    counts); otherwise top-k datasets give :class:`TopKTargets`.
     """
     if spec.kind == "sampled":
         draws = [(ex.targets, a, z) for ex, a, z in rows]
