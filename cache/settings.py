@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import dataclasses
 import inspect
 import itertools
 import json
+import math
 import textwrap
 import types
 import typing
@@ -188,17 +190,19 @@ def coerce(tp: Any, value: Any, *, from_text: bool) -> Any:
             return str(value).lower() in _TRUE
         raise ValueError("expected true or false")
     if tp in (int, float):
-        expected = "expected an integer" if tp is int else "expected a number"
+        expected = "expected an integer" if tp is int else "expected a finite number"
         if isinstance(value, bool):
             raise ValueError(expected)
+        number = None
         if isinstance(value, int if tp is int else int | float):
-            return tp(value)
-        if from_text:
-            try:
-                return tp(str(value))
-            except ValueError:
-                pass
-        raise ValueError(expected)
+            number = tp(value)
+        elif from_text:
+            with contextlib.suppress(ValueError):
+                number = tp(str(value))
+        # inf and nan are not settings: JSON has neither, so a saved config would not load
+        if number is None or not math.isfinite(number):
+            raise ValueError(expected)
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -289,8 +289,12 @@ def test_bad_adaptive_flags_are_all_named_with_the_fix() -> None:
         "64), or leave it out for --n draws at every position",
     ]
     for rate in ("inf", "nan"):  # JSON has no Infinity or NaN: the manifest would not parse
-        (problem,) = config_from_args(parse([*REQUIRED, "--n-rate", rate])).validate()
-        assert problem.startswith(f"--n-rate is {float(rate)!r}; expected a finite number")
+        with pytest.raises(InputError, match=f"--n-rate: targets.n_rate={rate}: expected a finite"):
+            config_from_args(parse([*REQUIRED, "--n-rate", rate]))
+        spec = TargetSpec("topk", k=8, n=8, sampling="systematic", n_rate=float(rate))
+        assert spec.validate()[0].startswith(
+            f"targets.n_rate is {float(rate)!r}; expected a finite"
+        )
     floor_alone = config_from_args(parse([*REQUIRED, "--k-min", "2"])).validate()
     assert floor_alone == [
         "--k-min is 2 but --k-mass is not set; the floor applies to adaptive top-k only: add "

@@ -73,6 +73,11 @@ def test_every_problem_is_reported_at_once() -> None:
         load_config(None, overrides)
     msg = str(err.value)
     assert "--data.batch_size: data.batch_size='eight': expected an integer" in msg
+    # inf and nan are refused as settings (a saved config would hold non-JSON Infinity/NaN)
+    with pytest.raises(InputError) as err:
+        load_config(None, [("optim.lr", "inf", "--optim.lr"), ("loss.alpha", "nan", "--set")])
+    assert "--optim.lr: optim.lr='inf': expected a finite number" in str(err.value)
+    assert "loss.alpha='nan': expected a finite number" in str(err.value)
     assert "loss.divergence='kl': expected one of 'forward_kl' | 'reverse_kl' | 'jsd'" in msg
     with pytest.raises(InputError) as err:
         load_config(None, [("optim.lr", "-1", "--set")])
