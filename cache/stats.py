@@ -109,7 +109,9 @@ def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetSt
                 kept_k.append(k)
                 if drawn is not None:
                     assert b.sample_counts is not None
-                    n_drawn.append(np.bincount(pos_of, b.sample_counts, minlength=len(drawn)))
+                    n_drawn.append(
+                        np.bincount(pos_of, b.sample_counts, len(drawn)).astype(np.int64)
+                    )
             else:
                 assert drawn is not None and drawn_hit is not None and b.sample_counts is not None
                 q = (
@@ -140,6 +142,9 @@ def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetSt
 def _q(x: np.ndarray) -> str:
     if x.size == 0:
         return "n/a"
+    if np.issubdtype(x.dtype, np.integer):  # counts: percentiles that occur, no decimals
+        p10, p50, p90 = np.percentile(x, [10, 50, 90], method="nearest")
+        return f"mean {x.mean():.3f}  p10 {p10}  p50 {p50}  p90 {p90}  max {x.max()}"
     p10, p50, p90 = np.percentile(x, [10, 50, 90])
     return f"mean {x.mean():.3f}  p10 {p10:.3f}  p50 {p50:.3f}  p90 {p90:.3f}  max {x.max():.3f}"
 

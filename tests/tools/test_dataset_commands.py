@@ -89,7 +89,7 @@ def test_inspect_stats_verify_and_merge_top_k_with_tail_draws(tmp_path, capsys):
     assert main(["stats", str(a)]) == 0
     out = capsys.readouterr().out
     assert "ids/position, k + distinct tail draws mean" in out
-    assert "tail draws          mean 10.000  p10 10.000" in out
+    assert "tail draws          mean 10.000  p10 10  p50 10" in out
     assert "top-k ids kept" not in out  # every position keeps k = 4
     assert main(["merge", str(tmp_path / "m"), str(a), str(b)]) == 0
     assert main(["verify", str(tmp_path / "m")]) == 0
