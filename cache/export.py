@@ -40,8 +40,9 @@ COLUMNS: dict[str, str] = {
     "tail, exactly as logitcache's reader returns them)",
     "tail_logmass": "top-k only: per position, log of the mass outside the top k",
     "sample_ids": "per position, the drawn ids, ascending (top-k: draws from the tail only)",
-    "sample_counts": "per position, the draws of each id; they sum to n (top-k: an id weighs "
-    "exp(tail_logmass) * count / n; a position without tail mass has no draws)",
+    "sample_counts": "per position, the draws of each id; they sum to n, or to the position's "
+    "own n_j with targets.n_rate (top-k: an id weighs exp(tail_logmass) * count / n_j; a "
+    "position without tail mass, or given no draws, has none)",
 }
 
 
