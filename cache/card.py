@@ -25,6 +25,11 @@ _SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000
 _SIZES += [(10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 shard', '3 shards': ``n`` and ``noun``, plural unless ``n`` is 1."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def size_category(n: int) -> str:
     """The Hub's size_categories tag for ``n`` examples."""
     return next((tag for limit, tag in _SIZES if n < limit), "n>1B")
@@ -70,8 +75,8 @@ def dataset_card(m: Manifest, config: dict[str, Any] | None = None) -> str:
                     f"`{str(teacher.get('config_hash'))[:19]}`)"),
         ("tokenizer", f"fingerprint `{info.tokenizer_fingerprint}`, vocabulary {info.vocab_size}"),
         ("targets", f"per response token: {t.in_words}"),
-        ("size", f"{m.num_examples} examples, {m.num_positions} response positions, "
-                 f"{len(m.shards)} shard{'s' * (len(m.shards) != 1)}, {m.num_bytes} bytes"
+        ("size", f"{counted(m.num_examples, 'example')}, {m.num_positions} response positions, "
+                 f"{counted(len(m.shards), 'shard')}, {m.num_bytes} bytes"
                  + (f" ({m.num_bytes / m.num_positions:.1f} B/position)" if m.num_positions else "")),
         ("capture", ", ".join(f"{k} {cap[k]}" for k in (
             "mode", "temperature", "dtype", "max_length", "truncation", "seed") if k in cap)),

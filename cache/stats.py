@@ -12,13 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from .card import counted
 from .reader import LogitDataset
 
 # --------------------------------------------------------------------------- the manifest
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def describe(ds: LogitDataset) -> str:
@@ -33,8 +30,8 @@ def describe(ds: LogitDataset) -> str:
         f"tokenizer    {info.tokenizer_fingerprint[:23]}…, vocab {info.vocab_size}",
         f"targets      {targets}; ids as {info.id_bytes} byte plane(s) of sorted gaps",
         f"capture      temperature {cap.get('temperature')}, mode {cap.get('mode')}",
-        f"size         {_count(m.num_examples, 'example')}, {_count(m.num_positions, 'position')}, "
-        f"{_count(len(m.shards), 'shard')}, {m.num_bytes / 1e6:.2f} MB"
+        f"size         {counted(m.num_examples, 'example')}, {counted(m.num_positions, 'position')}, "
+        f"{counted(len(m.shards), 'shard')}, {m.num_bytes / 1e6:.2f} MB"
         + (f" ({m.num_bytes / m.num_positions:.1f} B/position)" if m.num_positions else ""),
     ]
     templates = cap.get("templates") or {}

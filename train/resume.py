@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from logitcache.cache.card import counted
 from logitcache.cache.errors import InputError
 
 from .config import Config
@@ -103,7 +104,4 @@ def resumed_steps(
 
 def _slots(slots: int, ranks: int, workers: int) -> str:
     """'2 reader slots (2 ranks, data.num_workers 0)'."""
-    return (
-        f"{slots} reader slot{'s' * (slots != 1)} ({ranks} rank{'s' * (ranks != 1)}, "
-        f"data.num_workers {workers})"
-    )
+    return f"{counted(slots, 'reader slot')} ({counted(ranks, 'rank')}, data.num_workers {workers})"

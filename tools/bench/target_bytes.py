@@ -153,7 +153,8 @@ def frequency_rank_bytes(
         rank[order] = np.arange(len(order))
         ids, lengths = ids[cut:], lengths[half:]
         row = np.repeat(np.arange(len(lengths)), lengths)
-        ranked = rank[ids][np.lexsort((rank[ids], row))]
+        ranks = rank[ids]
+        ranked = ranks[np.lexsort((ranks, row))]
         plain = _zstd(encode_id_planes(ids, lengths, info.id_bytes))
         smaller = _zstd(encode_id_planes(ranked, lengths, info.id_bytes))
         table = _zstd([order[: np.count_nonzero(freq)].astype(np.int32)])
