@@ -14,7 +14,6 @@ import json
 from typing import Any
 
 from .capture_config import CONFIG_NAME
-from .format import format_version_for
 from .manifest import Manifest
 from .storage import Location
 
@@ -112,7 +111,7 @@ def dataset_card(m: Manifest, config: dict[str, Any] | None = None) -> str:
 # Teacher logits of {name}: {t.label}
 
 A logit dataset for distilling a student from `{name}`, written by {m.to_json()["created_by"]}
-(format version {format_version_for(t)}). Each row is an example: the student's prompt ids, the response
+(format version {m.format_version}). Each row is an example: the student's prompt ids, the response
 ids, and for each response token the teacher's distribution over it.
 
 | | |
@@ -131,8 +130,9 @@ for ex in open_dataset("PATH").iter_examples():
 ```
 
 With pyarrow alone: `manifest.json` lists the committed shards (only those count); each
-`shard-*.arrow` is an Arrow IPC file with token ids stored as byte planes of sorted gaps and
-probabilities in the `{t.codec}` codec, decoded as logitcache's docs/FORMAT.md describes.
+`shard-*.arrow` is an Arrow IPC file with token ids stored as byte planes of sorted gaps (of
+their rank in the shard's table, from format version 3) and probabilities in the `{t.codec}`
+codec, decoded as logitcache's docs/FORMAT.md describes.
 `logitcache export PATH OUT` writes plain columns (`topk_ids`, `topk_logprobs`, ...) that
 polars, DuckDB and `datasets` read directly.
 """

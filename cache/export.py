@@ -102,6 +102,7 @@ def export_batch(b: DecodedBatch, schema: pa.Schema) -> pa.RecordBatch:
             kept = np.arange(k) < b.topk_counts[:, None]
             ids, lps = b.topk_ids[kept], b.topk_logprobs[kept]
             per_pos = np.concatenate([[0], np.cumsum(b.topk_counts)])
+        ids, lps = _ascending(ids, per_pos, lps)
         cols["topk_ids"] = pa.ListArray.from_arrays(
             pa.array(r_off.astype(np.int32)), _lists(ids, per_pos, pa.int32())
         )
@@ -112,13 +113,24 @@ def export_batch(b: DecodedBatch, schema: pa.Schema) -> pa.RecordBatch:
     if b.sample_offsets is not None:
         assert b.sample_ids is not None and b.sample_counts is not None
         outer = pa.array(r_off.astype(np.int32))
+        ids, counts = _ascending(b.sample_ids, b.sample_offsets, b.sample_counts)
         cols["sample_ids"] = pa.ListArray.from_arrays(
-            outer, _lists(b.sample_ids, b.sample_offsets, pa.int32())
+            outer, _lists(ids, b.sample_offsets, pa.int32())
         )
         cols["sample_counts"] = pa.ListArray.from_arrays(
-            outer, _lists(b.sample_counts, b.sample_offsets, pa.int32())
+            outer, _lists(counts, b.sample_offsets, pa.int32())
         )
     return pa.record_batch([cols[f.name] for f in schema], schema=schema)
+
+
+def _ascending(
+    ids: np.ndarray, offsets: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flat ``ids`` and their ``values`` with each position's ids (``offsets``) ascending: the
+    order the export documents, whatever order the shard stores them in (version 3: by rank)."""
+    pos = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    order = np.lexsort((ids, pos))
+    return ids[order], values[order]
 
 
 def data_file_name(i: int, total: int, fmt: ExportFormat) -> str:

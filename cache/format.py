@@ -1,4 +1,4 @@
-"""The logit-dataset format, version 1: schema, names, and what one example holds.
+"""The logit-dataset format: schema, names, and what one example holds.
 
 This module owns the contract that docs/FORMAT.md describes. A dataset is a folder holding
 ``manifest.json`` and Arrow IPC *file*-format shards with zstd buffer compression, one row per
@@ -21,11 +21,12 @@ from .codecs import CODECS, Codec, id_bytes_for_vocab, storage_dtype
 from .errors import ManifestError
 
 FORMAT_NAME = "logitcache"
-FORMAT_VERSION = 2
-"""The newest version this module writes and reads. A dataset is written as version 1 unless
-its positions hold a variable number of ids or draws (:attr:`TargetSpec.variable`): a reader of
-version 1 would misread those, so they are version 2 (:func:`format_version_for`)."""
-READ_VERSIONS: tuple[int, ...] = (1, 2)
+FORMAT_VERSION = 3
+"""The version this module writes; it reads every version in :data:`READ_VERSIONS`. Version 2
+let positions hold a variable number of ids or draws (:attr:`TargetSpec.variable`); version 3
+stores ids as their rank in a table that each shard carries (:data:`RANK_TABLE_KEYS`). A reader
+of an older version would misread either, so each was a new version."""
+READ_VERSIONS: tuple[int, ...] = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = "_parts"
 SHARD_SUFFIX = ".arrow"
@@ -33,6 +34,9 @@ SHARD_SUFFIX = ".arrow"
 SHARD_NAME_RE = re.compile(r"^shard-[A-Za-z0-9_]+-\d{6}\.arrow$")
 WRITER_ID_RE = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 META_PREFIX = "logitcache."
+RANK_TABLE_KEYS = {"topk": f"{META_PREFIX}topk_id_ranks", "sample": f"{META_PREFIX}sample_id_ranks"}
+"""Schema-metadata key of a shard's rank table for its top-k ids and its drawn ids (version 3;
+absent: the ids are stored as themselves, as in versions 1 and 2)."""
 MAX_SAMPLE_DRAWS = 255  # counts and unique-id counts are stored as uint8
 
 TargetKind = Literal["topk", "sampled"]
@@ -94,7 +98,7 @@ class TargetSpec:
     @property
     def variable(self) -> bool:
         """Whether positions hold a variable number of top-k ids or of tail draws: such a
-        dataset is format version 2 (a version-1 reader would misread it)."""
+        dataset needs format version 2 or later (a version-1 reader would misread it)."""
         return self.adaptive_k or (self.tail_draws and self.n_rate is not None)
 
     @property
@@ -289,15 +293,11 @@ class DatasetInfo:
         """The Arrow schema of every shard of this dataset, with self-describing metadata."""
         return shard_schema(self)
 
-    @property
-    def format_version(self) -> int:
-        """The format version this dataset is written as (:func:`format_version_for`)."""
-        return format_version_for(self.targets)
 
-
-def format_version_for(targets: TargetSpec) -> int:
-    """1, or 2 when positions hold a variable number of ids or draws (a reader of version 1
-    would take every position to hold k ids and n draws, and misread them)."""
+def min_format_version(targets: TargetSpec) -> int:
+    """The oldest format version that can hold ``targets``: 2 when positions hold a variable
+    number of ids or draws (a reader of version 1 would take every position to hold k ids and
+    n draws, and misread them), else 1."""
     return 2 if targets.variable else 1
 
 
@@ -336,7 +336,7 @@ def shard_schema(info: DatasetInfo) -> pa.Schema:
         ]
     meta = {
         f"{META_PREFIX}format": FORMAT_NAME,
-        f"{META_PREFIX}format_version": str(info.format_version),
+        f"{META_PREFIX}format_version": str(FORMAT_VERSION),
         f"{META_PREFIX}info": json.dumps(info.to_json(), sort_keys=True),
     }
     return pa.schema(fields, metadata=meta)
@@ -376,17 +376,43 @@ class TopK:
     counts: np.ndarray | None = None
     """(P,) int ids kept per position (adaptive top-k, targets.k_mass set); None: k each."""
 
+    def by_id(self) -> TopK:
+        """The same targets with each position's ids ascending (padding still last): one order
+        for comparing targets read from shards whose ids are stored in another (version 3
+        stores them by their rank in the shard)."""
+        ids = np.asarray(self.ids)
+        key = ids
+        if self.counts is not None:
+            kept = np.arange(ids.shape[1]) < np.asarray(self.counts)[:, None]
+            key = np.where(kept, ids, np.iinfo(ids.dtype).max)  # padding sorts last
+        order = np.argsort(key, axis=1, kind="stable")
+        return TopK(
+            np.take_along_axis(ids, order, 1),
+            np.take_along_axis(np.asarray(self.logprobs), order, 1),
+            self.tail_logmass,
+            None if self.tail_draws is None else self.tail_draws.by_id(),
+            self.counts,
+        )
+
 
 @dataclass
 class Sampled:
     """Sampled targets of one example: for each position, unique drawn ids with counts."""
 
     ids: np.ndarray
-    """(U,) int ids, ascending within each position."""
+    """(U,) int ids: each position's ascending as written, or in the order a shard stores
+    them when read (:meth:`by_id` sorts them)."""
     counts: np.ndarray
     """(U,) int draws of each id; each position's counts sum to N."""
     nunique: np.ndarray
     """(P,) int unique ids per position; sums to U."""
+
+    def by_id(self) -> Sampled:
+        """The same draws with each position's ids ascending (see :meth:`TopK.by_id`)."""
+        ids = np.asarray(self.ids)
+        pos = np.repeat(np.arange(len(self.nunique)), self.nunique)
+        order = np.lexsort((ids, pos))
+        return Sampled(ids[order], np.asarray(self.counts)[order], self.nunique)
 
 
 @dataclass
@@ -405,3 +431,7 @@ class Example:
     @property
     def num_positions(self) -> int:
         return len(self.response_ids)
+
+    def by_id(self) -> Example:
+        """This example with each position's target ids ascending (:meth:`TopK.by_id`)."""
+        return replace(self, targets=self.targets.by_id())

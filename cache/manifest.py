@@ -14,11 +14,13 @@ from typing import Any
 from .errors import IncompatibleError, ManifestError
 from .format import (
     FORMAT_NAME,
+    FORMAT_VERSION,
     MANIFEST_NAME,
     PARTS_DIR,
     READ_VERSIONS,
     DatasetInfo,
     check_shard_name,
+    min_format_version,
 )
 from .storage import Location
 
@@ -66,6 +68,9 @@ class Manifest:
     shards: list[ShardEntry] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form bookkeeping (skipped records, truncation counts), merged across writers."""
+    format_version: int = FORMAT_VERSION
+    """The version the dataset was written as: this module's for a new one, the file's when
+    read. Shards keep their own encoding, so a dataset of an older version reads as it was."""
 
     @property
     def num_examples(self) -> int:
@@ -84,7 +89,7 @@ class Manifest:
 
         return {
             "format": FORMAT_NAME,
-            "format_version": self.info.format_version,
+            "format_version": self.format_version,
             **self.info.to_json(),
             "num_examples": self.num_examples,
             "num_positions": self.num_positions,
@@ -109,15 +114,15 @@ class Manifest:
         if version not in READ_VERSIONS or isinstance(version, bool):
             raise ManifestError(
                 f"{where}: format_version is {version!r} but this logitcache reads versions "
-                f"{' and '.join(map(str, READ_VERSIONS))}; upgrade logitcache "
+                f"{', '.join(map(str, READ_VERSIONS[:-1]))} and {READ_VERSIONS[-1]}; upgrade logitcache "
                 "(pip install -U logitcache) to read it"
             )
         info = DatasetInfo.from_json(obj, where)
-        if info.format_version != version:
+        if version < min_format_version(info.targets):
             raise ManifestError(
                 f"{where}: format_version is {version} but its targets ({info.targets.label}) "
-                f"are version {info.format_version}: positions hold a variable number of ids "
-                "or draws exactly in version 2; the manifest was edited by hand"
+                f"need version {min_format_version(info.targets)} or later: positions hold a "
+                "variable number of ids or draws from version 2 on; the manifest was edited by hand"
             )
         shards_obj = obj.get("shards")
         if not isinstance(shards_obj, list):
@@ -129,7 +134,7 @@ class Manifest:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ManifestError(f"{where}: shard listed more than once: {dup}")
-        m = cls(info=info, shards=shards, extra=dict(obj.get("extra", {})))
+        m = cls(info=info, shards=shards, extra=dict(obj.get("extra", {})), format_version=version)
         for key in ("num_examples", "num_positions"):
             if key in obj and obj[key] != getattr(m, key):
                 raise ManifestError(

@@ -21,10 +21,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .codecs import QMAX, decode_id_planes, decode_id_planes_fixed, decode_logprobs
+from .codecs import (
+    QMAX,
+    decode_id_planes,
+    decode_id_planes_fixed,
+    decode_logprobs,
+    ids_from_ranks,
+    unpack_rank_table,
+)
 from .errors import ShardError
 from .format import (
     META_PREFIX,
+    RANK_TABLE_KEYS,
     DatasetInfo,
     Example,
     Sampled,
@@ -47,14 +55,15 @@ class DecodedBatch:
     """Flat (P,) response token ids; position offsets of row r are response_offsets[r:r+2]."""
     response_offsets: np.ndarray
     topk_ids: np.ndarray | None = None
-    """(P, K) int32 ids, ascending within each position."""
+    """(P, K) int32 ids, each position's in the order they are stored: ascending (format
+    versions 1 and 2), or by their rank in the shard (version 3: most frequent first)."""
     topk_logprobs: np.ndarray | None = None
     """(P, K) float32 log-probs (u8/u16 codecs: renormalized together with the tail)."""
     tail_logmass: np.ndarray | None = None
     """(P,) float32 log of the mass outside the top-k."""
     sample_ids: np.ndarray | None = None
-    """(U,) int32 drawn ids, ascending within each position (top-k datasets with tail draws:
-    the tail's draws)."""
+    """(U,) int32 drawn ids, each position's in the order they are stored, as ``topk_ids``
+    (top-k datasets with tail draws: the tail's draws)."""
     sample_counts: np.ndarray | None = None
     """(U,) uint8 draws of each id."""
     sample_offsets: np.ndarray | None = None
@@ -173,11 +182,14 @@ def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
         response_offsets=response_off,
     )
     spec = info.targets
+    by_rank = _rank_tables(batch.schema.metadata, info.vocab_size)
     if spec.adaptive_k:
-        _decode_adaptive_topk(batch, info, out)
+        _decode_adaptive_topk(batch, info, out, by_rank.get("topk"))
     elif spec.kind == "topk":
         planes = [list_values(batch.column(n))[0] for n in id_plane_names("topk", info.id_bytes)]
         out.topk_ids = decode_id_planes_fixed(planes, spec.k)
+        if "topk" in by_rank:
+            out.topk_ids = ids_from_ranks(out.topk_ids, by_rank["topk"])
         stored = list_values(batch.column("topk_logprobs"))[0]
         tail = list_values(batch.column("tail_logmass"))[0]
         if spec.codec in ("f32", "f16"):
@@ -190,12 +202,26 @@ def decode_batch(batch: pa.RecordBatch, info: DatasetInfo) -> DecodedBatch:
         nunique = list_values(batch.column("sample_nunique"))[0].astype(np.int64)
         planes = [list_values(batch.column(n))[0] for n in id_plane_names("sample", info.id_bytes)]
         out.sample_ids = decode_id_planes(planes, nunique)
+        if "sample" in by_rank:
+            out.sample_ids = ids_from_ranks(out.sample_ids, by_rank["sample"])
         out.sample_counts = list_values(batch.column("sample_counts"))[0]
         out.sample_offsets = np.concatenate([[0], np.cumsum(nunique)])
     return out
 
 
-def _decode_adaptive_topk(batch: pa.RecordBatch, info: DatasetInfo, out: DecodedBatch) -> None:
+def _rank_tables(meta: dict[bytes, bytes] | None, vocab_size: int) -> dict[str, np.ndarray]:
+    """The (V,) id of each rank for each id kind a shard stores as ranks (format version 3)."""
+    out = {}
+    for kind, key in RANK_TABLE_KEYS.items():
+        value = (meta or {}).get(key.encode())
+        if value is not None:
+            out[kind] = unpack_rank_table(value, vocab_size)
+    return out
+
+
+def _decode_adaptive_topk(
+    batch: pa.RecordBatch, info: DatasetInfo, out: DecodedBatch, by_rank: np.ndarray | None
+) -> None:
     """Top-k of a variable-k batch (``topk_count`` ids per position) into padded (P, k) rows:
     ids 0 and log-probs -inf past a position's count.
 
@@ -210,7 +236,8 @@ def _decode_adaptive_topk(batch: pa.RecordBatch, info: DatasetInfo, out: Decoded
     kept = np.flatnonzero(np.arange(spec.k) < counts[:, None])  # row-major, as the entries
     out.topk_counts = counts
     out.topk_ids = np.zeros((len(counts), spec.k), dtype=np.int32)
-    out.topk_ids.ravel()[kept] = decode_id_planes(planes, counts)
+    ids = decode_id_planes(planes, counts)
+    out.topk_ids.ravel()[kept] = ids if by_rank is None else ids_from_ranks(ids, by_rank)
     if spec.codec in ("f32", "f16"):
         out.topk_logprobs = np.full((len(counts), spec.k), -np.inf, dtype=np.float32)
         out.topk_logprobs.ravel()[kept] = decode_logprobs(stored, spec.codec)

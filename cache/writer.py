@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from .codecs import encode_id_planes, encode_logprobs, sort_by_id
+from .codecs import (
+    encode_id_planes,
+    encode_logprobs,
+    frequency_table,
+    pack_rank_table,
+    ranks_of_ids,
+    sort_by_id,
+)
 from .errors import IncompatibleError
 from .format import (
     PARTS_DIR,
+    RANK_TABLE_KEYS,
     WRITER_ID_RE,
     DatasetInfo,
     Example,
@@ -297,8 +306,15 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, typ: pa.DataType) -> pa
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=typ))
 
 
-def encode_columns(info: DatasetInfo, rows: list[Example]) -> dict[str, pa.Array]:
-    """Encode examples into the shard's columns (vectorized across all rows)."""
+def encode_columns(
+    info: DatasetInfo, rows: list[Example], ranks: Mapping[str, np.ndarray] | None = None
+) -> dict[str, pa.Array]:
+    """Encode examples into the shard's columns (vectorized across all rows).
+
+    ``ranks``: for "topk" and "sample", the (V,) rank of each id (:func:`shard_rank_tables`);
+    an id kind given a rank is stored as ranks, ascending within each position. Without
+    (the default), ids are stored as themselves."""
+    ranks = ranks or {}
     tok = info.token_type
     tok_np = tok.to_pandas_dtype()
     n_pos = np.array([len(r.response_ids) for r in rows], dtype=np.int64)
@@ -317,6 +333,8 @@ def encode_columns(info: DatasetInfo, rows: list[Example]) -> dict[str, pa.Array
     if spec.kind == "topk":
         k = spec.k
         ids = _concat([r.targets.ids for r in rows], np.int64).reshape(-1, k)
+        if "topk" in ranks:
+            ids = ranks["topk"][ids].astype(np.int64)
         lps = _concat([r.targets.logprobs for r in rows], np.float32).reshape(-1, k)
         tail = _concat([r.targets.tail_logmass for r in rows], np.float32)
         per_pos = np.full(len(ids), k)  # ids kept at each position
@@ -342,6 +360,8 @@ def encode_columns(info: DatasetInfo, rows: list[Example]) -> dict[str, pa.Array
         draws = [r.targets.tail_draws if spec.kind == "topk" else r.targets for r in rows]
         nunique = _concat([d.nunique for d in draws], np.int64)
         ids = _concat([d.ids for d in draws], np.int64)
+        if "sample" in ranks:
+            ids = ranks["sample"][ids].astype(np.int64)
         counts = _concat([d.counts for d in draws], np.int64)
         if nunique.size and nunique.max() > spec.n:
             raise ValueError(
@@ -350,7 +370,8 @@ def encode_columns(info: DatasetInfo, rows: list[Example]) -> dict[str, pa.Array
         per_row_u = np.array([len(d.ids) for d in draws], dtype=np.int64)
         pos = np.repeat(np.arange(len(nunique)), nunique)
         # The capture writes each position's ids ascending already; sort only when they are not
-        # (a full lexsort was most of the encoding time of top-32 + 32 tail draws).
+        # (a full lexsort was most of the encoding time of top-32 + 32 tail draws), as ranks
+        # usually are not.
         if not np.all((ids[1:] > ids[:-1]) | (pos[1:] != pos[:-1])):
             order = np.lexsort((ids, pos))
             ids, counts = ids[order], counts[order]
@@ -363,17 +384,50 @@ def encode_columns(info: DatasetInfo, rows: list[Example]) -> dict[str, pa.Array
 
 
 def encode_shard(
-    info: DatasetInfo, rows: list[Example], batch_rows: int, schema: pa.Schema | None = None
+    info: DatasetInfo,
+    rows: list[Example],
+    batch_rows: int,
+    schema: pa.Schema | None = None,
+    id_ranks: bool = True,
 ) -> tuple[bytes, int]:
-    """Serialize examples as one zstd Arrow IPC file; returns (bytes, positions)."""
+    """Serialize examples as one zstd Arrow IPC file; returns (bytes, positions).
+
+    Ids are stored as their rank in how often this shard stores them (one rank table per id
+    kind in the schema metadata, docs/FORMAT.md "Id ranks"): frequent ids get small ranks, so
+    each position's sorted ranks have smaller gaps than its sorted ids and compress better.
+    ``id_ranks=False`` stores the ids themselves, as format versions 1 and 2 do (benchmarks)."""
     schema = schema or info.schema()
+    tables = {k: t for k, t in shard_rank_tables(info, rows).items() if len(t)} if id_ranks else {}
+    meta = dict(schema.metadata or {})
+    meta.update({RANK_TABLE_KEYS[kind]: pack_rank_table(t) for kind, t in tables.items()})
+    schema = schema.with_metadata(meta)
+    ranks = {kind: ranks_of_ids(t, info.vocab_size) for kind, t in tables.items()}
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression="zstd")
     with pa.ipc.new_file(sink, schema, options=options) as w:
         for i in range(0, len(rows), batch_rows):
-            cols = encode_columns(info, rows[i : i + batch_rows])
+            cols = encode_columns(info, rows[i : i + batch_rows], ranks)
             w.write_batch(pa.record_batch([cols[f.name] for f in schema], schema=schema))
     return sink.getvalue().to_pybytes(), sum(len(r.response_ids) for r in rows)
+
+
+def shard_rank_tables(info: DatasetInfo, rows: list[Example]) -> dict[str, np.ndarray]:
+    """The rank table of each id kind these rows store ("topk", "sample"), from their counts."""
+    spec, tables = info.targets, {}
+    if spec.kind == "topk":
+        ids = [
+            r.targets.ids.reshape(-1)
+            if r.targets.counts is None
+            else r.targets.ids[np.arange(spec.k) < np.asarray(r.targets.counts)[:, None]]
+            for r in rows
+        ]
+        tables["topk"] = frequency_table(_concat(ids, np.int64), info.vocab_size)
+    if spec.has_draws:
+        draws = [r.targets.tail_draws if spec.kind == "topk" else r.targets for r in rows]
+        tables["sample"] = frequency_table(
+            _concat([d.ids for d in draws], np.int64), info.vocab_size
+        )
+    return tables
 
 
 def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:

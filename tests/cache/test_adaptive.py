@@ -144,9 +144,9 @@ def test_variable_k_round_trip(tmp_path, codec: str, n_rate: float | None) -> No
         for ex in examples:
             w.add(ex)
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
-    assert manifest["format_version"] == 2 and manifest["targets"]["k_mass"] == 0.85
+    assert manifest["format_version"] == 3 and manifest["targets"]["k_mass"] == 0.85
     ds = open_dataset(tmp_path / "ds", verify=True)
-    got = {e.id: e for e in ds.iter_examples()}
+    got = {e.id: e.by_id() for e in ds.iter_examples()}
     for ex in examples:
         t, r = ex.targets, got[ex.id].targets
         assert isinstance(t, TopK) and isinstance(r, TopK) and t.counts is not None
@@ -177,13 +177,11 @@ def test_variable_k_round_trip(tmp_path, codec: str, n_rate: float | None) -> No
         assert any((c < 16).any() for c in per_pos)
 
 
-def test_fixed_k_datasets_stay_version_1_and_a_misversioned_manifest_is_refused(
-    tmp_path,
-) -> None:
+def test_new_datasets_are_version_3_and_a_misversioned_manifest_is_refused(tmp_path) -> None:
     info = make_info("topk", k=4, vocab=50)
     with DatasetWriter(tmp_path / "fixed", info):
         pass
-    assert json.loads((tmp_path / "fixed" / "manifest.json").read_text())["format_version"] == 1
+    assert json.loads((tmp_path / "fixed" / "manifest.json").read_text())["format_version"] == 3
     from dataclasses import replace
 
     spec = TargetSpec("topk", k=4, codec="u8", k_mass=0.9)
@@ -191,10 +189,12 @@ def test_fixed_k_datasets_stay_version_1_and_a_misversioned_manifest_is_refused(
         pass
     path = tmp_path / "var" / "manifest.json"
     m = json.loads(path.read_text())
-    assert m["format_version"] == 2 and m["targets"]["k_min"] == 1
-    m["format_version"] = 1
+    assert m["format_version"] == 3 and m["targets"]["k_min"] == 1
+    m["format_version"] = 1  # variable k needs version 2 or later
     path.write_text(json.dumps(m))
-    with pytest.raises(ManifestError, match=r"format_version is 1 but its targets .* version 2"):
+    with pytest.raises(
+        ManifestError, match=r"format_version is 1 but its targets .* need version 2"
+    ):
         open_dataset(tmp_path / "var")
 
 

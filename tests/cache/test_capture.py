@@ -87,7 +87,7 @@ def tok(tiny_teacher_dir: Path) -> Any:
 
 
 def by_id(out: Path) -> dict[str, Example]:
-    return {e.id: e for e in open_dataset(out, verify=True).iter_examples()}
+    return {e.id: e.by_id() for e in open_dataset(out, verify=True).iter_examples()}
 
 
 def teacher_prefix(tok: Any, prompt: str) -> list[int]:
@@ -792,7 +792,7 @@ def test_adaptive_targets_through_the_capture(tmp_path, tiny_teacher_dir, ctx_fi
                      generate=dict(max_new_tokens=6))
         )  # fmt: skip
         runs[budget] = by_id(out)
-    assert json.loads((tmp_path / "ds64" / "manifest.json").read_text())["format_version"] == 2
+    assert json.loads((tmp_path / "ds64" / "manifest.json").read_text())["format_version"] == 3
     kept = np.concatenate([e.targets.counts for e in runs[64].values()])  # type: ignore[union-attr]
     assert kept.min() >= 2 and kept.max() <= 48 and len(set(kept.tolist())) > 1
     for i, a in runs[64].items():

@@ -83,7 +83,7 @@ def test_manifest_rows_edited(dataset):
 def test_unknown_format_version(dataset):
     _edit_manifest(dataset, lambda m: m.update(format_version=99))
     with pytest.raises(
-        ManifestError, match=r"format_version is 99 .* reads versions 1 and 2; upgrade"
+        ManifestError, match=r"format_version is 99 .* reads versions 1, 2 and 3; upgrade"
     ):
         open_dataset(dataset)
 

@@ -28,7 +28,7 @@ def _dataset(path, kind="topk", **kw):
 
 def _reader_rows(path):
     out = {}
-    for ex in open_dataset(path).iter_examples():
+    for ex in (e.by_id() for e in open_dataset(path).iter_examples()):  # export: ascending
         t = ex.targets
         draws = getattr(t, "tail_draws", t)
         row = {"prompt_ids": ex.prompt_ids.tolist(), "response_ids": ex.response_ids.tolist()}

@@ -28,7 +28,7 @@ def _export(tmp_path, codec):
 
 
 def _targets(path):
-    return {ex.id: ex for ex in open_dataset(path).iter_examples()}
+    return {ex.id: ex.by_id() for ex in open_dataset(path).iter_examples()}
 
 
 def test_round_trip_f32_is_exact(tmp_path, tiny_tokenizer_dir, capsys):

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from logitcache.cache import codecs
 from logitcache.cache.codecs import tail_logmass
 from logitcache.cache.format import Example, TopK
 from logitcache.cache.merge import merge_datasets
@@ -31,9 +33,20 @@ from .synth import make_examples, make_info
 
 READER = textwrap.dedent(
     """
-    import hashlib, json, os, re, sys
+    import base64, hashlib, json, os, re, sys
     import numpy as np
     import pyarrow as pa
+
+    def ids_by_rank(meta, kind, vocab):
+        # FORMAT.md, Id ranks (version 3): the id of each rank, or None where ids are stored as is
+        value = (meta or {}).get(f"logitcache.{kind}_id_ranks".encode())
+        if value is None:
+            return None
+        obj = json.loads(value)
+        raw = pa.decompress(base64.b64decode(obj["zstd"]), decompressed_size=4 * obj["count"],
+                            codec="zstd", asbytes=True)
+        table = np.frombuffer(raw, dtype="<i4")
+        return np.concatenate([table, np.setdiff1d(np.arange(vocab), table)])
 
     def columns(t):
         # FORMAT.md, Shards: exactly these columns, in this order
@@ -49,10 +62,10 @@ READER = textwrap.dedent(
     def read(root):
         manifest = json.load(open(os.path.join(root, "manifest.json")))
         t = manifest["targets"]
-        variable = "k_mass" in t or "n_rate" in t  # FORMAT.md: version 2 exactly then
+        variable = "k_mass" in t or "n_rate" in t  # FORMAT.md: version 2 or later then
         assert manifest["format"] == "logitcache"
-        assert manifest["format_version"] == (2 if variable else 1)
-        nbytes = t["id_bytes"]
+        assert manifest["format_version"] in ((2, 3) if variable else (1, 2, 3))
+        nbytes, vocab = t["id_bytes"], manifest["tokenizer"]["vocab_size"]
         out = {}
         for shard in manifest["shards"]:
             assert re.fullmatch(r"shard-[A-Za-z0-9_]+-\\d{6}\\.arrow", shard["file"])
@@ -60,6 +73,7 @@ READER = textwrap.dedent(
             assert hashlib.sha256(data).hexdigest() == shard["sha256"]
             table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
             assert table.schema.names == columns(t), table.schema.names
+            by_rank = {k: ids_by_rank(table.schema.metadata, k, vocab) for k in ("topk", "sample")}
             for row in table.to_pylist():
                 P = len(row["response_ids"])
                 rec = {"prompt": row["prompt_ids"], "response": row["response_ids"]}
@@ -68,13 +82,22 @@ READER = textwrap.dedent(
                     planes = [np.array(row[f"{prefix}_id_b{b}"], dtype=np.int64) for b in range(nbytes)]
                     return sum(p << (8 * b) for b, p in enumerate(planes))
 
+                def ids_of(prefix, gaps, values):
+                    # the summed gaps are ids, or ranks (version 3): then ids, sorted, values with them
+                    ids = np.cumsum(gaps)
+                    if by_rank[prefix] is None:
+                        return ids.tolist(), list(values)
+                    ids = by_rank[prefix][ids]
+                    order = np.argsort(ids)
+                    return ids[order].tolist(), [values[i] for i in order]
+
                 if t["kind"] == "sampled" or t["n"] > 0:  # sampled, or top-k with tail draws
                     gaps = gaps_of("sample")
                     nun = row["sample_nunique"]
                     starts = np.concatenate([[0], np.cumsum(nun)]).astype(int)
-                    rec["draw_ids"] = [np.cumsum(gaps[a:b]).tolist() for a, b in zip(starts[:-1], starts[1:])]
                     c = row["sample_counts"]
-                    rec["counts"] = [c[a:b] for a, b in zip(starts[:-1], starts[1:])]
+                    both = [ids_of("sample", gaps[a:b], c[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+                    rec["draw_ids"], rec["counts"] = [i for i, _ in both], [n for _, n in both]
                 if t["kind"] == "topk":
                     # k ids per position, or topk_count[p] of them (version 2, k_mass set)
                     kp = row["topk_count"] if "k_mass" in t else [t["k"]] * P
@@ -84,8 +107,9 @@ READER = textwrap.dedent(
                     tail = np.array(row["tail_logmass"], dtype=np.float64)
                     ids, lps, sums = [], [], []
                     for j, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
-                        ids.append(np.cumsum(gaps[a:b]).tolist())
-                        v = vals[a:b]
+                        pos_ids, v = ids_of("topk", gaps[a:b], vals[a:b])
+                        ids.append(pos_ids)
+                        v = np.array(v, dtype=np.float64)
                         if t["codec"] in ("u8", "u16"):  # codes of sqrt(p): decode, renormalize
                             Q = 255 if t["codec"] == "u8" else 65535
                             p, pt = (v / Q) ** 2, (tail[j] / Q) ** 2
@@ -134,7 +158,9 @@ def by_id_order(t: TopK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ("topk+draws", "u8", 70_000),
     ],
 )
-def test_read_with_pyarrow_alone(tmp_path, kind, codec, vocab):
+@pytest.mark.parametrize("rank_min_count", [1, 10**9])  # version 3: every id ranked; none
+def test_read_with_pyarrow_alone(tmp_path, monkeypatch, kind, codec, vocab, rank_min_count):
+    monkeypatch.setattr(codecs, "RANK_MIN_COUNT", rank_min_count)
     tail_draws = 10 if kind == "topk+draws" else 0
     kind = kind.removesuffix("+draws")
     info = make_info(kind, k=6, n=10, codec=codec, vocab=vocab, tail_draws=tail_draws)
@@ -142,6 +168,14 @@ def test_read_with_pyarrow_alone(tmp_path, kind, codec, vocab):
     with DatasetWriter(tmp_path / "ds", info, shard_positions=30) as w:
         for ex in examples:
             w.add(ex)
+    shards = sorted((tmp_path / "ds").glob("shard-*.arrow"))
+    tables = [
+        key
+        for shard in shards
+        for key in pa.ipc.open_file(shard).schema.metadata
+        if key.endswith(b"_id_ranks")
+    ]
+    assert len(tables) == (len(shards) * (1 + bool(tail_draws)) if rank_min_count == 1 else 0)
     got = run_spec_reader(READER, tmp_path, str(tmp_path / "ds"))[str(tmp_path / "ds")]
     if kind == "sampled":  # FORMAT.md: k is 0 and codec means nothing
         assert got["targets"]["k"] == 0

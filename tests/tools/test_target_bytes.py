@@ -1,4 +1,4 @@
-"""The target-bytes benchmark's measure of ids renumbered by frequency."""
+"""The target-bytes benchmark's measure of ids stored as ranks by frequency (format version 3)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from logitcache.cache.format import Example, TopK
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.writer import DatasetWriter
-from logitcache.tools.bench.target_bytes import frequency_rank_bytes
+from logitcache.tools.bench.target_bytes import id_rank_bytes
 from tests.cache.synth import make_info
 
 
@@ -32,10 +32,9 @@ def test_frequency_ranks_shrink_the_gaps_of_popular_far_apart_ids(tmp_path) -> N
                     TopK(ids, lp, np.log(np.full(8, 0.2, np.float32))),
                 )
             )
-    ds = open_dataset(tmp_path / "ds")
-    batches = [ds.shard(0).record_batch(j) for j in range(ds.shard(0).num_batches)]
-    got = frequency_rank_bytes(batches, ds.info)
-    assert set(got) == {"top-k"}  # no draws stored
-    plain, ranked, table = got["top-k"]
-    assert ranked < plain / 2
-    assert 0 < table < 8 * 4 + 64  # the 8 ranked ids (int32), zstd-framed
+    by_group, tables, rates = id_rank_bytes(open_dataset(tmp_path / "ds"), repeats=1)
+    assert set(by_group) == {"top-k ids"}  # no draws stored
+    plain, ranked = by_group["top-k ids"]
+    assert ranked < 0.6 * plain  # 3 bits of entropy per rank gap against ~13 per id gap
+    assert 0 < tables < 200  # the 8 ranked ids (int32), zstd-framed, base64 in JSON
+    assert len(rates) == 2 and min(rates) > 0

@@ -10,9 +10,11 @@ one run:
   as the training stream decodes (:func:`~logitcache.cache.reader.keep_freed_memory`);
 * ideas measured on the same data, without changing the format: the response token stored as
   its rank in the position's top-k (it usually is the most likely id) instead of its id; a
-  zstd dictionary trained on other record batches of the dataset for the id planes;
-  log-probs of low-mass ids (p < 1/64) kept to 6 of their 8 bits; and ids renumbered by how
-  often they occur in the dataset (a per-dataset table), so that sorted gaps are small.
+  zstd dictionary trained on other record batches of the dataset for the id planes; and
+  log-probs of low-mass ids (p < 1/64) kept to 6 of their 8 bits;
+* and one idea that is now the format (version 3): the id planes with ids stored as
+  themselves and as their rank in how often the shard stores them, every shard re-encoded
+  both ways, plus the bytes of the rank tables.
 
     python -m logitcache.tools.bench.target_bytes DIR [DIR ...]
 """
@@ -114,52 +116,40 @@ def dictionary_bytes(batches: list[pa.RecordBatch]) -> tuple[int, int]:
     return plain, sum(len(cd.compress(b)) for _, b in halves)
 
 
-def _flat_ids(b) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """A decoded batch's stored ids: {"top-k" | "draws": (flat ids, ids per position)}."""
-    out = {}
-    if b.topk_ids is not None:
-        k = b.topk_ids.shape[1]
-        kept = np.full(len(b.topk_ids), k) if b.topk_counts is None else b.topk_counts
-        mask = np.arange(k)[None, :] < kept[:, None]
-        out["top-k"] = (b.topk_ids[mask], kept)
-    if b.sample_ids is not None:
-        out["draws"] = (b.sample_ids, np.diff(b.sample_offsets))
-    return out
+def id_rank_bytes(
+    ds, repeats: int = 0
+) -> tuple[dict[str, tuple[int, int]], int, tuple[float, ...]]:
+    """Ids stored as themselves (format versions 1 and 2) against ids stored as their rank in
+    the shard (the writer now), every shard re-encoded both ways
+    (:func:`~logitcache.cache.writer.encode_shard`): ({"top-k ids" | "tail draws": (bytes as
+    ids, bytes as ranks)} of the id planes as zstd buffers, bytes of the rank tables, and with
+    ``repeats`` the decode rate of each encoding, M positions/CPU-s, as :func:`decode_rate`)."""
+    from logitcache.cache.writer import encode_shard
 
-
-def frequency_rank_bytes(
-    batches: list[pa.RecordBatch], info
-) -> dict[str, tuple[float, float, int]]:
-    """{"top-k" | "draws": (B/position of the id planes of the second half of the positions,
-    the same with every id replaced by its rank in how often the first half stores it (ids the
-    first half never stores come after those, by id), bytes of that rank table)}. Ranks are
-    sorted within each position and gap-coded as ids are; the table is zstd-compressed and
-    counted once: it never sees the positions it is measured on.
-    """
-    from logitcache.cache.codecs import encode_id_planes
-
-    decoded = [_flat_ids(decode_batch(rb, info)) for rb in batches]
-    out = {}
-    for kind in decoded[0] if decoded else ():
-        ids = np.concatenate([d[kind][0] for d in decoded]).astype(np.int64)
-        lengths = np.concatenate([d[kind][1] for d in decoded]).astype(np.int64)
-        half = len(lengths) // 2
-        cut = int(lengths[:half].sum())
-        if half == 0:
-            continue
-        freq = np.bincount(ids[:cut], minlength=info.vocab_size)
-        order = np.argsort(-freq, kind="stable")  # most stored first; unseen ids by id
-        rank = np.empty_like(order)
-        rank[order] = np.arange(len(order))
-        ids, lengths = ids[cut:], lengths[half:]
-        row = np.repeat(np.arange(len(lengths)), lengths)
-        ranks = rank[ids]
-        ranked = ranks[np.lexsort((ranks, row))]
-        plain = _zstd(encode_id_planes(ids, lengths, info.id_bytes))
-        smaller = _zstd(encode_id_planes(ranked, lengths, info.id_bytes))
-        table = _zstd([order[: np.count_nonzero(freq)].astype(np.int32)])
-        out[kind] = (plain / len(lengths), smaller / len(lengths), table)
-    return out
+    sizes: dict[bool, dict[str, int]] = {
+        False: dict.fromkeys(GROUPS, 0),
+        True: dict.fromkeys(GROUPS, 0),
+    }
+    batches: dict[bool, list[pa.RecordBatch]] = {False: [], True: []}
+    tables = 0
+    for i in range(len(ds.shards)):
+        rows = [b.example(j) for b in ds.shard(i) for j in range(len(b))]
+        for ranked, out in sizes.items():
+            data, _ = encode_shard(ds.info, rows, 1024, id_ranks=ranked)
+            f = pa.ipc.open_file(pa.py_buffer(data))
+            encoded = [f.get_batch(j) for j in range(f.num_record_batches)]
+            batches[ranked] += encoded
+            for g, n in column_bytes(encoded).items():
+                out[g] += n
+            if ranked:
+                meta = f.schema.metadata or {}
+                tables += sum(len(v) for k, v in meta.items() if k.endswith(b"_id_ranks"))
+    groups = ("top-k ids", "tail draws")
+    by_group = {g: (sizes[False][g], sizes[True][g]) for g in groups if sizes[False][g]}
+    rates = (
+        tuple(decode_rate(batches[r], ds.info, repeats) for r in (False, True)) if repeats else ()
+    )
+    return by_group, tables, rates
 
 
 def coarse_low_mass(batches: list[pa.RecordBatch]) -> tuple[int, int, float]:
@@ -218,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(
         "\n| dataset | response ids → rank in top-k | id planes with a trained zstd dictionary "
-        "| low-mass log-probs at 6 bits | ids → rank by frequency (+ the table, once) |"
+        "| low-mass log-probs at 6 bits | ids as themselves → as ranks in the shard (+ its tables), "
+        "both decoded with freed memory kept |"
     )
     print("|---|---|---|---|---|")
     for name, ds, batches, P in ideas:
@@ -231,13 +222,10 @@ def main(argv: list[str] | None = None) -> None:
         half = P / 2  # the dictionary is measured on the second half of the positions
         dict_cell = f"{plain / half:.2f} → {with_dict / half:.2f} B" if plain else "too little data"
         lp_cell = f"{lp / P:.2f} → {coarse / P:.2f} B (|Δ√p| ≤ {worst:.4f})" if lp else "not u8"
-        freq_cell = "; ".join(
-            f"{kind} {a:.2f} → {b:.2f} B (+ {t / 1024:.0f} KiB)"
-            for kind, (a, b, t) in frequency_rank_bytes(batches, ds.info).items()
-        )
-        print(
-            f"| {name} | {rank_cell} | {dict_cell} | {lp_cell} | {freq_cell or 'too little data'} |"
-        )
+        by_group, tables, (as_ids, as_ranks) = id_rank_bytes(ds, args.repeats)
+        freq_cell = "; ".join(f"{g} {a / P:.2f} → {b / P:.2f} B" for g, (a, b) in by_group.items())
+        freq_cell += f" (+ tables {tables / P:.2f} B); decode {as_ids:.2f} → {as_ranks:.2f} M/CPU-s"
+        print(f"| {name} | {rank_cell} | {dict_cell} | {lp_cell} | {freq_cell} |")
 
 
 if __name__ == "__main__":

@@ -106,8 +106,8 @@ def run_to_end(cmd: list[str]) -> float:
 def compare_capture(out: Path, reference: Path) -> dict[str, Any]:
     """How a crashed-then-resumed capture differs from an uninterrupted one (should not)."""
     report = verify_dataset(out)
-    got = [e for e in open_dataset(out, verify=True).iter_examples()]
-    ref = {e.id: e for e in open_dataset(reference).iter_examples()}
+    got = [e.by_id() for e in open_dataset(out, verify=True).iter_examples()]
+    ref = {e.id: e.by_id() for e in open_dataset(reference).iter_examples()}
     ids = [e.id for e in got]
     diff = 0.0
     mismatched = []
