@@ -211,12 +211,16 @@ def unpack_rank_table(value: bytes, vocab_size: int) -> np.ndarray:
     record batch of a shard carries the same one). Raises ValueError if it is malformed."""
     try:
         obj = json.loads(value)
-        count, packed = int(obj["count"]), base64.b64decode(obj["zstd"], validate=True)
+        count, packed = obj["count"], base64.b64decode(obj["zstd"], validate=True)
+        if not isinstance(count, int) or not 0 <= count <= vocab_size:
+            raise ValueError(f"count {count!r} is not an id count in [0, {vocab_size}]")
+        if zstandard.frame_content_size(packed) not in (-1, 4 * count):
+            raise ValueError(f"its frame holds {zstandard.frame_content_size(packed)} bytes")
         raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=4 * count)
     except (ValueError, TypeError, KeyError, binascii.Error, zstandard.ZstdError) as e:
         raise ValueError(f"its id rank table does not decode ({e})") from None
     table = np.frombuffer(raw, dtype="<i4")
-    if len(table) != count or count > vocab_size:
+    if len(table) != count:
         raise ValueError(f"its id rank table holds {len(table)} ids, not {count}")
     if count and (table.min() < 0 or table.max() >= vocab_size):
         raise ValueError(f"its id rank table holds ids outside [0, {vocab_size})")

@@ -384,7 +384,7 @@ class TopK:
         key = ids
         if self.counts is not None:
             kept = np.arange(ids.shape[1]) < np.asarray(self.counts)[:, None]
-            key = np.where(kept, ids, np.iinfo(ids.dtype).max)  # padding sorts last
+            key = np.where(kept, ids.astype(np.int64), np.iinfo(np.int64).max)  # padding last
         order = np.argsort(key, axis=1, kind="stable")
         return TopK(
             np.take_along_axis(ids, order, 1),
@@ -410,7 +410,7 @@ class Sampled:
     def by_id(self) -> Sampled:
         """The same draws with each position's ids ascending (see :meth:`TopK.by_id`)."""
         ids = np.asarray(self.ids)
-        pos = np.repeat(np.arange(len(self.nunique)), self.nunique)
+        pos = np.repeat(np.arange(len(self.nunique)), np.asarray(self.nunique, dtype=np.int64))
         order = np.lexsort((ids, pos))
         return Sampled(ids[order], np.asarray(self.counts)[order], self.nunique)
 

@@ -265,7 +265,9 @@ def finalize(loc: Location) -> Manifest:
         raise ManifestError(
             f"{loc}: nothing to finalize: no {MANIFEST_NAME} and no writer journals in {PARTS_DIR}/"
         )
-    merged = Manifest(info=sources[0][1].info)
+    # The newest version among the manifest and the journals: what the shards may hold.
+    newest = max(m.format_version for _, m in sources)
+    merged = Manifest(info=sources[0][1].info, format_version=newest)
     seen: dict[str, ShardEntry] = {}
     for where, m in sources:
         check_compatible(merged.info, m.info, where)

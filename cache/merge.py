@@ -43,7 +43,9 @@ def merge_datasets(
             allow_teachers=allow_different_teachers,
         )
     _check_unique_ids(sources, manifests)
-    merged = Manifest(info=manifests[0].info)
+    # Shards are copied as they are: the newest input version says what they may hold.
+    newest = max(m.format_version for m in manifests)
+    merged = Manifest(info=manifests[0].info, format_version=newest)
     merged.extra["merged_from"] = []
     dst.makedirs()
     for d, (loc, m) in enumerate(zip(sources, manifests, strict=True)):

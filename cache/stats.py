@@ -29,7 +29,7 @@ def describe(ds: LogitDataset) -> str:
         f"config {str(info.teacher.get('config_hash'))[:12]})",
         f"tokenizer    {info.tokenizer_fingerprint[:23]}…, vocab {info.vocab_size}",
         f"targets      {targets}; ids as {info.id_bytes} byte plane(s) of sorted gaps"
-        + (" (of ranks in the shard)" if m.format_version >= 3 else ""),
+        + (" (of ranks, in shards with a rank table)" if m.format_version >= 3 else ""),
         f"capture      temperature {cap.get('temperature')}, mode {cap.get('mode')}",
         f"size         {counted(m.num_examples, 'example')}, {counted(m.num_positions, 'position')}, "
         f"{counted(len(m.shards), 'shard')}, {m.num_bytes / 1e6:.2f} MB"

@@ -28,6 +28,7 @@ from .codecs import (
 )
 from .errors import IncompatibleError
 from .format import (
+    FORMAT_VERSION,
     PARTS_DIR,
     RANK_TABLE_KEYS,
     WRITER_ID_RE,
@@ -254,6 +255,7 @@ class DatasetWriter:
 
     def _commit(self, rows: list[Example], seq: int) -> None:
         data, positions = encode_shard(self.info, rows, self.batch_rows, self.schema)
+        self.journal.format_version = FORMAT_VERSION  # (a journal resumed from an older writer)
         name = shard_name(self.writer_id, seq)
         self.loc.write_atomic(data, name, tmp_prefix=self._tmp_prefix())
         entry = ShardEntry(
@@ -333,8 +335,8 @@ def encode_columns(
     if spec.kind == "topk":
         k = spec.k
         ids = _concat([r.targets.ids for r in rows], np.int64).reshape(-1, k)
-        if "topk" in ranks:
-            ids = ranks["topk"][ids].astype(np.int64)
+        if "topk" in ranks:  # adaptive padding may hold any value: clipped, then masked below
+            ids = ranks["topk"][np.clip(ids, 0, len(ranks["topk"]) - 1)].astype(np.int64)
         lps = _concat([r.targets.logprobs for r in rows], np.float32).reshape(-1, k)
         tail = _concat([r.targets.tail_logmass for r in rows], np.float32)
         per_pos = np.full(len(ids), k)  # ids kept at each position

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
+import zstandard
 
 from logitcache.cache import codecs
 from logitcache.cache.codecs import (
@@ -19,8 +24,11 @@ from logitcache.cache.codecs import (
     unpack_rank_table,
 )
 from logitcache.cache.errors import ShardError
-from logitcache.cache.format import RANK_TABLE_KEYS, Example, Sampled, TopK
+from logitcache.cache.format import RANK_TABLE_KEYS, Example, Sampled, TargetSpec, TopK
+from logitcache.cache.manifest import finalize
+from logitcache.cache.merge import merge_datasets
 from logitcache.cache.reader import open_dataset
+from logitcache.cache.storage import Location
 from logitcache.cache.verify import verify_dataset
 from logitcache.cache.writer import DatasetWriter, encode_shard
 
@@ -149,3 +157,59 @@ def test_a_damaged_rank_table_is_a_named_error_and_verify_reports_it(tmp_path, m
         list(open_dataset(tmp_path / "ds", verify=True).iter_batches())
     problems = verify_dataset(tmp_path / "ds").problems
     assert any("lists an id twice" in p.found and p.where == shard for p in problems), problems
+
+
+def test_adaptive_padding_of_any_value_is_written_with_ranks(tmp_path, monkeypatch) -> None:
+    """Padding past a position's kept ids is never read: out-of-vocabulary values included."""
+    monkeypatch.setattr(codecs, "RANK_MIN_COUNT", 1)  # so that the shard has a table
+    info = replace(make_info("topk", k=4, codec="f32", vocab=300), targets=TargetSpec(
+        "topk", k=4, codec="f32", k_mass=0.5))  # fmt: skip
+    ids = np.array([[5, 9, 300, 2**31 - 1], [7, -1, -1, -1]])
+    lp = np.log(np.array([[0.3, 0.3, 0.1, 0.1], [0.6, 0.1, 0.1, 0.1]], np.float32))
+    lp[0, 2:] = lp[1, 1:] = -np.inf
+    targets = TopK(ids, lp, np.log(np.array([0.4, 0.4], np.float32)), counts=np.array([2, 1]))
+    with DatasetWriter(tmp_path / "ds", info) as w:
+        w.add(Example("a", np.array([1]), np.array([5, 7]), targets))
+    (got,) = open_dataset(tmp_path / "ds", verify=True).iter_examples()
+    assert got.by_id().targets.ids.tolist() == [[5, 9, 0, 0], [7, 0, 0, 0]]
+
+
+def test_a_table_claiming_more_than_the_vocabulary_is_refused_before_decompressing() -> None:
+    packed = json.loads(pack_rank_table(np.array([1, 2])))
+    for count in (float("inf"), 10**12, -1, "2"):
+        value = json.dumps({**packed, "count": count}).encode()
+        with pytest.raises(ValueError, match="is not an id count"):
+            unpack_rank_table(value, 65536)
+    huge = zstandard.ZstdCompressor().compress(bytes(4 * 1000))  # declares 4,000 bytes
+    value = json.dumps({"count": 2, "zstd": base64.b64encode(huge).decode()}).encode()
+    with pytest.raises(ValueError, match="its frame holds 4000 bytes"):
+        unpack_rank_table(value, 65536)
+
+
+def test_finalize_and_merge_keep_the_newest_input_version(tmp_path) -> None:
+    old = Path(__file__).parents[1] / "data" / "format_v1" / "topk_u8_draws"
+    shutil.copytree(old, tmp_path / "v1")
+    finalize(Location(tmp_path / "v1"))  # nothing new: still the dataset it was
+    assert json.loads((tmp_path / "v1" / "manifest.json").read_text())["format_version"] == 1
+    merge_datasets(tmp_path / "m1", [tmp_path / "v1"])  # copies version-1 shards: version 1
+    assert open_dataset(tmp_path / "m1").manifest.format_version == 1
+
+    info = open_dataset(old).info
+    with DatasetWriter(tmp_path / "v3", info, writer_id="new") as w:
+        for ex in open_dataset(old).iter_examples():
+            w.add(Example("new-" + ex.id, ex.prompt_ids, ex.response_ids, ex.targets))
+    merge_datasets(tmp_path / "m3", [old, tmp_path / "v3"])
+    merged = open_dataset(tmp_path / "m3", verify=True)
+    assert (
+        merged.manifest.format_version == 3
+        and merged.num_examples == 2 * open_dataset(old).num_examples
+    )
+
+
+def test_by_id_takes_targets_built_with_other_dtypes() -> None:
+    empty = Sampled(np.array([]), np.array([]), np.array([]))
+    assert empty.by_id().ids.size == 0
+    t = TopK(
+        np.array([[3.0, 1.0]]), np.array([[-1.0, -2.0]]), np.array([-3.0]), counts=np.array([2.0])
+    )
+    assert t.by_id().ids.tolist() == [[1.0, 3.0]] and t.by_id().logprobs.tolist() == [[-2.0, -1.0]]

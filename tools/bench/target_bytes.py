@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("datasets", nargs="+", help="dataset folders")
     ap.add_argument("--repeats", type=int, default=30, help="decode passes; the median is kept")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     ideas = []
     for d in args.datasets:
         ds = open_dataset(d)
