@@ -201,7 +201,7 @@ def pack_rank_table(table: np.ndarray) -> str:
     """A rank table as the shard metadata stores it: JSON ``{"count": T, "zstd": base64}``, the
     base64 of one zstd frame of the T ids as little-endian int32."""
     raw = np.asarray(table, dtype="<i4").tobytes()
-    packed = zstandard.ZstdCompressor(level=19).compress(raw)
+    packed = zstandard.ZstdCompressor(level=3).compress(raw)  # 19: 15% smaller, 30x slower
     return json.dumps({"count": len(table), "zstd": base64.b64encode(packed).decode("ascii")})
 
 
