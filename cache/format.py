@@ -411,7 +411,7 @@ class Sampled:
         """The same draws with each position's ids ascending (see :meth:`TopK.by_id`)."""
         ids = np.asarray(self.ids)
         pos = np.repeat(np.arange(len(self.nunique)), np.asarray(self.nunique, dtype=np.int64))
-        order = np.lexsort((ids, pos))
+        order = np.lexsort((ids, pos))  # ids of any dtype (the writer packs ints into one key)
         return Sampled(ids[order], np.asarray(self.counts)[order], self.nunique)
 
 
