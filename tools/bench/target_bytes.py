@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from logitcache.cache.format import RANK_TABLE_KEYS
 from logitcache.cache.reader import decode_batch, keep_freed_memory, list_values, open_dataset
 
 
@@ -152,7 +153,7 @@ def id_rank_bytes(
                 out[g] += n
             if ranked:
                 meta = f.schema.metadata or {}
-                tables += sum(len(v) for k, v in meta.items() if k.endswith(b"_id_ranks"))
+                tables += sum(len(meta.get(k.encode(), b"")) for k in RANK_TABLE_KEYS.values())
     groups = ("top-k ids", "tail draws")
     by_group = {g: (sizes[False][g], sizes[True][g]) for g in groups if sizes[False][g]}
     if not repeats:
