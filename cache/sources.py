@@ -18,8 +18,11 @@ import fsspec
 
 from .errors import InputError
 
-SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet")
-SUPPORTED = "*.jsonl, *.jsonl.zst, *.parquet, or a folder saved with datasets' save_to_disk"
+SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet", ".arrow")
+SUPPORTED = (
+    "*.jsonl, *.jsonl.zst, *.parquet, *.arrow (Arrow IPC), or a folder saved with datasets' "
+    "save_to_disk"
+)
 
 
 class BadRecord(Exception):
@@ -80,6 +83,8 @@ def iter_raw(
         yield from _iter_jsonl(source, fs, path, zstd=False)
     elif path.endswith(".parquet"):
         yield from _iter_parquet(source, fs, path)
+    elif path.endswith(".arrow"):
+        yield from _iter_arrow(source, fs, path)
     else:
         raise InputError(f"{flag} {source}: unknown file type; expected {SUPPORTED}")
 
@@ -177,6 +182,34 @@ def _iter_parquet(source: str, fs: Any, path: str) -> Iterator[tuple[int | None,
             for obj in _table_rows(batch):
                 yield None, row, obj
                 row += 1
+
+
+def _iter_arrow(source: str, fs: Any, path: str) -> Iterator[tuple[int | None, int | None, Any]]:
+    """Rows of an Arrow IPC file: the stream format (what `datasets` and `logitcache export
+    --format arrow` write) or the random-access file format (Feather v2)."""
+    import pyarrow as pa
+
+    with fs.open(path, "rb") as f:
+        data = pa.py_buffer(f.read())
+    try:
+        reader = pa.ipc.open_stream(data)
+    except pa.ArrowInvalid:
+        try:
+            file = pa.ipc.open_file(data)
+        except pa.ArrowInvalid as e:
+            raise InputError(f"{source}: not a readable Arrow IPC file ({e})") from None
+        reader = (file.get_batch(i) for i in range(file.num_record_batches))
+    row = 0
+    try:
+        for batch in reader:
+            for obj in _table_rows(batch):
+                yield None, row, obj
+                row += 1
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(
+            f"{source}: the Arrow IPC file is damaged after row {row} ({e}); re-copy or "
+            "re-export it"
+        ) from None
 
 
 def _table_rows(batch: Any) -> list[Any]:

@@ -15,11 +15,11 @@ import argparse
 from logitcache.cache.importer import ImportConfig, import_plain, load_import_config
 from logitcache.cache.settings import add_flags, flag_sources
 
-HELP = "import top-k ids and log-probs (or logits) per position from Parquet or JSONL"
+HELP = "import top-k ids and log-probs (or logits) per position from Parquet, Arrow or JSONL"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", nargs="+", help="*.parquet, *.jsonl(.zst), folders or globs")
+    p.add_argument("src", nargs="+", help="*.parquet, *.arrow, *.jsonl(.zst), folders or globs")
     p.add_argument("out", help="new dataset folder (must not exist or be empty)")
     add_flags(p, ImportConfig, dotted=False)
 

@@ -16,15 +16,16 @@ from logitcache.tools.cli import main
 from .synth import make_examples, make_info
 
 
-def _export(tmp_path, codec):
+def _export(tmp_path, codec, fmt="parquet"):
     info = make_info("topk", codec=codec, vocab=384)
     with DatasetWriter(tmp_path / "ds", info, shard_positions=60) as w:
         examples = make_examples(info, 40, max_len=10)
         assert any(ex.num_positions == 0 for ex in examples)  # kept by the round trip too
         for ex in examples:
             w.add(ex)
-    assert main(["export", str(tmp_path / "ds"), str(tmp_path / "exp")]) == 0
-    return tmp_path / "ds", str(tmp_path / "exp" / "data" / "*.parquet")
+    exp = str(tmp_path / "exp")
+    assert main(["export", str(tmp_path / "ds"), exp, "--format", fmt]) == 0
+    return tmp_path / "ds", str(tmp_path / "exp" / "data" / f"*.{fmt}")
 
 
 def _targets(path):
@@ -53,6 +54,28 @@ def test_round_trip_f32_is_exact(tmp_path, tiny_tokenizer_dir, capsys):
         assert (
             np.abs(np.exp(ex.targets.tail_logmass.astype(np.float64)) - want).max(initial=0) < 1e-6
         )
+
+
+def test_round_trip_through_arrow_files(tmp_path, tiny_tokenizer_dir):
+    src, files = _export(tmp_path, "f32", fmt="arrow")
+    out = tmp_path / "back"
+    argv = ["import", files, str(out), "--tokenizer", str(tiny_tokenizer_dir), "--codec", "f32"]
+    assert main([*argv, "--tail-column", "tail_logmass"]) == 0
+    a, b = _targets(src), _targets(out)
+    assert a.keys() == b.keys()
+    for key, ex in a.items():
+        assert np.array_equal(b[key].targets.ids, ex.targets.ids)
+        assert b[key].targets.logprobs.tobytes() == ex.targets.logprobs.tobytes()
+
+
+def test_a_damaged_arrow_file_is_named(tmp_path, tiny_tokenizer_dir, capsys):
+    _, files = _export(tmp_path, "f32", fmt="arrow")
+    first = sorted((tmp_path / "exp" / "data").glob("*.arrow"))[0]
+    first.write_bytes(first.read_bytes()[:200])
+    out = tmp_path / "back"
+    assert main(["import", files, str(out), "--tokenizer", str(tiny_tokenizer_dir)]) == 1
+    err = capsys.readouterr().err
+    assert str(first) in err and "Arrow IPC file" in err
 
 
 def test_round_trip_u8_within_the_codec_bound(tmp_path, tiny_tokenizer_dir):
