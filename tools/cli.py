@@ -26,12 +26,23 @@ COMMANDS: dict[str, str] = {
     "merge": "combine compatible datasets into one",
     "finalize": "fold writer journals (_parts/) into manifest.json",
     "export": "write a dataset as plain Parquet/Arrow columns (ids and log-probs per position)",
-    "import": "import top-k ids and log-probs (or logits) per position from Parquet or JSONL",
+    "import": "import top-k ids and log-probs (or logits) per position from Parquet, Arrow or JSONL",
 }
 
 
 def _module(name: str) -> ModuleType:
     return importlib.import_module(f"logitcache.tools.cmd_{name}")
+
+
+def count(text: str) -> int:
+    """argparse type of a flag that counts something: a whole number ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number ≥ 0, got {text!r}")
+    return value
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -44,6 +55,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(command_parser=p)
         if name == chosen:
             try:
                 _module(name).add_arguments(p)
@@ -55,7 +67,10 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the command's own usage line, not the top level's
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         module = _module(args.command)
     except ModuleNotFoundError as e:

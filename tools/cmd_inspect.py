@@ -9,14 +9,15 @@ import numpy as np
 
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.stats import describe
+from logitcache.tools.cli import count
 
 HELP = "describe a dataset's manifest and decode a few examples"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset folder or fsspec URL")
-    p.add_argument("-n", "--examples", type=int, default=2, help="examples to decode (default 2)")
-    p.add_argument("--positions", type=int, default=4, help="positions to show per example")
+    p.add_argument("-n", "--examples", type=count, default=2, help="examples to decode (default 2)")
+    p.add_argument("--positions", type=count, default=4, help="positions to show per example")
     p.add_argument("--tokenizer", help="tokenizer folder: show tokens as text")
 
 
