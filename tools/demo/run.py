@@ -139,8 +139,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     _write_prompts(work / "train.jsonl", trainset)
     _write_prompts(work / "heldout.jsonl", heldout)
     print(
-        f"[1/4] teacher {teacher}\n      capture: teacher sees the few-shot context "
-        f"({context.name}) + prompt, generates {cfg.max_new_tokens} tokens, top-{cfg.k} + {cfg.n} tail draws stored"
+        f"[1/4] teacher {teacher}\n      capture: teacher sees the "
+        f"{'few-shot ' if context == DEMO_CONTEXT else ''}context ({context.name}) + prompt, generates {cfg.max_new_tokens} tokens, top-{cfg.k} + {cfg.n} tail draws stored"
     )
     for name in ("train", "heldout"):
         capture(
