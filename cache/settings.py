@@ -299,11 +299,14 @@ def flag_sources(args: argparse.Namespace, root: type) -> list[Source]:
 
 
 def build(
-    root: type, sources: list[Source], *, command: str, example: str
+    root: type, sources: list[Source], *, command: str, example: str, partial: bool = False
 ) -> tuple[Any, list[str]]:
     """The configuration: defaults, then ``sources`` in order; else every problem with them.
 
-    ``command`` and ``example`` (a key) complete the message for a key of no section."""
+    ``command`` and ``example`` (a key) complete the message for a key of no section. With
+    ``partial``, a configuration is returned beside the problems whenever every required key is
+    set: the badly typed values left at their defaults, so that a caller can check the rest's
+    values too and report every problem at once."""
     known = {s.key: s for s in settings(root)}
     values: dict[str, Any] = {}
     problems = []
@@ -319,12 +322,11 @@ def build(
             values[s.key] = coerce(s.type, src.value, from_text=src.from_text)
         except ValueError as e:
             problems.append(f"{src.where}: {src.key}={src.value!r}: {e}")
-    for s in settings(root):
-        if s.default is MISSING and s.key not in values:
-            problems.append(f"{s.key} is not set: pass {s.flag}")
-    if problems:
+    missing = [s for s in settings(root) if s.default is MISSING and s.key not in values]
+    problems += [f"{s.key} is not set: pass {s.flag}" for s in missing]
+    if problems and (missing or not partial):
         return None, problems
-    return _assemble(root, values), []
+    return _assemble(root, values), problems
 
 
 def _assemble(root: type, values: dict[str, Any]) -> Any:

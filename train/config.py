@@ -291,9 +291,10 @@ def load_config(
     """
     sources = file_sources(path, Config) if path is not None else []
     sources += [Source(k, v, w, from_text=True) for k, v, w in overrides or []]
-    cfg, problems = build(Config, sources, command="train", example="optim.lr")
-    if not problems:
-        problems = cfg.validate()
+    cfg, problems = build(Config, sources, command="train", example="optim.lr", partial=True)
+    if cfg is not None:  # the values' problems too, but none about a key already named mistyped
+        mistyped = {s.key for s in sources if any(f"{s.key}=" in p for p in problems)}
+        problems += [p for p in cfg.validate() if not any(key in p for key in mistyped)]
     if problems:
         raise InputError(format_problems(problems))
     return cfg

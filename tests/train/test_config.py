@@ -85,6 +85,24 @@ def test_every_problem_is_reported_at_once() -> None:
     assert "data.train is not set: pass --data.train PATH" in msg
     assert "train.output is not set" in msg and "optim.lr=-1.0 must be > 0" in msg
     assert "set exactly one of model.path" in msg
+    # Mistyped values and wrong ones are reported together; a mistyped key only once.
+    with pytest.raises(InputError) as err:
+        load_config(
+            None,
+            [
+                *REQUIRED,
+                ("optim.lr", "nan", "--optim.lr"),
+                ("train.steps", "-1", "--train.steps"),
+                ("loss.alpha", "2", "--loss.alpha"),
+                ("data.max_tokens", "many", "--data.max_tokens"),
+                ("data.batch_size", "0", "--data.batch_size"),
+            ],
+        )
+    msg = str(err.value)
+    assert msg.startswith("invalid config (4 problems):")
+    assert "optim.lr='nan': expected a finite number" in msg
+    assert "data.max_tokens='many': expected an integer" in msg
+    assert "train.steps=-1 must be ≥ 0" in msg and "loss.alpha=2.0 must be in [0, 1]" in msg
 
 
 def test_cli_flags_mirror_the_fields() -> None:
