@@ -155,3 +155,48 @@ def make_tiny_model(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_playground(out_dir: str | Path) -> Path:
+    """A folder to try every command in seconds, without a model download: ``teacher/`` (random
+    2-layer Llama, hidden 64), ``student/`` (hidden 32, same tokenizer), ``prompts.jsonl`` (41
+    prompts from the tiny corpus) and ``context.txt`` (a system prompt only the teacher sees)."""
+    import json
+
+    out = Path(out_dir)
+    tok = make_tiny_tokenizer(out / "tokenizer")
+    make_tiny_model(out / "teacher", tok, layers=2, hidden=64, seed=0)
+    make_tiny_model(out / "student", tok, layers=2, hidden=32, seed=1)
+    lines = [f"{s} {v}" for s in _SUBJECTS for v in _VERBS] + [
+        f"Tell me about {o}." for o in _OBJECTS
+    ]
+    records = [{"id": f"q{i}", "prompt": text} for i, text in enumerate(lines)]
+    (out / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "context.txt").write_text("Answer like a pirate, starting with 'Ahoy!'.\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m logitcache.tools.tiny",
+        description=make_playground.__doc__.split("\n\n")[0].replace("\n   ", ""),
+    )
+    p.add_argument("out", help="folder to create (e.g. play/)")
+    out = make_playground(p.parse_args(argv).out)
+    print(
+        f"made {out}/teacher, {out}/student, {out}/prompts.jsonl and {out}/context.txt; try:\n"
+        f"  logitcache build --teacher {out}/teacher --context {out}/context.txt "
+        f"--prompts {out}/prompts.jsonl --mode generate --max-new-tokens 16 --out {out}/logits\n"
+        f"  logitcache inspect {out}/logits\n"
+        f"  logitcache train --data.train {out}/logits --model.path {out}/student "
+        f"--train.output {out}/run --train.steps 20\n"
+        f"  logitcache eval --student {out}/student --student {out}/run/final "
+        f"--data {out}/logits --out {out}/report"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

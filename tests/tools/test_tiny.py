@@ -125,3 +125,22 @@ def test_model_rejects_bad_shapes_all_at_once(tmp_path: Path, tiny_tokenizer_dir
         match=r"arch='gpt2' is not supported.*hidden=30 is not divisible by heads=4",
     ):
         make_tiny_model(tmp_path, tiny_tokenizer_dir, hidden=30, arch="gpt2")  # type: ignore[arg-type]
+
+
+def test_playground_commands_work_as_printed(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`python -m logitcache.tools.tiny DIR` prints four commands; each runs as printed."""
+    import shlex
+
+    from logitcache.tools.cli import main as cli
+    from logitcache.tools.tiny import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["play"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    commands = [shlex.split(line) for line in printed if line.startswith("  logitcache ")]
+    assert [c[1] for c in commands] == ["build", "inspect", "train", "eval"]
+    for argv in commands:
+        assert cli(argv[1:]) == 0, argv
+    out = capsys.readouterr().out
+    assert "captured 41 examples" in out and "done: 20 steps" in out
+    assert (tmp_path / "play" / "report" / "report.md").exists()
