@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LogitCacheError as e:
         print(f"logitcache {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of our output went away (`logitcache inspect DS | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
     except KeyboardInterrupt:
         print(
             f"logitcache {args.command}: interrupted; rerun the same command to resume",

@@ -24,3 +24,26 @@ def test_inspect_refuses_counts_below_zero(flag, value, capsys):
         main(["inspect", "ds", flag, value])
     assert e.value.code == 2
     assert f"expected a whole number ≥ 0, got '{value}'" in capsys.readouterr().err
+
+
+def test_output_cut_short_by_the_reader_is_not_an_error_trace(tmp_path):
+    """`logitcache inspect DS | head -1`: the pipe closes early; no traceback, exit 141."""
+    import subprocess
+    import sys
+
+    from logitcache.cache.writer import DatasetWriter
+
+    from ..cache.synth import make_examples, make_info
+
+    info = make_info("topk")
+    with DatasetWriter(tmp_path / "ds", info) as w:
+        for ex in make_examples(info, 200):
+            w.add(ex)
+    more = ["-n", "200", "--positions", "1000"]  # more than a pipe holds: the write must fail
+    cmd = [sys.executable, "-m", "logitcache.tools.cli", "inspect", str(tmp_path / "ds"), *more]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # as `head -1` does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err
