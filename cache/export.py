@@ -24,6 +24,7 @@ import pyarrow as pa
 from .codecs import order_within_segments
 from .errors import InputError
 from .format import DatasetInfo
+from .paths import output_problem
 from .reader import DecodedBatch, LogitDataset
 from .storage import Location
 
@@ -155,7 +156,9 @@ def _encode_file(batches: Iterable[pa.RecordBatch], schema: pa.Schema, fmt: str)
 
 
 def check_out_empty(out: Location, flag: str = "OUT") -> None:
-    """Refuse to write into a folder that already holds something."""
+    """Refuse to write into a folder that already holds something, or into a file."""
+    if out.is_local and (problem := output_problem(out.url, f"{flag} {out}", folder=True)):
+        raise InputError(problem)
     found = out.listdir() if out.exists() else []
     if found:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -262,7 +263,16 @@ def import_plain(
     out_loc = Location(out)
     check_out_empty(out_loc)
     files = expand_sources(sources, flag="SRC")
-    tok = AutoTokenizer.from_pretrained(cfg.run.tokenizer)
+    tok_dir = cfg.run.tokenizer
+    if not Path(tok_dir).is_dir():  # a folder only, as build's --tokenizer: never downloaded
+        raise InputError(
+            f"--tokenizer {tok_dir}: no such folder; pass the folder of the tokenizer the ids "
+            "belong to (one saved with tokenizer.save_pretrained)"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--tokenizer {tok_dir}: no loadable tokenizer ({e})") from None
     vocab = cfg.run.vocab_size or len(tok)
     # Pass 1 checks every row (reporting all problems at once); pass 2 writes: memory stays
     # bounded by one shard, whatever the sources' size.

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from .card import counted
+from .errors import InputError
+from .paths import make_parents
 from .reader import LogitDataset
 
 # --------------------------------------------------------------------------- the manifest
@@ -137,6 +139,10 @@ def collect_stats(ds: LogitDataset, max_positions: int = 1_000_000) -> DatasetSt
     )
 
 
+_LABEL_WIDTH = 19
+"""Characters of :func:`format_stats`' labels: its values start in one column."""
+
+
 def _q(x: np.ndarray) -> str:
     if x.size == 0:
         return "n/a"
@@ -149,23 +155,24 @@ def _q(x: np.ndarray) -> str:
 
 def format_stats(s: DatasetStats) -> str:
     """The statistics as aligned lines: mean and percentiles of each."""
-    lines = [
-        f"examples            {len(s.response_lengths)}",
-        f"positions           {int(s.response_lengths.sum())}",
-        f"prompt length       {_q(s.prompt_lengths)}",
-        f"response length     {_q(s.response_lengths)}",
+    rows = [
+        ("examples", str(len(s.response_lengths))),
+        ("positions", str(int(s.response_lengths.sum()))),
+        ("prompt length", _q(s.prompt_lengths)),
+        ("response length", _q(s.response_lengths)),
     ]
     if s.kind == "topk":
-        lines.append(f"top-k mass coverage {_q(s.coverage)}")
-        lines.append(f"entropy (k + tail)  {_q(s.entropy)}")
+        rows.append(("top-k mass coverage", _q(s.coverage)))
+        rows.append(("entropy (k + tail)", _q(s.entropy)))
         if s.kept.size and s.kept.min() != s.kept.max():  # adaptive top-k
-            lines.append(f"top-k ids kept      {_q(s.kept)}")
+            rows.append(("top-k ids kept", _q(s.kept)))
         if s.draws.size:
-            lines.append(f"tail draws          {_q(s.draws)}")
-            lines.append(f"ids/position, k + distinct tail draws {_q(s.unique)}")
+            rows.append(("tail draws", _q(s.draws)))
+            rows.append(("ids (k + draws)", _q(s.unique)))  # k + distinct tail draws
     else:
-        lines.append(f"unique ids/position {_q(s.unique)}")
-        lines.append(f"entropy of draws    {_q(s.entropy)}")
+        rows.append(("unique ids/position", _q(s.unique)))
+        rows.append(("entropy of draws", _q(s.entropy)))
+    lines = [f"{label:<{_LABEL_WIDTH}} {value}" for label, value in rows]
     if s.target_hit.size:
         lines.append(f"response token among stored ids: {s.target_hit.mean():.1%} of positions")
     return "\n".join(lines)
@@ -178,8 +185,8 @@ def plot_stats(s: DatasetStats, path: str | Path, title: str = "") -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise SystemExit("--plot needs matplotlib: pip install 'logitcache[plot]'") from e
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'logitcache[plot]'") from None
     first = (
         (s.coverage, "top-k mass coverage")
         if s.kind == "topk"
@@ -197,5 +204,5 @@ def plot_stats(s: DatasetStats, path: str | Path, title: str = "") -> None:
         ax.set_ylabel("count")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(make_parents(path), dpi=110)
     plt.close(fig)

@@ -1,6 +1,7 @@
 """`logitcache eval --student DIR [--student DIR ...] --data HELDOUT`: students on held-out targets.
 
-KL to the teacher (at the dataset's capture temperature), CE and top-1 agreement per student;
+KL to the teacher (at the dataset's capture temperature; on sampled targets the cross-entropy to
+the teacher's draws, KL + the teacher's entropy, labelled so), CE and top-1 agreement per student;
 with --generate, their greedy answers beside the teacher's stored responses; with --expect, the
 share of answers matching a regex. Writes report.md, kl.png and report.json (see logitcache.train.report).
 """
@@ -71,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from logitcache.cache.errors import InputError
+    from logitcache.train.metrics import kl_label
     from logitcache.train.report import check_plot_available, evaluate_students, write_report
 
     if args.max_new_tokens < 1 or args.batch_size < 1:
@@ -87,13 +89,15 @@ def run(args: argparse.Namespace) -> int:
         expect=args.expect,
         batch_size=args.batch_size,
         device=args.device,
+        out=args.out,
     )
+    label = kl_label(result.kl_includes_teacher_entropy)
     for s in result.students:
         m = s.metrics
         kl = "n/a" if m["kl"] is None else f"{m['kl']:.4f}"
         ce = "n/a" if m["ce"] is None else f"{m['ce']:.4f}"
         top1 = "n/a" if m["top1"] is None else f"{m['top1']:.3f}"
-        line = f"{s.name}: KL {kl}  CE {ce}  top-1 {top1}"
+        line = f"{s.name}: {label} {kl}  CE {ce}  top-1 {top1}"
         if s.expect_rate is not None:
             line += f"  {args.expect!r} found in {s.expect_rate:.0%} of answers"
         print(line)

@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from logitcache.cache.paths import make_parents, output_problem
+
 from .gpu_generate import generate_section, rates_of, vllm_worker
 
 REFUSAL = "no CUDA device; this script is for a GPU box"
@@ -316,7 +318,7 @@ def run(out: Path, smoke: bool = False) -> Report:
                 torch.cuda.empty_cache()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out.write_text(json.dumps(asdict(report), indent=1) + "\n")
+    make_parents(out).write_text(json.dumps(asdict(report), indent=1) + "\n")
     total = sum(report.seconds.values())
     print(
         f"\n{len(report.figures)} figures on {card} in {total:.0f} s, written to {out}; "
@@ -356,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.vllm_worker:
         vllm_worker(Path(args.vllm_worker))
         return 0
+    problem = output_problem(args.out, f"--out {args.out}", folder=False)
+    if problem is not None:  # before any section runs
+        print(f"gpu_check: {problem}", file=sys.stderr)
+        return 2
     import torch
 
     if not args.smoke and not torch.cuda.is_available():

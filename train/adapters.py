@@ -19,6 +19,7 @@ precision on the CPU, since merging into NF4 weights would round the merged upda
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,7 @@ def load_4bit(path: str, *, gradient_checkpointing: bool) -> torch.nn.Module:
         quantization_config=quant,
         dtype=torch.bfloat16,
         device_map={"": torch.cuda.current_device()},
+        local_files_only=True,
     )
     return _import_peft().prepare_model_for_kbit_training(
         model,
@@ -96,7 +98,8 @@ def load_4bit(path: str, *, gradient_checkpointing: bool) -> torch.nn.Module:
 
 def apply_lora(model: torch.nn.Module, lora: LoraConfig, *, seed: int) -> torch.nn.Module:
     """``model`` wrapped by peft with LoRA adapters as ``lora`` says, initialised from
-    ``seed``; only they (and lora.modules_to_save) train."""
+    ``seed``; only they (and lora.modules_to_save) train. The adapter config names the base by
+    its absolute path (``base_model_name_or_path``) when it is a local folder."""
     peft = _import_peft()
     heads = _head_names(model)
     targets = _names(lora.target_modules)
@@ -128,6 +131,12 @@ def apply_lora(model: torch.nn.Module, lora: LoraConfig, *, seed: int) -> torch.
             f"lora.target_modules={lora.target_modules!r}: peft cannot adapt the student ({e}); "
             "name its linear layers (e.g. q_proj,v_proj) or use all-linear"
         ) from None
+    # peft records the base as model.path was typed: relative, the saved adapter would load
+    # only from the folder training ran in. Its absolute path loads from anywhere.
+    for adapter in wrapped.peft_config.values():
+        base = adapter.base_model_name_or_path
+        if base and Path(base).is_dir():
+            adapter.base_model_name_or_path = os.path.abspath(base)
     return wrapped
 
 
@@ -163,7 +172,9 @@ def save_final_lora(
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        full = AutoModelForCausalLM.from_pretrained(
+            base, dtype=torch.float32, local_files_only=True
+        )
         model = PeftModel.from_pretrained(full, folder)
     if merge:
         merged = model.merge_and_unload()  # type: ignore[operator]

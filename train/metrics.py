@@ -9,6 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.cache.errors import InputError
+from logitcache.cache.paths import make_parents
+
+
+def kl_label(sampled: bool) -> str:
+    """The name of an eval's ``kl`` wherever it is shown. On sampled held-out targets
+    (``sampled``) it is the cross-entropy to the teacher's draws: the KL plus the teacher's
+    entropy, and named so (docs/TRAINING.md)."""
+    return "KL + teacher entropy" if sampled else "KL"
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
@@ -56,5 +64,5 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> None:
     axes[1].set(xlabel="step", title="held-out")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    fig.savefig(make_parents(png), dpi=100)
     plt.close(fig)

@@ -5,7 +5,9 @@ For each student folder, over the held-out dataset's stored teacher targets:
 * ``kl``, ``ce``, ``top1``: :func:`logitcache.train.evaluate.evaluate` over the batches the
   trainer's own held-out eval reads (:func:`logitcache.train.trainer.make_loader`), at the
   dataset's capture temperature, so a student scored here gets the number its training run
-  logged as ``eval/kl`` for the same weights and the same ``batch_size``;
+  logged as ``eval/kl`` for the same weights and the same ``batch_size`` (on sampled targets
+  ``kl`` is the cross-entropy to the teacher's draws, KL + the teacher's entropy, and is
+  labelled "KL + teacher entropy");
 * with ``generate``: its greedy answers to the dataset's stored prompts (the student's view,
   ``prompt_ids``), in id order, beside the teacher's stored response;
 * with ``expect``: the share of answers (the teacher's too) in which the regex is found
@@ -23,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.cache.errors import IncompatibleError, InputError
+from logitcache.cache.paths import output_problem
+
+from .metrics import kl_label
 
 REPORT_NAME = "report.md"
 PLOT_NAME = "kl.png"
@@ -57,6 +62,9 @@ class EvalResult:
     targets: str
     """The dataset's targets, as a label (e.g. top-32 u8 + 32 draws)."""
     students: list[StudentResult]
+    kl_includes_teacher_entropy: bool = False
+    """True on sampled targets: each student's ``kl`` is then the cross-entropy to the teacher's
+    draws, the KL plus the teacher's entropy (labelled "KL + teacher entropy")."""
     ids: list[str] = field(default_factory=list)
     """Example ids of the generated prompts, in order (with generate)."""
     prompts: list[str] = field(default_factory=list)
@@ -91,14 +99,12 @@ def compile_expect(expect: str | None, flag: str = "--expect") -> re.Pattern[str
         ) from None
 
 
-def _problems(students: Sequence[tuple[str, str]], data: str) -> list[str]:
-    problems = []
-    for _, path in students:
-        if not Path(path).is_dir():
-            problems.append(
-                f"--student {path}: no such folder; pass a student saved with save_pretrained "
-                "(e.g. a training run's <train.output>/final)"
-            )
+def _problems(students: Sequence[tuple[str, str]], data: str, out: str | None) -> list[str]:
+    from .student import model_folder_problem
+
+    problems = [p for _, path in students if (p := model_folder_problem(path, f"--student {path}"))]
+    if out is not None and (problem := output_problem(out, f"--out {out}", folder=True)):
+        problems.append(problem)
     if "://" not in data and not (Path(data) / "manifest.json").is_file():
         problems.append(
             f"--data {data}: no logit dataset there (no manifest.json); pass a held-out set "
@@ -116,12 +122,14 @@ def evaluate_students(
     expect: str | None = None,
     batch_size: int = 8,
     device: str = "auto",
+    out: str | None = None,
 ) -> EvalResult:
     """Score each ``(name, folder)`` of ``students`` on the held-out dataset ``data``.
 
     Everything that can be refused is refused before a model is loaded, all at once: a missing
-    folder, a dataset that is not one, a bad ``expect`` regex, and a student whose tokenizer
-    fingerprint is not the dataset's (its ids would mean other tokens).
+    folder (or a LoRA adapter's missing base), a dataset that is not one, a bad ``expect``
+    regex, an ``out`` folder the report cannot be written to (:func:`write_report`), and a
+    student whose tokenizer fingerprint is not the dataset's (its ids would mean other tokens).
     """
     import torch
 
@@ -137,7 +145,7 @@ def evaluate_students(
 
     if not students:
         raise InputError("no student to evaluate: pass --student DIR (repeatable)")
-    problems = _problems(students, data)
+    problems = _problems(students, data, out)
     try:
         pattern = compile_expect(expect)
     except InputError as e:
@@ -158,7 +166,7 @@ def evaluate_students(
 
     tokenizers = {}
     for name, path in students:
-        tok = load_tokenizer(config(path))
+        tok = load_tokenizer(config(path), name=f"--student {path}")
         found = tokenizer_fingerprint(tok)
         if found != info.tokenizer_fingerprint:
             problems.append(
@@ -185,7 +193,7 @@ def evaluate_students(
         dist = setup_dist(cfg)
         tok = tokenizers[name]
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        model = load_student(cfg, info).to(dist.device).eval()
+        model = load_student(cfg, info, name=f"--student {path}").to(dist.device).eval()
         loader = make_loader(cfg, data, info, dist, train=False, pad_id=pad_id)
         metrics = evaluate(
             loader,
@@ -208,6 +216,7 @@ def evaluate_students(
         temperature=temperature,
         targets=info.targets.label,
         students=results,
+        kl_includes_teacher_entropy=info.targets.kind == "sampled",
         ids=[ex.id for ex in examples],
         prompts=[
             first.decode(ex.prompt_ids.tolist(), skip_special_tokens=True).strip()
@@ -269,14 +278,21 @@ def _cell(text: str) -> str:
 def format_report(r: EvalResult, plot_name: str = PLOT_NAME) -> str:
     """The Markdown report: a table of every student's measures, then answers side by side."""
     expect = f" | `{r.expect}` found" if r.expect is not None else ""
+    kl = kl_label(r.kl_includes_teacher_entropy)
+    measure = (
+        "KL(teacher ‖ student) + the teacher's entropy (the cross-entropy to the teacher's "
+        "sampled draws: sampled targets do not give the KL alone)"
+        if r.kl_includes_teacher_entropy
+        else "KL(teacher ‖ student)"
+    )
     lines = [
         "# logitcache eval",
         "",
         f"Held-out dataset `{r.data}` ({r.targets} targets, capture temperature "
-        f"{r.temperature:g}). KL(teacher ‖ student) and top-1 agreement against its stored "
-        "targets, CE of its response tokens; means per response position.",
+        f"{r.temperature:g}). {measure} and top-1 agreement against its stored targets, CE "
+        "of its response tokens; means per response position.",
         "",
-        f"| student | KL (nats/token) | CE | top-1 | positions{expect} |",
+        f"| student | {kl} (nats/token) | CE | top-1 | positions{expect} |",
         "|---|---|---|---|---|" + ("---|" if expect else ""),
     ]
     for s in r.students:
@@ -291,7 +307,7 @@ def format_report(r: EvalResult, plot_name: str = PLOT_NAME) -> str:
             "",
             f"The teacher's stored responses: `{r.expect}` found in {r.teacher_expect_rate:.0%}.",
         ]
-    lines += ["", f"![KL per student]({plot_name})", ""]
+    lines += ["", f"![{kl} per student]({plot_name})", ""]
     if r.ids:
         lines += [
             f"## Answers ({len(r.ids)} held-out prompts, greedy, at most {r.max_new_tokens} "
@@ -314,7 +330,7 @@ def format_report(r: EvalResult, plot_name: str = PLOT_NAME) -> str:
 
 
 def plot_kl(r: EvalResult, png: str | Path) -> None:
-    """A bar chart of each student's held-out KL."""
+    """A bar chart of each student's held-out KL (+ the teacher's entropy, sampled targets)."""
     check_plot_available()
     import math
 
@@ -330,7 +346,11 @@ def plot_kl(r: EvalResult, png: str | Path) -> None:
     ax.set_xticks(
         range(len(names)), [n if len(n) <= 24 else "…" + n[-23:] for n in names], rotation=15
     )
-    ax.set(ylabel="KL(teacher ‖ student), nats/token", title=f"held-out KL: {Path(r.data).name}")
+    sampled = r.kl_includes_teacher_entropy
+    ax.set(
+        ylabel="KL(teacher ‖ student)" + (" + H(teacher)" if sampled else "") + ", nats/token",
+        title=f"held-out {kl_label(sampled)}: {Path(r.data).name}",
+    )
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

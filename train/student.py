@@ -8,6 +8,8 @@ in :mod:`logitcache.train.compat`.)
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
 from logitcache.cache.ranks import Ranks as Dist  # training calls its ranks helper Dist
 
+from .adapters import MERGED_NAME
 from .chunked import chunked_distill_loss
 from .config import Config
 from .loss_inputs import Targets
@@ -43,18 +46,78 @@ def setup_dist(cfg: Config) -> Dist:
     return ranks.start(device)
 
 
-def load_tokenizer(cfg: Config) -> Any:
+def model_folder_problem(path: str, name: str) -> str | None:
+    """Why ``path`` is not a student folder that loads offline, or None: missing, holding
+    neither config.json (a model) nor adapter_config.json (a LoRA run's final/), or an adapter
+    whose base model (its ``base_model_name_or_path``) is no folder here. Students are read from
+    local folders only, as ``logitcache build`` reads teachers: a Hub id is never downloaded.
+    ``name`` is the path as the user typed it (``model.path='x'``, ``--student x``)."""
+    folder = Path(path)
+    fix = (
+        "pass a folder saved with save_pretrained (e.g. a training run's <train.output>/final); "
+        "students are loaded from local folders only, never downloaded"
+    )
+    if not folder.is_dir():
+        return f"{name}: no such folder; {fix}"
+    adapter = folder / "adapter_config.json"
+    if not adapter.is_file():
+        if not (folder / "config.json").is_file():
+            return f"{name}: no config.json (or adapter_config.json) in the folder; {fix}"
+        return None
+    try:
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"{name}: {adapter} is not a JSON object ({e}); save the adapter again"
+    if isinstance(base, str) and Path(base).is_dir():
+        return None
+    relative = isinstance(base, str) and not Path(base).is_absolute()
+    where = f" (read from the current folder, {Path.cwd()})" if relative else ""
+    merged = folder.parent / MERGED_NAME
+    return (
+        f"{name} is a LoRA adapter whose base model {base!r} (base_model_name_or_path in "
+        f"{adapter}) is no folder here{where}; set base_model_name_or_path there to the base "
+        "model's folder (an absolute path loads from anywhere)"
+        + (f", or pass {merged}, the adapters merged into the base" if merged.is_dir() else "")
+    )
+
+
+def student_problems(cfg: Config) -> list[str]:
+    """Every problem with the student's paths (model.path, model.tokenizer, model.config),
+    found before anything loads: each must be a local folder (or model.config a file)."""
+    m = cfg.model
+    problems = []
+    if m.path is not None and (problem := model_folder_problem(m.path, f"model.path={m.path!r}")):
+        problems.append(problem)
+    if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
+        problems.append(
+            f"model.tokenizer={m.tokenizer!r}: no such folder; point it at the student's "
+            "tokenizer folder (one saved with tokenizer.save_pretrained)"
+        )
+    if m.config is not None:
+        config = Path(m.config)
+        if not (config.is_file() or (config / "config.json").is_file()):
+            problems.append(
+                f"model.config={m.config!r}: no such file (nor a folder holding config.json); "
+                "point it at a student's config.json"
+            )
+    return problems
+
+
+def load_tokenizer(cfg: Config, name: str | None = None) -> Any:
+    """The student's tokenizer: model.tokenizer, else model.path's. ``name``: how an error
+    names the folder (eval: ``--student DIR``); default the config key."""
     from transformers import AutoTokenizer
 
     path = cfg.model.tokenizer or cfg.model.path
-    key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise InputError(
-            f"{key}={path!r}: no tokenizer could be loaded ({e}); point model.tokenizer at the "
-            "student's tokenizer folder"
-        ) from None
+        if name is not None:
+            fix = "save the student's tokenizer into the folder (tokenizer.save_pretrained)"
+        else:
+            key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+            name, fix = f"{key}={path!r}", "point model.tokenizer at the student's tokenizer folder"
+        raise InputError(f"{name}: no tokenizer could be loaded ({e}); {fix}") from None
 
 
 def load_student(
@@ -64,13 +127,15 @@ def load_student(
     *,
     frozen_dtype: torch.dtype = torch.float32,
     on_meta: bool = False,
+    name: str | None = None,
 ) -> torch.nn.Module:
     """The student for training on ``info``'s dataset (and scoring ``eval_info``'s), refused
     when its lm_head does not cover either vocabulary or its logits are not lm_head(hidden);
     wrapped with LoRA adapters when ``lora.r > 0``, its frozen base weights in
     ``frozen_dtype`` (the adapters stay fp32: peft's ``autocast_adapter_dtype``).
     ``on_meta``: built from the config on the meta device (shapes, no memory), for an FSDP rank
-    that receives its shards from rank 0."""
+    that receives its shards from rank 0. ``name``: how an error names model.path (eval:
+    ``--student DIR``). Nothing is downloaded: :func:`student_problems` checks the paths first."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     m = cfg.model
@@ -80,20 +145,26 @@ def load_student(
 
             model = load_4bit(m.path, gradient_checkpointing=m.gradient_checkpointing)
         elif on_meta:
-            config = AutoConfig.from_pretrained(m.path if m.path is not None else m.config)
+            config = AutoConfig.from_pretrained(
+                m.path if m.path is not None else m.config, local_files_only=True
+            )
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         elif m.path is not None:
             dtype = frozen_dtype if cfg.lora.r > 0 else torch.float32
-            model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(m.path, dtype=dtype, local_files_only=True)
         else:
-            config = AutoConfig.from_pretrained(m.config)
+            config = AutoConfig.from_pretrained(m.config, local_files_only=True)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(cfg.train.seed)
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        key, value = ("model.path", m.path) if m.path is not None else ("model.config", m.config)
-        raise InputError(f"{key}={value!r}: cannot build the student ({e})") from None
+        if name is None:
+            key, value = (
+                ("model.path", m.path) if m.path is not None else ("model.config", m.config)
+            )
+            name = f"{key}={value!r}"
+        raise InputError(f"{name}: cannot build the student ({e})") from None
     problems = []
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
@@ -114,8 +185,8 @@ def load_student(
                 "which the chunked loss assumes; this architecture is not supported yet"
             )
     if problems:
-        where = m.path or m.config
-        raise InputError(f"student {where}: " + "; ".join(problems))
+        where = name or f"student {m.path or m.config}"
+        raise InputError(f"{where}: " + "; ".join(problems))
     model.config.use_cache = False
     if m.gradient_checkpointing and not cfg.lora.load_in_4bit:  # 4-bit: load_4bit did it
         kwargs = {"use_reentrant": False}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -27,6 +28,8 @@ import torch
 
 from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
+from logitcache.cache.paths import output_problem, plot_problem
+from logitcache.cache.settings import format_problems
 
 from . import fsdp as fsdp_
 from .adapters import MERGED_NAME, save_final_lora
@@ -36,11 +39,18 @@ from .compat import check_datasets
 from .config import Config
 from .epochs import micro_batches, steps_for
 from .evaluate import evaluate
-from .metrics import append_jsonl, plot_metrics, truncate_jsonl
+from .metrics import append_jsonl, kl_label, plot_metrics, truncate_jsonl
 from .optim import clipped_step, lr_at, make_optimizer, set_lr
 from .resume import check_resumable, resumed_steps
 from .stream import LogitStream, StreamLoader
-from .student import Dist, DistillStudent, load_student, load_tokenizer, setup_dist
+from .student import (
+    Dist,
+    DistillStudent,
+    load_student,
+    load_tokenizer,
+    setup_dist,
+    student_problems,
+)
 from .tensorboard import open_writer, write_scalars
 
 METRICS_NAME = "metrics.jsonl"
@@ -139,6 +149,15 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
 
     from logitcache.cache.reader import open_dataset
 
+    # Paths first, all at once: a run must not train (nor download) toward one it cannot use.
+    output, plot = cfg.train.output, cfg.log.plot
+    problems = student_problems(cfg)
+    if problem := output_problem(output, f"train.output={output!r}", folder=True):
+        problems.append(problem)
+    if plot is not None and (problem := plot_problem(plot, f"log.plot={plot!r}")):
+        problems.append(problem)
+    if problems:
+        raise InputError(format_problems(problems))
     dist = setup_dist(cfg)
     fsdp = cfg.train.parallel == "fsdp"
     if fsdp and dist.world == 1:
@@ -301,8 +320,10 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
         if dist.main:
             log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
             if result["positions"]:
+                kl = kl_label(eval_info.targets.kind == "sampled")
                 bar.write(
-                    f"step {step}: eval KL {result['kl']:.4f}  CE {result['ce']:.4f}  top-1 {result['top1']:.3f}"
+                    f"step {step}: eval {kl} {result['kl']:.4f}  CE {result['ce']:.4f}  "
+                    f"top-1 {result['top1']:.3f}"
                 )
             else:
                 bar.write(f"step {step}: {_nothing_to_score(cfg, result)}", file=sys.stderr)
@@ -446,7 +467,18 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, Any]:
             model.save_pretrained(out / FINAL_NAME)
         tokenizer.save_pretrained(out / FINAL_NAME)
         if cfg.log.plot:
-            plot_metrics(metrics_path, cfg.log.plot)
+            try:
+                plot_metrics(metrics_path, cfg.log.plot)
+            except (OSError, ValueError) as e:  # checked up front; the run is saved regardless
+                code = (
+                    "from logitcache.train.metrics import plot_metrics; "
+                    f"plot_metrics({str(metrics_path)!r}, {cfg.log.plot!r})"
+                )
+                print(
+                    f"log.plot={cfg.log.plot!r}: the loss curves could not be written ({e}); "
+                    f"the run is saved. To plot them, run: python -c {shlex.quote(code)}",
+                    file=sys.stderr,
+                )
     if dist.world > 1:
         torch.distributed.barrier()
     dist.close()

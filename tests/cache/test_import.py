@@ -78,6 +78,19 @@ def test_a_damaged_arrow_file_is_named(tmp_path, tiny_tokenizer_dir, capsys):
     assert str(first) in err and "Arrow IPC file" in err
 
 
+def test_a_missing_tokenizer_folder_or_a_file_as_out_is_refused(
+    tmp_path, tiny_tokenizer_dir, capsys
+):
+    _, files = _export(tmp_path, "f32")
+    assert main(["import", files, str(tmp_path / "back"), "--tokenizer", "nope"]) == 1
+    assert "--tokenizer nope: no such folder; pass the folder of the tokenizer" in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "f.json").write_text("{}")
+    assert main(["import", files, str(tmp_path / "f.json"), "--tokenizer", "nope"]) == 1
+    assert f"OUT {tmp_path / 'f.json'} is an existing file, not a folder" in capsys.readouterr().err
+
+
 def test_round_trip_u8_within_the_codec_bound(tmp_path, tiny_tokenizer_dir):
     src, files = _export(tmp_path, "u8")
     out = tmp_path / "back"

@@ -86,7 +86,9 @@ def test_fsdp_resumed_on_three_ranks_trains_as_ddp_resumed_on_three(
     assert all(torch.allclose(fa[k], fd[k], rtol=1e-5, atol=1e-6) for k in fa)
 
 
-def test_fsdp_is_refused_with_lora_and_on_one_process(tmp_path: Path) -> None:
+def test_fsdp_is_refused_with_lora_and_on_one_process(
+    tmp_path: Path, tiny_student_dir: Path
+) -> None:
     with pytest.raises(InputError, match=r"train.parallel=fsdp trains every weight; got lora.r=8"):
         load_config(
             None,
@@ -103,7 +105,7 @@ def test_fsdp_is_refused_with_lora_and_on_one_process(tmp_path: Path) -> None:
         [
             ("data.train", str(tmp_path / "nothing"), "--data.train"),
             ("train.output", str(tmp_path / "out"), "--train.output"),
-            ("model.path", "m", "--model.path"),
+            ("model.path", str(tiny_student_dir), "--model.path"),
             ("train.parallel", "fsdp", "--train.parallel"),
         ],
     )

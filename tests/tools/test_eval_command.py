@@ -144,3 +144,45 @@ def test_without_matplotlib_the_error_names_the_extra(
     )
     assert rc == 1
     assert "pip install 'logitcache[plot]'" in capsys.readouterr().err
+
+
+def test_an_existing_file_as_the_report_folder_is_refused_before_scoring(
+    heldout: Path, tiny_student_dir: Path, tmp_path: Path, capsys
+):
+    (tmp_path / "score.jsonl").write_text("{}\n")
+    for out, problem in (
+        ("score.jsonl", "is an existing file, not a folder; choose a new folder name"),
+        ("score.jsonl/a/b", f"{tmp_path / 'score.jsonl'} is a file, not a folder"),
+    ):
+        out = str(tmp_path / out)
+        argv = ["eval", "--student", str(tiny_student_dir), "--data", str(heldout), "--out", out]
+        assert cli_main(argv) == 1
+        assert f"logitcache eval: error: --out {out}" in (err := capsys.readouterr().err)
+        assert problem in err
+
+
+def test_on_sampled_targets_the_measure_is_named_kl_plus_the_teachers_entropy(
+    heldout: Path, tiny_teacher_dir: Path, tmp_path: Path, capsys
+):
+    sampled = tmp_path / "sampled"
+    prompts = Path(heldout).parent / "heldout.jsonl"
+    rc = cli_main([
+        "build", "--teacher", str(tiny_teacher_dir), "--prompts", str(prompts), "--out",
+        str(sampled), "--mode", "generate", "--max-new-tokens", "6", "--targets", "sampled",
+        "--no-progress",
+    ])  # fmt: skip
+    assert rc == 0
+    name, out = str(tiny_teacher_dir), tmp_path / "r"
+    assert cli_main(["eval", "--student", name, "--data", str(sampled), "--out", str(out)]) == 0
+    data = json.loads((out / "report.json").read_text())
+    # The teacher on its own draws: its KL is 0, so what is left is its entropy, well above 0.
+    ce = data["students"][0]["metrics"]["kl"]
+    assert data["kl_includes_teacher_entropy"] is True and ce > 0.5
+    assert f"{name}: KL + teacher entropy {ce:.4f}  CE " in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    assert "KL(teacher ‖ student) + the teacher's entropy (the cross-entropy to the" in md
+    assert "| student | KL + teacher entropy (nats/token) |" in md and "| KL (nats" not in md
+    out = tmp_path / "topk"
+    assert cli_main(["eval", "--student", name, "--data", str(heldout), "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["kl_includes_teacher_entropy"] is False
+    assert re.search(rf"{re.escape(name)}: KL -?0\.0000  CE ", capsys.readouterr().out)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,73 @@ def test_under_torchrun_the_advice_relaunches_as_many_processes(
     )
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two nodes: only the launcher knows the rest
     assert "on each of the 2 nodes" in resume_command("r/resolved_config.yaml")
+
+
+def test_the_plot_folders_are_made_and_a_failed_plot_keeps_the_finished_run(
+    dataset: Path, tiny_student_dir: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plot = tmp_path / "new" / "dir" / "loss.png"
+    command = argv(dataset, tiny_student_dir, tmp_path / "a", "--train.steps", "2")
+    assert cli_main([*command, "--plot", str(plot)]) == 0
+    assert plot.stat().st_size > 1000
+
+    # Should writing it fail anyway, the run still ends well, saying how to plot it.
+    def full_disk(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    out, plot = tmp_path / "b", tmp_path / "b.png"
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "plot_metrics", full_disk)
+        command = argv(dataset, tiny_student_dir, out, "--train.steps", "2")
+        assert cli_main([*command, "--plot", str(plot)]) == 0
+    printed = capsys.readouterr()
+    assert f"student saved to {out}/final" in printed.out
+    advice = printed.err.strip().splitlines()[-1]
+    assert advice.startswith(f"log.plot={str(plot)!r}: the loss curves could not be written (")
+    python, flag, code = shlex.split(advice.split("To plot them, run: ", 1)[1])
+    assert (python, flag) == ("python", "-c")
+    subprocess.run([sys.executable, "-c", code], check=True)  # the command as printed
+    assert plot.stat().st_size > 1000
+
+
+def test_bad_paths_are_refused_at_once_before_anything_loads(
+    dataset: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trainer, "setup_dist", None)  # reaching it would be a TypeError
+    monkeypatch.chdir(tmp_path)
+    Path("score.jsonl").write_text("{}\n")
+    command = argv(dataset, Path("nope"), Path("score.jsonl"), "--model.tokenizer", "tok")
+    assert cli_main([*command, "--plot", "score.jsonl/loss.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("logitcache train: error: invalid config (4 problems):")
+    for problem in (
+        "model.path='nope': no such folder; pass a folder saved with save_pretrained (e.g. a "
+        "training run's <train.output>/final); students are loaded from local folders only, "
+        "never downloaded",
+        "model.tokenizer='tok': no such folder; point it at the student's tokenizer folder",
+        "train.output='score.jsonl' is an existing file, not a folder; choose a new folder name",
+        "log.plot='score.jsonl/loss.png': score.jsonl is a file, not a folder",
+    ):
+        assert f"  - {problem}" in err
+    Path("empty").mkdir()
+    config = argv(dataset, Path("empty"), Path("run"), "--model.path", "null")
+    assert cli_main([*config, "--model.config", "cfg.json", "--model.tokenizer", "empty"]) == 1
+    assert "model.config='cfg.json': no such file (nor a folder holding config.json)" in (
+        capsys.readouterr().err
+    )
+    assert cli_main(argv(dataset, Path("empty"), Path("run"))) == 1
+    assert "model.path='empty': no config.json (or adapter_config.json) in the folder" in (
+        capsys.readouterr().err
+    )
+
+
+def test_the_eval_line_on_sampled_targets_names_kl_plus_the_teachers_entropy(
+    dataset: Path, tiny_teacher_dir: Path, tiny_student_dir: Path, tmp_path: Path, capsys
+) -> None:
+    sampled = capture_dataset(tiny_teacher_dir, tmp_path / "sampled", count=6, kind="sampled")
+    for data, label in ((sampled, "KL + teacher entropy"), (dataset, "KL")):
+        out = tmp_path / f"run-{data.name}"
+        extra = ("--train.steps", "1", "--data.eval", str(data))
+        assert cli_main(argv(dataset, tiny_student_dir, out, *extra)) == 0
+        line = rf"^step 0: eval {re.escape(label)} \d+\.\d{{4}}  CE "
+        assert re.search(line, capsys.readouterr().out, re.M)

@@ -99,6 +99,40 @@ def test_lora_resume_reproduces_the_uninterrupted_losses(
     assert a == b  # bit for bit
 
 
+def test_the_adapter_names_its_base_by_absolute_path_and_loads_from_any_folder(
+    datasets: dict[str, Path], tiny_student_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import json
+
+    from logitcache.train.report import evaluate_students
+
+    monkeypatch.chdir(tiny_student_dir.parent)  # model.path as typed there: relative
+    out = tmp_path / "run"
+    assert train(config(datasets, Path(tiny_student_dir.name), out, train__steps=2))["finished"]
+    adapter = out / "final" / "adapter_config.json"
+    assert json.loads(adapter.read_text())["base_model_name_or_path"] == str(tiny_student_dir)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    final, data = str(out / "final"), str(datasets["eval"])
+    assert evaluate_students([("a", final)], data).students[0].metrics["kl"] is not None
+
+    # An adapter saved before, with its base as typed: refused, naming it and the fix.
+    saved = json.loads(adapter.read_text())
+    adapter.write_text(json.dumps({**saved, "base_model_name_or_path": tiny_student_dir.name}))
+    (out / MERGED_NAME).mkdir()
+    with pytest.raises(InputError) as e:
+        evaluate_students([("a", final)], data)
+    assert str(e.value) == (
+        f"--student {final} is a LoRA adapter whose base model {tiny_student_dir.name!r} "
+        f"(base_model_name_or_path in {adapter}) is no folder here (read from the current "
+        f"folder, {tmp_path / 'elsewhere'}); set base_model_name_or_path there to the base "
+        f"model's folder (an absolute path loads from anywhere), or pass {out / MERGED_NAME}, "
+        "the adapters merged into the base"
+    )
+    adapter.write_text(json.dumps(saved))  # the fix, as it says
+    assert evaluate_students([("a", final)], data).students[0].metrics["kl"] is not None
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [("modules_to_save", "lm_head"), ("target_modules", "q_proj,lm_head"),

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from logitcache.cache.errors import InputError
+from logitcache.cache.paths import output_problem
 
 from .behaviour import (
     DEMO_CONTEXT,
@@ -79,6 +80,8 @@ def _check(cfg: DemoConfig) -> list[dict[str, str]]:
 
     check_plot_available()
     compile_expect(cfg.expect)
+    if problem := output_problem(cfg.workdir, f"--workdir {cfg.workdir}", folder=True):
+        raise InputError(problem)
     if cfg.context is not None:
         Context.load(cfg.context)
     path = cfg.prompts or DEMO_PROMPTS
