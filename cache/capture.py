@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from .capture_config import CONFIG_NAME, CaptureConfig
-from .capture_info import check_resume, dataset_info
+from .capture_info import check_resume, dataset_info, resume_command
 from .engine import BatchResult, generate_batch, plan_batches, score_batch
 from .eos import check_turn_end, folder_eos_ids, generation_eos_ids
 from .errors import InputError
 from .external import ExternalTeacher, load_external
 from .manifest import finalize
+from .paths import output_problem
 from .prompts import Skipped, read_prompts, renamed_default_ids
 from .ranks import Ranks
 from .reader import committed_ids
@@ -128,8 +129,11 @@ def _capture(
     on_batch: Callable[[int], None] | None,
 ) -> CaptureSummary:
     inp, tgt, run = cfg.input, cfg.targets, cfg.run
+    problem = output_problem(run.out, f"--out {run.out}", folder=True)  # before the slow work
+    if problem is not None:
+        raise InputError(problem)
     if cfg.teacher.url is None:  # a served teacher's folder holds no weights
-        check_teacher_folder(cfg.teacher.path)  # before the slow work
+        check_teacher_folder(cfg.teacher.path)
     groups = tp_groups(cfg.teacher, ranks)  # --tp: ranks in groups, one part per group
     prompts = read_prompts(
         inp.prompts,
@@ -195,8 +199,8 @@ def _capture(
             f"build read another set of --prompts files; now it is {new!r} ({len(renamed)} "
             "such record(s)): default ids name as much of the path as tells the files apart, "
             "so they would be captured twice. Rerun with the original --prompts (as: "
-            f"logitcache build --config {loc.path(CONFIG_NAME)}), or give the records ids of "
-            "their own and write to a new --out"
+            f"{resume_command(loc)}), or give the records ids of their own and write to a new "
+            "--out"
         )
     if part == 0 and groups.writes:
         loc.write_atomic(cfg.dumps(), CONFIG_NAME, tmp_prefix=".tmp.config-", sole_writer=True)
@@ -261,7 +265,9 @@ def _capture(
     )
     ranks.barrier()  # every rank's journal is written
     if ranks.rank == 0 and run.num_shards == 1:
-        m = finalize(loc)
+        # Every part of this run has finished, so every prompt is committed: a journal that an
+        # earlier, killed run with another number of ranks left unfinished holds some of them.
+        m = finalize(loc, partial=True)
         summary.finalized = True
         summary.dataset_examples, summary.dataset_positions = m.num_examples, m.num_positions
         summary.dataset_bytes = m.num_bytes

@@ -11,7 +11,9 @@ capture is resumed; the rest (batch size, device, progress) may change.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import logging
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +38,7 @@ OnError = Literal["raise", "skip"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 Engine = Literal["hf", "vllm"]
 CONFIG_NAME = "capture_config.json"
+log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = TargetSpec("topk", k=32, n=32, codec="u8", sampling="systematic")
 """What `logitcache build` stores unless told otherwise: top-32 + 32 systematic tail draws, u8
@@ -275,9 +278,41 @@ def target_flags() -> dict[str, str]:
 
 def load_capture_config(path: str | Path | None, flags: list[Source]) -> CaptureConfig:
     """The capture's settings: defaults, then the file at ``path`` (a ``capture_config.json``,
-    or YAML of the same groups), then ``flags``; raises InputError listing every problem."""
+    or YAML of the same groups), then ``flags``; raises InputError listing every problem.
+
+    A dataset's own ``capture_config.json`` resumes that dataset: without ``--out``, its
+    folder is the output even when the ``run.out`` it stores names another place (the folder
+    was moved, or a relative --out was given from elsewhere)."""
     sources = file_sources(path, CaptureConfig) if path is not None else []
     cfg, problems = build(CaptureConfig, sources + flags, command="build", example="targets.k")
     if problems:
         raise InputError(format_problems(problems))
+    if path is not None and not any(f.key == "run.out" for f in flags):
+        folder, out = _dataset_folder_of(str(path)), cfg.run.out
+        if folder is not None and folder != (
+            out.rstrip("/") if "://" in out else os.path.abspath(out)
+        ):
+            log.warning(
+                "--config %s: writing to the dataset folder it is in, %s (its run.out %s names "
+                "another place; pass --out to choose)",
+                path,
+                folder,
+                out,
+            )
+            cfg = replace(cfg, run=replace(cfg.run, out=folder))
     return cfg
+
+
+def _dataset_folder_of(path: str) -> str | None:
+    """The dataset folder (absolute path or URL) that holds the config file ``path``: a
+    ``capture_config.json`` beside a manifest or writer journals; None for a config elsewhere."""
+    from .format import MANIFEST_NAME, PARTS_DIR
+    from .storage import Location
+
+    folder, _, name = path.rpartition("/")
+    if name != CONFIG_NAME:
+        return None
+    loc = Location(folder or ".")
+    if not (loc.exists(MANIFEST_NAME) or loc.exists(PARTS_DIR)):
+        return None
+    return loc.url_of()

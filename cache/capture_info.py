@@ -88,9 +88,16 @@ def check_resume(loc: Location, info: DatasetInfo) -> None:
             # have committed without it.
             fix = "rerun with the original flags to resume"
             if loc.exists(CONFIG_NAME):
-                fix += f", as: logitcache build --config {shlex.quote(loc.url_of(CONFIG_NAME))}"
+                fix += f", as: {resume_command(loc)}"
             raise IncompatibleError(
                 f"{where}: the folder {loc} holds a capture with other settings:\n  "
                 + "\n  ".join(diffs)
                 + f"\n{fix}; or write to a new --out"
             )
+
+
+def resume_command(loc: Location) -> str:
+    """The command that reruns the capture saved in ``loc`` into ``loc`` itself: ``--out`` is
+    given, so a folder moved since (or a relative --out run from elsewhere) resumes in place."""
+    config, out = loc.url_of(CONFIG_NAME), loc.url_of()
+    return f"logitcache build --config {shlex.quote(config)} --out {shlex.quote(out)}"

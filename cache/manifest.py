@@ -1,14 +1,17 @@
 """manifest.json: the index of a dataset, written last, replaced atomically.
 
 Each writer (one per GPU rank, or one per job-array task) journals the shards it commits in its
-own part file, ``_parts/<writer>.json``, so concurrent writers never touch the same file.
-:func:`finalize` folds every part into the single ``manifest.json`` that readers use.
+own part file, ``_parts/<writer>.json``, so concurrent writers never touch the same file; the
+journal says ``"finished": true`` once its writer has closed after its whole share.
+:func:`finalize` folds every part into the single ``manifest.json`` that readers use, and
+refuses while a part is missing or unfinished (unless asked to publish a partial dataset).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import shlex
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import IncompatibleError, ManifestError
@@ -71,6 +74,10 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     """The version the dataset was written as: this module's for a new one, the file's when
     read. Shards keep their own encoding, so a dataset of an older version reads as it was."""
+    finished: bool | None = None
+    """Journals only: True once the writer has closed after its whole share, False while it
+    writes or after it stopped early (a crash, a kill); None for a manifest, and for a journal
+    written before the marker existed, which is taken as finished."""
 
     @property
     def num_examples(self) -> int:
@@ -96,6 +103,7 @@ class Manifest:
             "num_bytes": self.num_bytes,
             "shards": [s.to_json() for s in self.shards],
             "extra": self.extra,
+            **({} if self.finished is None else {"finished": self.finished}),
             "created_by": f"logitcache {__version__}",
         }
 
@@ -134,7 +142,16 @@ class Manifest:
         if len(set(names)) != len(names):
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ManifestError(f"{where}: shard listed more than once: {dup}")
-        m = cls(info=info, shards=shards, extra=dict(obj.get("extra", {})), format_version=version)
+        finished = obj.get("finished")
+        if finished is not None and not isinstance(finished, bool):
+            raise ManifestError(f'{where}: "finished" must be true or false, found {finished!r}')
+        m = cls(
+            info=info,
+            shards=shards,
+            extra=dict(obj.get("extra", {})),
+            format_version=version,
+            finished=finished,
+        )
         for key in ("num_examples", "num_positions"):
             if key in obj and obj[key] != getattr(m, key):
                 raise ManifestError(
@@ -149,15 +166,30 @@ def load_manifest(loc: Location) -> Manifest:
     where = f"{loc.path(MANIFEST_NAME)}"
     try:
         data = loc.read_bytes(MANIFEST_NAME)
+    except NotADirectoryError:
+        raise ManifestError(
+            f"{loc} is a file, not a dataset folder: give the folder that holds {MANIFEST_NAME}"
+        ) from None
     except FileNotFoundError:
-        parts = loc.listdir(PARTS_DIR)
-        hint = (
-            f"; {len(parts)} writer journal(s) are in {PARTS_DIR}/: run `logitcache finalize {loc}`"
-            if parts
-            else "; is this a logitcache dataset folder?"
-        )
-        raise ManifestError(f"{where} not found{hint}") from None
+        raise ManifestError(f"{where} not found; {_not_finalized_hint(loc)}") from None
     return Manifest.loads(data, where)
+
+
+def _not_finalized_hint(loc: Location) -> str:
+    """What to run for a folder without a manifest: finalize, or first finish the capture."""
+    try:
+        parts = load_parts(loc)
+    except ManifestError as e:  # a damaged journal: say so rather than suggest finalize
+        return f"a writer journal is unreadable: {e}"
+    if not parts:
+        return "is this a logitcache dataset folder?"
+    pending = pending_parts(loc, parts)
+    if pending is not None:
+        return f"the dataset is not finalized: {pending}"
+    return (
+        f"{len(parts)} finished writer journal(s) are in {PARTS_DIR}/: run "
+        f"`logitcache finalize {shlex.quote(str(loc))}`"
+    )
 
 
 def part_name(writer_id: str) -> str:
@@ -196,7 +228,17 @@ def check_compatible(
     if a.vocab_size != b.vocab_size:
         diffs.append(f"vocab_size {a.vocab_size} vs {b.vocab_size}")
     if a.targets != b.targets:
-        diffs.append(f"targets {a.targets} vs {b.targets}")
+        shown = [a.targets.label, b.targets.label]
+        if shown[0] == shown[1]:  # the label leaves out a field (the sampling scheme): name it
+            differ = [
+                f.name
+                for f in fields(a.targets)
+                if getattr(a.targets, f.name) != getattr(b.targets, f.name)
+            ]
+            shown = [
+                ", ".join(f"{n}={getattr(t, n)}" for n in differ) for t in (a.targets, b.targets)
+            ]
+        diffs.append(f"targets {shown[0]} vs {shown[1]}")
     if a.capture.get("temperature") != b.capture.get("temperature"):
         diffs.append(
             f"capture temperature {a.capture.get('temperature')} vs {b.capture.get('temperature')}"
@@ -227,36 +269,94 @@ def merge_extra(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _check_parts(loc: Location, parts: dict[str, Manifest]) -> dict[str, int] | None:
-    """Refuse to finalize a capture with parts missing (a job array whose other tasks have not
-    run): each capture journal records ``extra.parts`` = {"count": P, "ranks": W}, and part p
-    writes ``_parts/r<p:05d>.json``. Journals written before carry no layout: not checked."""
-    layouts = [m.extra["parts"] for m in parts.values() if isinstance(m.extra.get("parts"), dict)]
-    if not layouts:
-        return None
-    layout = layouts[0]
+def _layout(parts: dict[str, Manifest]) -> dict[str, int] | None:
+    """The capture's ``extra.parts`` as its journals record it; None in journals before it."""
+    return next(
+        (m.extra["parts"] for m in parts.values() if isinstance(m.extra.get("parts"), dict)), None
+    )
+
+
+def pending_parts(loc: Location, parts: dict[str, Manifest]) -> str | None:
+    """Why the journals do not yet hold the whole capture, with what to run; None when they do.
+
+    A part is pending when its journal is missing (each capture journal records
+    ``extra.parts`` = {"count": P, "ranks": W} and part p writes ``_parts/r<p:05d>.json``: a job
+    array whose other tasks have not run) or unfinished (``finished`` false: its writer stopped
+    before its whole share, e.g. a killed build). Journals written before either record carry
+    neither and are not checked."""
+    layout = _layout(parts) or {}
     count, ranks = int(layout.get("count", 1)), max(int(layout.get("ranks", 1)), 1)
-    missing = [p for p in range(count) if part_name(f"r{p:05d}") not in parts]
+    num_shards = max(count // ranks, 1)
+    missing = [p for p in range(count) if layout and part_name(f"r{p:05d}") not in parts]
+    stopped = {n: m for n, m in parts.items() if m.finished is False}
+    if not missing and not stopped:
+        return None
+    q = shlex.quote(str(loc))
+    out = []
     if missing:
         indices = sorted({p // ranks for p in missing})
-        raise ManifestError(
-            f"{loc}: {len(missing)} of the capture's {count} parts have not written yet "
-            f"(missing {', '.join(f'r{p:05d}' for p in missing[:10])}"
-            f"{' …' if len(missing) > 10 else ''}), so the dataset would hold only part of "
-            "the prompts; run the same logitcache build command with --shard-index "
-            f"{' / '.join(map(str, indices[:10]))}{' …' if len(indices) > 10 else ''}, then "
-            f"logitcache finalize {loc}"
+        out.append(
+            f"{len(missing)} of the capture's {count} parts have not written yet (missing "
+            f"{', '.join(f'r{p:05d}' for p in missing[:10])}{' …' if len(missing) > 10 else ''}), "
+            "so the dataset would hold only part of the prompts; run the same logitcache build "
+            f"command with --shard-index {' / '.join(map(str, indices[:10]))}"
+            f"{' …' if len(indices) > 10 else ''}, then `logitcache finalize {q}`"
         )
-    return layout
+    for name, m in list(stopped.items())[:10]:
+        out.append(
+            f"{PARTS_DIR}/{name} holds {_examples(m.num_examples)} but its writer has not "
+            "finished its share (it was interrupted, or is still running); "
+            + _resume_advice(name, m, loc, num_shards, ranks)
+        )
+    if len(stopped) > 10:
+        out.append(f"… and {len(stopped) - 10} more unfinished journals")
+    committed = sum(m.num_examples for m in parts.values())
+    out.append(
+        f"or run `logitcache finalize {q} --partial` to publish the {_examples(committed)} "
+        "committed so far"
+    )
+    return "; ".join(out)
 
 
-def finalize(loc: Location) -> Manifest:
+def _examples(n: int) -> str:
+    return f"{n:,} example{'' if n == 1 else 's'}"
+
+
+def _resume_advice(name: str, m: Manifest, loc: Location, num_shards: int, ranks: int) -> str:
+    """What finishes the writer of journal ``name``: rerun the command that wrote it."""
+    q = shlex.quote(str(loc))
+    if isinstance(m.extra.get("parts"), dict):  # a capture's part
+        if num_shards == 1:
+            return (
+                "rerun the `logitcache build` command that wrote it to resume (it continues "
+                "where it stopped, then finalizes the dataset)"
+            )
+        index = int(name[1:6]) // ranks  # a capture's part p writes r<p:05d>.json
+        return (
+            f"rerun the `logitcache build` command with --shard-index {index} that wrote it to "
+            f"resume (it continues where it stopped), then `logitcache finalize {q}`"
+        )
+    if "imported" in m.info.capture:  # `logitcache import` refuses a folder that is not empty
+        return "rerun the `logitcache import` command with a new output folder"
+    writer = name.removesuffix(".json")
+    return (
+        f"reopen DatasetWriter({str(loc)!r}, info, writer_id={writer!r}), add the examples it "
+        "lacks and close() it"
+    )
+
+
+def finalize(loc: Location, *, partial: bool = False) -> Manifest:
     """Fold every writer journal into ``manifest.json`` (idempotent; safe to rerun).
 
     Shards are the union of the existing manifest's and the journals'; bookkeeping (``extra``)
-    is the sum over journals, each of which is cumulative for its writer.
+    is the sum over journals, each of which is cumulative for its writer. Raises ManifestError
+    while a part is missing or unfinished (:func:`pending_parts`), unless ``partial``: then
+    what is committed is published as it is.
     """
     parts = load_parts(loc)
+    pending = None if partial else pending_parts(loc, parts)
+    if pending is not None:
+        raise ManifestError(f"{loc}: not finalized: {pending}")
     base = load_manifest(loc) if loc.exists(MANIFEST_NAME) else None
     sources = ([(loc.path(MANIFEST_NAME), base)] if base else []) + [
         (loc.path(PARTS_DIR, n), m) for n, m in parts.items()
@@ -280,7 +380,7 @@ def finalize(loc: Location) -> Manifest:
                     f"{where}: shard {s.file} is listed elsewhere with another size or checksum"
                 )
     merged.shards.sort(key=lambda s: s.file)
-    layout = _check_parts(loc, parts)
+    layout = _layout(parts)
     if parts:
         for m in parts.values():
             own = {k: v for k, v in m.extra.items() if k != "parts"}  # the same in each

@@ -7,10 +7,11 @@ import os
 from typing import Any
 
 from .card import write_card
-from .errors import IncompatibleError
+from .errors import IncompatibleError, InputError
 from .format import MANIFEST_NAME, shard_name
 from .manifest import Manifest, ShardEntry, check_compatible, load_manifest, merge_extra
-from .reader import ShardReader
+from .paths import output_problem
+from .reader import ShardReader, repair_advice
 from .storage import Location
 
 
@@ -30,18 +31,37 @@ def merge_datasets(
     """
     if not inputs:
         raise IncompatibleError("merge: give at least one input dataset")
+    problem = output_problem(out, f"OUT {os.fspath(out)}", folder=True)
+    if problem is not None:
+        raise InputError(problem)
     dst = Location(out, storage_options)
     if dst.exists(MANIFEST_NAME):
         raise IncompatibleError(f"merge: {dst} already holds a dataset; choose a new output folder")
     sources = [Location(u, storage_options) for u in inputs]
+    named: dict[str, Location] = {}
+    for loc in sources:  # the same folder twice would hold every id twice
+        key = os.path.realpath(loc.path()) if loc.is_local else loc.url_of()
+        if key in named:
+            raise InputError(
+                f"merge: {named[key]} and {loc} are the same dataset ({key}), named twice; "
+                "give each input once"
+            )
+        named[key] = loc
     manifests = [load_manifest(loc) for loc in sources]
     for loc, m in zip(sources[1:], manifests[1:], strict=True):
-        check_compatible(
-            manifests[0].info,
-            m.info,
-            f"merge: {loc} against {sources[0]}",
-            allow_teachers=allow_different_teachers,
-        )
+        try:
+            check_compatible(
+                manifests[0].info,
+                m.info,
+                f"merge: {loc} against {sources[0]}",
+                allow_teachers=allow_different_teachers,
+            )
+        except IncompatibleError as e:
+            raise IncompatibleError(
+                f"{e}. Datasets merge when their tokenizer, vocab_size, targets (kind, k, n, "
+                "codec, sampling) and capture temperature are the same, and their teacher too "
+                "unless --allow-different-teachers is given"
+            ) from None
     _check_unique_ids(sources, manifests)
     # Shards are copied as they are: the newest input version says what they may hold.
     newest = max(m.format_version for m in manifests)
@@ -53,8 +73,8 @@ def merge_datasets(
             data = loc.read_bytes(s.file)
             if hashlib.sha256(data).hexdigest() != s.sha256:
                 raise IncompatibleError(
-                    f"merge: shard {s.file} of {loc} fails its checksum; "
-                    f"run `logitcache verify {loc}` and repair it first"
+                    f"merge: shard {s.file} of {loc} fails its checksum: "
+                    f"{repair_advice(loc, verify=True)}; then merge again"
                 )
             writer, seq = s.file[len("shard-") : -len(".arrow")].rsplit("-", 1)
             name = shard_name(f"d{d}_{writer}", int(seq))
@@ -86,6 +106,8 @@ def _check_unique_ids(sources: list[Location], manifests: list[Manifest]) -> Non
                     if ex_id in seen and seen[ex_id] != str(loc):
                         raise IncompatibleError(
                             f"merge: example id {ex_id!r} is in both {seen[ex_id]} and {loc}; "
-                            "ids must be unique in a dataset: recapture one with distinct ids"
+                            "ids must be unique in a dataset: merge only one of them, or give "
+                            'the prompts of one their own ids (the records\' "id" field) and '
+                            "capture them again into a new folder"
                         )
                     seen[ex_id] = str(loc)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .card import counted
 from .codecs import (
     QMAX,
     decode_id_planes,
@@ -262,6 +264,7 @@ class ShardReader:
         data: bytes | None = None,
     ):
         """``data``: the shard's bytes when the caller already holds them (not fetched again)."""
+        self.loc = loc
         self.entry = entry
         self.info = info
         self.where = f"shard {entry.file} of {loc}"
@@ -270,14 +273,14 @@ class ShardReader:
         if len(data) != entry.bytes:
             raise ShardError(
                 f"{self.where}: {len(data)} bytes on storage but the manifest says {entry.bytes}: "
-                "the shard is truncated or was replaced; re-copy it or recapture it"
+                f"the shard is truncated or was replaced; {repair_advice(loc)}"
             )
         if verify:
             found = hashlib.sha256(data).hexdigest()
             if found != entry.sha256:
                 raise ShardError(
                     f"{self.where}: sha256 {found[:16]}… does not match the manifest's "
-                    f"{entry.sha256[:16]}…: the shard is corrupt; re-copy it or recapture it"
+                    f"{entry.sha256[:16]}…: the shard is corrupt; {repair_advice(loc)}"
                 )
         try:
             self._reader = pa.ipc.open_file(pa.py_buffer(data))
@@ -298,7 +301,7 @@ class ShardReader:
         except ValueError as e:  # JSON or UTF-8: bytes damaged in storage
             raise ShardError(
                 f"{self.where}: its embedded metadata is not valid JSON ({e}); the shard is "
-                "corrupt: run `logitcache verify` and recapture it"
+                f"corrupt: {repair_advice(loc, verify=True)}"
             ) from None
         if embedded is not None and not _same_encoding(
             DatasetInfo.from_json(embedded, self.where), info
@@ -322,7 +325,7 @@ class ShardReader:
         except (pa.ArrowException, OSError) as e:
             raise ShardError(
                 f"{self.where}: record batch {i} does not decode ({e}); the shard is "
-                "corrupt: run `logitcache verify` and recapture it"
+                f"corrupt: {repair_advice(self.loc, verify=True)}"
             ) from None
 
     def batch(self, i: int) -> DecodedBatch:
@@ -331,8 +334,8 @@ class ShardReader:
             return decode_batch(rb, self.info)
         except (pa.ArrowException, ValueError, IndexError) as e:
             raise ShardError(
-                f"{self.where}: record batch {i} decodes to inconsistent arrays ({e});"
-                " the shard is corrupt: run `logitcache verify`"
+                f"{self.where}: record batch {i} decodes to inconsistent arrays ({e}); the "
+                f"shard is corrupt: {repair_advice(self.loc, verify=True)}"
             ) from None
 
     def __iter__(self) -> Iterator[DecodedBatch]:
@@ -352,6 +355,23 @@ def _same_encoding(a: DatasetInfo, b: DatasetInfo) -> bool:
     )
 
 
+def repair_advice(loc: Location, *, verify: bool = False) -> str:
+    """What mends a missing or damaged shard of ``loc``. Rerunning the build into the same
+    folder does not: its shards count as committed (a missing one stops the rerun)."""
+    from .capture_config import CONFIG_NAME
+
+    q = shlex.quote(str(loc))
+    first = f"run `logitcache verify {q}` to list every damaged shard, then " if verify else ""
+    again = "write the data again into a new folder"
+    if loc.exists(CONFIG_NAME):
+        config = shlex.quote(loc.url_of(CONFIG_NAME))
+        again = f"capture again into a new folder: logitcache build --config {config} --out NEW_DIR"
+    return (
+        f"{first}restore the shard from a copy of the dataset, or {again} (rerunning the build "
+        f"into {q} does not replace it)"
+    )
+
+
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -368,8 +388,7 @@ def _fetch(loc: Location, entry: ShardEntry, cache_dir: str | Path | None, where
         data = loc.read_bytes(entry.file)
     except FileNotFoundError:
         raise ShardError(
-            f"{where}: listed in manifest.json but missing from storage; "
-            "restore it from a copy of the dataset or recapture it"
+            f"{where}: listed in manifest.json but missing from storage; {repair_advice(loc)}"
         ) from None
     if cached is not None and hashlib.sha256(data).hexdigest() == entry.sha256:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -430,8 +449,8 @@ class LogitDataset:
 
     def __repr__(self) -> str:
         return (
-            f"LogitDataset({self.loc}, {self.num_examples} examples, "
-            f"{self.num_positions} positions, {len(self.shards)} shards, "
+            f"LogitDataset({self.loc}, {counted(self.num_examples, 'example')}, "
+            f"{counted(self.num_positions, 'position')}, {counted(len(self.shards), 'shard')}, "
             f"{self.info.targets.label})"
         )
 

@@ -395,8 +395,9 @@ def add_flags(
 
     ``dotted``: ``--section.field V`` flags holding text (in ``field:section.field``), to be
     parsed by :func:`build`. Otherwise each setting's own flag, typed by argparse (choices of a
-    Literal, ``nargs="+"`` for a tuple, a switch for a bool), None when not given. Returns the
-    flags of required settings (argparse-required: see :class:`ConfigFile`)."""
+    Literal, ``nargs="+"`` for a tuple, whose repeats add up, a switch for a bool), None when
+    not given. Returns the flags of required settings (argparse-required: see
+    :class:`ConfigFile`)."""
     required = []
     for section, cls in sections(root).items():
         group = parser.add_argument_group(f"{section} ({cls.__doc__})")
@@ -421,8 +422,8 @@ def _typed(s: Setting) -> dict[str, Any]:
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         tp = next(a for a in args if a is not type(None))
-    if typing.get_origin(tp) is tuple:
-        kw["nargs"], tp = "+", typing.get_args(tp)[0]
+    if typing.get_origin(tp) is tuple:  # `--prompts a b` and `--prompts a --prompts b` alike
+        kw["nargs"], kw["action"], tp = "+", "extend", typing.get_args(tp)[0]
     if typing.get_origin(tp) is Literal:
         kw["choices"] = list(typing.get_args(tp))
     else:

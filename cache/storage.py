@@ -156,14 +156,15 @@ def retry(
 ) -> T:
     """Call ``fn``, retrying transient I/O failures with exponential backoff.
 
-    FileNotFoundError and PermissionError are answers, not transient failures: never retried.
+    FileNotFoundError, PermissionError, IsADirectoryError and NotADirectoryError are answers,
+    not transient failures: never retried.
     When every attempt fails, the OSError raised names ``what`` (the operation and object),
     which the storage library's own message often does not.
     """
     for i in range(attempts):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError):
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise
         except OSError as e:
             if i == attempts - 1:

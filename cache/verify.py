@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ import pyarrow as pa
 
 from .errors import LogitCacheError
 from .format import MANIFEST_NAME, PARTS_DIR, SHARD_NAME_RE, DatasetInfo, id_plane_names
-from .manifest import ShardEntry, load_manifest, load_parts
+from .manifest import ShardEntry, load_manifest, load_parts, pending_parts
 from .reader import ShardReader, list_values
 from .storage import Location
 
@@ -74,15 +75,20 @@ def verify_dataset(
                 "finalized); readers ignore it"
             )
     try:
-        for pname, part in load_parts(loc).items():
-            missing = [s.file for s in part.shards if s.file not in listed]
-            if missing:
-                warnings.append(
-                    f"{PARTS_DIR}/{pname}: {len(missing)} committed shard(s) not in "
-                    f"{MANIFEST_NAME}; run `logitcache finalize {loc}`"
-                )
+        parts = load_parts(loc)
     except LogitCacheError as e:
+        parts = {}
         warnings.append(str(e))
+    pending = pending_parts(loc, parts)
+    if pending is not None:  # finalize would refuse: say what finishes the capture first
+        warnings.append(f"the capture is not complete: {pending}")
+    for pname, part in parts.items() if pending is None else ():
+        missing = [s.file for s in part.shards if s.file not in listed]
+        if missing:
+            warnings.append(
+                f"{PARTS_DIR}/{pname}: {len(missing)} committed shard(s) not in "
+                f"{MANIFEST_NAME}; run `logitcache finalize {shlex.quote(str(loc))}`"
+            )
     return VerifyReport(problems, warnings, len(manifest.shards), examples, positions)
 
 

@@ -2,9 +2,10 @@
 
 Commit protocol (docs/FORMAT.md): a shard is encoded in memory, hashed, written under a
 temporary name, flushed and renamed; only then is it listed in this writer's journal
-(``_parts/<writer>.json``, itself replaced atomically). ``close()`` folds the journals into
-``manifest.json``. A crash at any point leaves every committed shard readable, and reopening a
-writer with the same ``writer_id`` continues after its last committed shard.
+(``_parts/<writer>.json``, itself replaced atomically). ``close()`` marks the journal finished
+and folds the journals into ``manifest.json``. A crash at any point leaves every committed shard
+readable and the journal unfinished, and reopening a writer with the same ``writer_id``
+continues after its last committed shard.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ class DatasetWriter:
         self.loc.makedirs(PARTS_DIR)
         self._clean_own_temp_files()
         part = load_parts(self.loc).get(part_name(writer_id))
-        self.journal = part if part is not None else Manifest(info=info)
+        self.journal = part if part is not None else Manifest(info=info, finished=False)
+        if self.journal.finished is not False:  # reopened: unfinished until closed again
+            self.journal.finished = False
+            self._write_journal()
         self._seq = 1 + max(
             (_seq_of(s.file) for s in self.journal.shards if _is_own(s.file, writer_id)), default=-1
         )
@@ -131,7 +135,8 @@ class DatasetWriter:
             self._pending.append(self._pool.submit(self._commit, rows, seq))
 
     def close(self, finalize_dataset: bool = True) -> Manifest | None:
-        """Commit what is buffered, wait for background work, then (by default) finalize.
+        """Commit what is buffered, wait for background work, mark the journal finished (this
+        writer has written its whole share), then (by default) finalize.
 
         Multi-writer jobs pass ``finalize_dataset=False`` on each rank and finalize once.
         """
@@ -142,8 +147,8 @@ class DatasetWriter:
         self._closed = True
         if self._pool is not None:
             self._pool.shutdown()
-        if not self.journal.shards and not self.loc.exists(PARTS_DIR, part_name(self.writer_id)):
-            self._write_journal()  # record an empty writer too, so finalize sees the dataset
+        self.journal.finished = True  # an empty writer is recorded too: finalize sees it
+        self._write_journal()
         return finalize(self.loc) if finalize_dataset else None
 
     def __enter__(self) -> DatasetWriter:

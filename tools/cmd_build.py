@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from logitcache.cache.capture_config import CaptureConfig, load_capture_config
@@ -40,17 +41,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CaptureConfig:
-    """The settings of the file (``--config``), then the flags given; an error names flags that
-    do not apply to the targets asked for."""
+    """The settings of the file (``--config``), then the flags given; one error lists every
+    problem, flags that do not apply to the targets asked for among them."""
     cfg = load_capture_config(args.config, flag_sources(args, CaptureConfig))
+    problems = []
     wrong = [f for f, v in (("--k", args.k), ("--codec", args.codec)) if v is not None]
     if cfg.targets.spec.kind == "sampled" and wrong:
-        raise InputError(
+        problems.append(
             f"{' and '.join(wrong)} {'does' if len(wrong) == 1 else 'do'} not apply to sampled "
             f"targets (N draws from the whole distribution); drop "
             f"{'it' if len(wrong) == 1 else 'them'}, or use top-k targets (--targets topk, "
             f"the default), where --n counts draws from the tail"
         )
+    problems += cfg.validate()
+    if problems:  # as capture() words them
+        raise InputError("invalid settings:\n  " + "\n  ".join(problems))
     return cfg
 
 
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if not summary.finalized:
             print(
                 f"part {cfg.run.shard_index} of {cfg.run.num_shards} done; once every part is "
-                f"done run: logitcache finalize {cfg.run.out}",
+                f"done run: logitcache finalize {shlex.quote(cfg.run.out)}",
                 file=sys.stderr,
             )
     return 0

@@ -12,12 +12,18 @@ HELP = "fold writer journals (_parts/) into manifest.json"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="dataset folder or fsspec URL")
+    p.add_argument(
+        "--partial",
+        action="store_true",
+        help="publish what is committed even though a writer has not finished its share or a "
+        "job-array part has not run (without it finalize refuses and says what to rerun)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    m = finalize(Location(args.dataset))
+    m = finalize(Location(args.dataset), partial=args.partial)
     print(
-        f"finalized {args.dataset}: {len(m.shards)} shards, {m.num_examples} examples, "
-        f"{m.num_positions} positions"
+        f"finalized {args.dataset}{' (partial)' if args.partial else ''}: {len(m.shards)} "
+        f"shards, {m.num_examples} examples, {m.num_positions} positions"
     )
     return 0

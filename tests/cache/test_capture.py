@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -408,6 +409,107 @@ def test_resume_after_a_crash_is_exactly_once(tmp_path, tiny_teacher_dir, ctx_fi
     assert json.loads((tmp_path / "ds" / CONFIG_NAME).read_text())["targets"]["k"] == 4
 
 
+def test_an_interrupted_capture_says_resume_not_finalize(
+    tmp_path, tiny_teacher_dir, ctx_file, capsys
+) -> None:
+    """A killed build's journal is unfinished: finalize refuses it and every command says to
+    rerun the build (or to publish on purpose with --partial); the rerun finishes it."""
+    from logitcache.tools.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", records(16))
+    out = tmp_path / "ds"
+    run = dict(max_batch_tokens=96, shard_positions=40)
+    cfg = make_cfg(prompts, tiny_teacher_dir, out, context=ctx_file, run=run, targets=dict(k=4))
+
+    def crash_after_3(n: int) -> None:
+        if n == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        capture(cfg, on_batch=crash_after_3)
+    held = len(committed_ids(out))
+    advice = (
+        f"_parts/r00000.json holds {held} examples but its writer has not finished its share "
+        "(it was interrupted, or is still running); rerun the `logitcache build` command that "
+        "wrote it to resume (it continues where it stopped, then finalizes the dataset); or run "
+        f"`logitcache finalize {out} --partial` to publish the {held} examples committed so far"
+    )
+    for command in ("finalize", "verify", "inspect"):
+        assert main([command, str(out)]) == 1
+        printed = capsys.readouterr()
+        assert advice in printed.out + printed.err, command
+    assert not (out / "manifest.json").exists()
+
+    summary = capture(cfg)  # the build command again
+    assert summary.finalized and summary.already_committed == held
+    assert main(["verify", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert open_dataset(out).num_examples == 16
+
+
+def test_a_job_array_part_that_stopped_early_is_named_with_its_index(
+    tmp_path, tiny_teacher_dir, ctx_file, capsys
+) -> None:
+    from logitcache.tools.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", records(9))
+    out = tmp_path / "ds"
+
+    def part(index: int, shards: int = 2, on_batch: Any = None) -> None:
+        run = dict(num_shards=shards, shard_index=index, max_batch_tokens=64, shard_positions=1)
+        cfg = make_cfg(prompts, tiny_teacher_dir, out, context=ctx_file, run=run)
+        capture(cfg, on_batch=on_batch)
+
+    def crash_after_2(n: int) -> None:
+        if n == 2:
+            raise Crash
+
+    part(0)
+    with pytest.raises(Crash):
+        part(1, on_batch=crash_after_2)
+    assert main(["finalize", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "_parts/r00001.json holds 1 example but its writer has not finished" in err
+    assert (
+        "rerun the `logitcache build` command with --shard-index 1 that wrote it to resume (it "
+        f"continues where it stopped), then `logitcache finalize {out}`"
+    ) in err
+    saved = tmp_path / "saved"
+    shutil.copytree(out, saved)
+
+    part(1)
+    assert main(["finalize", str(out)]) == 0
+    assert open_dataset(out, verify=True).num_examples == 9
+
+    # The whole set in one run instead: it finalizes over the part's unfinished journal, whose
+    # examples are of the same prompts.
+    summary = capture(make_cfg(prompts, tiny_teacher_dir, saved, context=ctx_file))
+    assert summary.finalized and summary.dataset_examples == 9
+
+
+def test_a_missing_shard_names_what_mends_it(tmp_path, tiny_teacher_dir, capsys) -> None:
+    """A rerun into the folder cannot replace a lost shard (it stops at it): the error says
+    so, and the command it prints captures everything into a new folder."""
+    import shlex
+
+    from logitcache.cache.errors import ShardError
+    from logitcache.tools.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", records(4))
+    cfg = make_cfg(prompts, tiny_teacher_dir, tmp_path / "ds", run=dict(shard_positions=1))
+    capture(cfg)
+    next((tmp_path / "ds").glob("shard-*.arrow")).unlink()
+    with pytest.raises(ShardError) as e:
+        capture(cfg)
+    msg = str(e.value)
+    assert "missing from storage; restore the shard from a copy of the dataset, or capture " in msg
+    assert f"(rerunning the build into {tmp_path / 'ds'} does not replace it)" in msg
+    command = re.search(r"(logitcache build --config \S+ --out NEW_DIR)", msg).group(1)
+    argv = shlex.split(command.replace("NEW_DIR", str(tmp_path / "new")))
+    assert main([*argv[1:], "--no-progress"]) == 0
+    assert open_dataset(tmp_path / "new", verify=True).num_examples == 4
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_teacher_dir, ctx_file) -> None:
     prompts = write_jsonl(tmp_path / "p.jsonl", records(4))
     capture(make_cfg(prompts, tiny_teacher_dir, tmp_path / "ds", context=ctx_file))
@@ -541,6 +643,18 @@ def test_missing_model_folder(tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match=r"no config\.json in the folder"):
         capture(make_cfg(prompts, tmp_path / "empty", tmp_path / "ds"))
+
+
+def test_out_is_an_existing_file(tmp_path, capsys) -> None:
+    from logitcache.tools.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", records(2))
+    assert main(["build", "--teacher", "nowhere", "--prompts", prompts, "--out", prompts]) == 1
+    assert (
+        f"logitcache build: error: --out {prompts} is an existing file, not a folder; choose a "
+        "new folder name (or move the file away)"
+    ) in capsys.readouterr().err
+    assert (tmp_path / "p.jsonl").read_text().count("\n") == 2  # left as it was
 
 
 def test_empty_prompt_set(tmp_path, tiny_teacher_dir) -> None:
@@ -725,6 +839,12 @@ def test_fsspec_urls_in_and_out(tiny_teacher_dir) -> None:
             ["--targets", "sampled", "--k", "8", "--codec", "f16"],
             None,
             r"--k and --codec do not apply to sampled targets .* --n counts draws from the tail",
+        ),
+        (  # every problem in one error, the flags that do not apply among them
+            ["--targets", "sampled", "--k", "16", "--k-mass", "0.9", "--max-batch-tokens", "0"],
+            None,
+            r"(?s)invalid settings:\n  --k does not apply to sampled targets.*\n  --k-mass "
+            r"applies to top-k targets only.*\n  --max-batch-tokens is 0",
         ),
     ],
 )

@@ -208,6 +208,21 @@ def test_configs_saved_before_mean_what_their_flags_said() -> None:
     assert (gen.input.on_error, gen.input.truncation, gen.input.max_length) == ("skip", "left", 64)
 
 
+def test_repeated_list_flags_add_up() -> None:
+    """`--prompts a --prompts b` reads both, in order, as `--prompts a b` does."""
+    for argv in (
+        ["--prompts", "a.jsonl", "--prompts", "b.jsonl"],
+        ["--prompts", "a.jsonl", "b.jsonl"],
+    ):
+        cfg = config_from_args(parse(["--teacher", "t", "--out", "o", *argv]))
+        assert cfg.input.prompts == ("a.jsonl", "b.jsonl")
+    flags = ["--mode", "generate", "--eos-token-ids", "2", "--eos-token-ids", "5", "7"]
+    assert config_from_args(parse([*REQUIRED, *flags])).generate.eos_token_ids == (2, 5, 7)
+    path = next(p for p in SAVED if p.stem == "generate")  # a file's list is replaced, not added to
+    cfg = config_from_args(parse(["--config", str(path), "--prompts", "x.jsonl", "--prompts", "y"]))
+    assert cfg.input.prompts == ("x.jsonl", "y")
+
+
 def test_flags_override_a_config_file() -> None:
     path = next(p for p in SAVED if p.stem == "sampled_multinomial")
     cfg = config_from_args(parse(["--config", str(path), "--n", "4", "--out", "elsewhere"]))
@@ -251,7 +266,9 @@ def test_the_resume_advice_works_as_printed(tmp_path: Path, tiny_teacher_dir: Pa
     assert main([*argv, "--out", str(out)]) == 1  # other settings: n = 32 now
     err = capsys.readouterr().err
     assert "targets.n: was 4, now 32" in err
-    advice = re.search(r"original flags to resume, as: (logitcache build --config \S+);", err)
+    advice = re.search(
+        r"original flags to resume, as: (logitcache build --config \S+ --out \S+);", err
+    )
     assert advice is not None, err
     command = shlex.split(advice.group(1))
     assert command[0] == "logitcache"
@@ -261,6 +278,40 @@ def test_the_resume_advice_works_as_printed(tmp_path: Path, tiny_teacher_dir: Pa
     assert ds.num_examples == 6 and ds.info.targets == TargetSpec(
         "topk", k=8, n=4, codec="u8", sampling="systematic"
     )
+
+
+def test_a_moved_dataset_resumes_in_its_new_folder(
+    tmp_path: Path, tiny_teacher_dir: Path, capsys, caplog
+) -> None:
+    """A dataset's own capture_config.json stores the --out it was built with; after the folder
+    moved, the printed advice and a plain --config both resume it where it is now, never in
+    the old place; an explicit --out still wins."""
+    prompts = tmp_path / "p.jsonl"
+    recs = [{"id": f"q{i}", "prompt": f"the cat reads {i}", "response": "yes"} for i in range(6)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in recs[:4]))
+    argv = ["build", "--teacher", str(tiny_teacher_dir), "--prompts", str(prompts), "--k", "8"]
+    assert main([*argv, "--n", "4", "--no-progress", "--out", str(tmp_path / "old")]) == 0
+    (tmp_path / "old").rename(tmp_path / "new")
+    new = tmp_path / "new"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in recs))  # two more records
+    capsys.readouterr()
+
+    assert main([*argv, "--out", str(new)]) == 1  # other settings: n = 32 now
+    err = capsys.readouterr().err
+    advice = re.search(r"original flags to resume, as: (logitcache build .*);", err)
+    assert advice is not None, err
+    command = shlex.split(advice.group(1))
+    assert command[command.index("--out") + 1] == str(new)
+    assert main([*command[1:], "--no-progress"]) == 0
+    assert "captured 2 examples" in capsys.readouterr().out
+    assert not (tmp_path / "old").exists() and open_dataset(new).num_examples == 6
+
+    new.rename(tmp_path / "newer")
+    config = str(tmp_path / "newer" / cc.CONFIG_NAME)
+    assert config_from_args(parse(["--config", config])).run.out == str(tmp_path / "newer")
+    assert f"writing to the dataset folder it is in, {tmp_path / 'newer'}" in caplog.text
+    elsewhere = config_from_args(parse(["--config", config, "--out", str(tmp_path / "x")]))
+    assert elsewhere.run.out == str(tmp_path / "x")
 
 
 # --------------------------------------------------------------------------- adaptive targets

@@ -59,9 +59,32 @@ def test_flipped_bit_caught_by_checksum(dataset):
 def test_missing_shard(dataset):
     shard = _first_shard(dataset)
     shard.unlink()
-    with pytest.raises(ShardError, match=r"missing from storage"):
+    # A build rerun into the folder stops at the missing shard again: the advice says what works.
+    with pytest.raises(
+        ShardError,
+        match=r"missing from storage; restore the shard from a copy of the dataset, or write "
+        r"the data again into a new folder \(rerunning the build into .*/ds does not replace it\)",
+    ):
         list(open_dataset(dataset).iter_batches())
     assert [(p.field, p.found) for p in verify_dataset(dataset).problems] == [("file", "missing")]
+
+
+def test_a_damaged_batch_names_the_verify_command_with_the_dataset(dataset):
+    shard = _first_shard(dataset)
+    import pyarrow as pa
+
+    class Damaged:  # a batch whose bytes do not decode, as a damaged shard's
+        def get_batch(self, i):
+            raise pa.ArrowInvalid("bad offsets")
+
+    reader = open_dataset(dataset).shard(0)
+    reader._reader = Damaged()
+    with pytest.raises(ShardError) as e:
+        reader.record_batch(0)
+    assert f"run `logitcache verify {dataset}` to list every damaged shard, then restore" in str(
+        e.value
+    )
+    assert shard.name in str(e.value)
 
 
 def test_manifest_out_of_step(dataset):
@@ -132,9 +155,17 @@ def test_not_a_dataset(tmp_path):
         open_dataset(tmp_path)
 
 
+def test_a_file_given_as_a_dataset_is_named_at_once(tmp_path):
+    (tmp_path / "score.jsonl").write_text("{}\n")
+    with pytest.raises(ManifestError, match=r"score.jsonl is a file, not a dataset folder: give"):
+        open_dataset(tmp_path / "score.jsonl")
+    report = verify_dataset(tmp_path / "score.jsonl")  # reported, not retried as a failing disk
+    assert "is a file, not a dataset folder" in report.problems[0].found
+
+
 def test_writer_refuses_other_dataset_in_folder(dataset):
     other = make_info("topk", k=4)
-    with pytest.raises(IncompatibleError, match=r"targets .*k=8.* vs .*k=4.*write to a new folder"):
+    with pytest.raises(IncompatibleError, match=r"targets top-8 u8 vs top-4 u8.*write to a new"):
         DatasetWriter(dataset, other)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 
 import pytest
@@ -57,6 +58,70 @@ def test_crashed_writer_keeps_committed_and_resumes(tmp_path):
     w.close()
     ds = open_dataset(tmp_path / "ds", verify=True)
     assert sorted(e.id for e in ds.iter_examples()) == sorted(e.id for e in examples)
+
+
+def test_a_journal_says_whether_its_writer_finished(tmp_path):
+    """Committed shards alone do not make a dataset: finalize refuses a journal whose writer
+    stopped early, naming it, its examples and the fix, unless asked for a partial one."""
+    from logitcache.cache.errors import ManifestError
+
+    info = make_info("topk", k=8)
+    ds, journal = tmp_path / "ds", tmp_path / "ds" / PARTS_DIR / "w0.json"
+    w = DatasetWriter(ds, info, shard_positions=50)
+    for ex in make_examples(info, 20):
+        w.add(ex)
+    assert json.loads(journal.read_text())["finished"] is False
+    del w  # crash: no close
+    held = len(committed_ids(ds))
+    with pytest.raises(ManifestError) as e:
+        finalize(Location(ds))
+    assert (
+        f"_parts/w0.json holds {held} examples but its writer has not finished its share (it "
+        f"was interrupted, or is still running); reopen DatasetWriter({str(ds)!r}, info, "
+        f"writer_id='w0'), add the examples it lacks and close() it; or run `logitcache "
+        f"finalize {ds} --partial` to publish the {held} examples committed so far"
+    ) in str(e.value)
+    with pytest.raises(ManifestError, match=r"manifest.json not found; the dataset is not final"):
+        open_dataset(ds)
+    assert not (ds / "manifest.json").exists()
+    assert finalize(Location(ds), partial=True).num_examples == held
+
+    w = DatasetWriter(ds, info)  # reopened: unfinished again until closed
+    assert json.loads(journal.read_text())["finished"] is False
+    w.close(finalize_dataset=False)
+    assert json.loads(journal.read_text())["finished"] is True
+    assert finalize(Location(ds)).num_examples == held
+
+
+def test_an_unfinished_import_says_to_import_again_into_a_new_folder(tmp_path):
+    from dataclasses import replace
+
+    from logitcache.cache.errors import ManifestError
+
+    info = make_info("topk", k=8)
+    info = replace(info, capture={**info.capture, "imported": {"sources": ["rows.parquet"]}})
+    w = DatasetWriter(tmp_path / "ds", info, writer_id="import")
+    for ex in make_examples(info, 3):
+        w.add(ex)
+    w.flush()  # committed; the import then dies
+    with pytest.raises(
+        ManifestError,
+        match=r"_parts/import.json holds 3 examples .* rerun the `logitcache import` command "
+        r"with a new output folder; or run `logitcache finalize .*ds --partial`",
+    ):
+        finalize(Location(tmp_path / "ds"))
+
+
+def test_a_journal_of_an_older_version_without_the_marker_finalizes(tmp_path):
+    info = make_info("topk", k=8)
+    w = DatasetWriter(tmp_path / "ds", info, shard_positions=50)
+    for ex in make_examples(info, 20):
+        w.add(ex)
+    journal = tmp_path / "ds" / PARTS_DIR / "w0.json"
+    old = json.loads(journal.read_text())
+    del old["finished"]  # written before journals said whether their writer finished
+    journal.write_text(json.dumps(old))
+    assert finalize(Location(tmp_path / "ds")).num_examples == old["num_examples"]
 
 
 def test_finalize_with_nothing(tmp_path):

@@ -74,6 +74,28 @@ def test_inspect_and_stats(tmp_path, capsys):
     assert plot.stat().st_size > 1000
 
 
+def test_stats_header_counts_in_words_and_the_plot_folders_are_made(tmp_path, capsys):
+    ds = _dataset(tmp_path / "ds", count=3)
+    plot = tmp_path / "deep" / "er" / "s.png"
+    assert main(["stats", str(ds), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{ds}: 3 examples, ") and ", 1 shard, top-8 " in out
+    assert plot.stat().st_size > 1000
+
+
+def test_stats_refuses_bad_flags_before_reading(tmp_path, capsys):
+    ds = _dataset(tmp_path / "ds", count=3)
+    (tmp_path / "f.txt").write_text("x")
+    assert main(["stats", str(ds), "--max-positions", "-5", "--plot", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "--max-positions -5: must be at least 1 (the positions sampled for coverage" in err
+    assert f"--plot {tmp_path} is a folder; name a file in it, e.g. {tmp_path}/plot.png" in err
+    assert main(["stats", str(ds), "--max-positions", "0"]) == 1
+    assert "--max-positions 0: must be at least 1" in capsys.readouterr().err
+    assert main(["stats", str(ds), "--plot", str(tmp_path / "f.txt" / "s.png")]) == 1
+    assert "f.txt is a file, not a folder" in capsys.readouterr().err
+
+
 def test_inspect_sampled(tmp_path, capsys):
     ds = _dataset(tmp_path / "ds", kind="sampled", n=12)
     assert main(["inspect", str(ds), "-n", "1"]) == 0
@@ -88,8 +110,11 @@ def test_inspect_stats_verify_and_merge_top_k_with_tail_draws(tmp_path, capsys):
     assert "top-4 ids + log-probs (u8) + tail mass + 10 multinomial draws from the tail" in out
     assert main(["stats", str(a)]) == 0
     out = capsys.readouterr().out
-    assert "ids/position, k + distinct tail draws mean" in out
+    assert "ids (k + draws)     mean " in out
     assert "tail draws          mean 10.000  p10 10  p50 10" in out
+    # Every figure starts in one column, whatever its label.
+    figures = [ln for ln in out.splitlines()[1:] if not ln.startswith("response token among")]
+    assert {ln[19] for ln in figures} == {" "} and all(ln[20] != " " for ln in figures)
     assert "top-k ids kept" not in out  # every position keeps k = 4
     assert main(["merge", str(tmp_path / "m"), str(a), str(b)]) == 0
     assert main(["verify", str(tmp_path / "m")]) == 0
@@ -117,8 +142,8 @@ def test_merge(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        ({"kind": "sampled"}, r"incompatible: targets .*topk.* vs .*sampled"),
-        ({"codec": "f16"}, r"incompatible: targets .*codec='u8'.* vs .*codec='f16'"),
+        ({"kind": "sampled"}, r"incompatible: targets top-8 u8 vs sampled n=16\. Datasets merge"),
+        ({"codec": "f16"}, r"incompatible: targets top-8 u8 vs top-8 f16\. Datasets merge when"),
         (
             {"teacher": "other"},
             r"teacher 'tiny-teacher' vs 'other' \(pass --allow-different-teachers",
@@ -134,6 +159,40 @@ def test_merge_refuses_incompatible(tmp_path, capsys, kw, match):
     assert main(["merge", str(tmp_path / "m"), str(a), str(b)]) == 1
     assert re.search(match, capsys.readouterr().err)
     assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_merge_names_targets_the_label_does_not_tell_apart(tmp_path, capsys):
+    from dataclasses import replace
+
+    a = _dataset(tmp_path / "a", prefix="a", tail_draws=4)
+    info = make_info("topk", tail_draws=4)
+    info = replace(info, targets=replace(info.targets, sampling="systematic"))
+    with DatasetWriter(tmp_path / "b", info) as w:
+        for ex in make_examples(info, 3, prefix="b"):
+            w.add(ex)
+    assert main(["merge", str(tmp_path / "m"), str(a), str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "incompatible: targets sampling=multinomial vs sampling=systematic. Datasets" in err
+    assert "targets (kind, k, n, codec, sampling) and capture temperature are the same" in err
+
+
+def test_merge_refuses_an_input_named_twice(tmp_path, capsys):
+    a = _dataset(tmp_path / "a")
+    assert main(["merge", str(tmp_path / "m"), str(a), f"{tmp_path}/./a/"]) == 1
+    err = capsys.readouterr().err
+    assert f"merge: {a} and {tmp_path}/./a/ are the same dataset ({a}), named twice; give" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_merge_into_an_existing_file_is_refused(tmp_path, capsys):
+    a, b = _dataset(tmp_path / "a", prefix="a"), _dataset(tmp_path / "b", prefix="b")
+    (tmp_path / "score.jsonl").write_text("{}\n")
+    assert main(["merge", str(tmp_path / "score.jsonl"), str(a), str(b)]) == 1
+    assert (
+        f"logitcache merge: error: OUT {tmp_path}/score.jsonl is an existing file, not a folder; "
+        "choose a new folder name"
+    ) in capsys.readouterr().err
+    assert (tmp_path / "score.jsonl").read_text() == "{}\n"
 
 
 def test_merge_different_teachers_when_asked(tmp_path):
@@ -165,6 +224,28 @@ def test_finalize_command(tmp_path, capsys):
     assert main(["finalize", str(tmp_path / "ds")]) == 0
     assert "6 examples" in capsys.readouterr().out
     assert open_dataset(tmp_path / "ds").num_examples == 6
+
+
+def test_finalize_publishes_an_unfinished_writer_only_with_partial(tmp_path, capsys):
+    info = make_info("topk")
+    done = DatasetWriter(tmp_path / "ds", info, writer_id="r0")
+    for ex in make_examples(info, 3, prefix="0-"):
+        done.add(ex)
+    done.close(finalize_dataset=False)
+    stopped = DatasetWriter(tmp_path / "ds", info, writer_id="r1")
+    for ex in make_examples(info, 2, prefix="1-"):
+        stopped.add(ex)
+    stopped.flush()  # committed, then the process dies: never closed
+    assert main(["finalize", str(tmp_path / "ds")]) == 1
+    err = capsys.readouterr().err
+    assert "_parts/r1.json holds 2 examples but its writer has not finished its share" in err
+    assert f"`logitcache finalize {tmp_path / 'ds'} --partial` to publish the 5 examples" in err
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+    assert main(["finalize", str(tmp_path / "ds"), "--partial"]) == 0
+    assert "finalized" in capsys.readouterr().out
+    assert open_dataset(tmp_path / "ds").num_examples == 5
+    assert main(["verify", str(tmp_path / "ds")]) == 0  # a warning still names the writer
+    assert "warning: the capture is not complete: _parts/r1.json" in capsys.readouterr().out
 
 
 def test_inspect_and_stats_of_a_dataset_without_positions(tmp_path, capsys):
