@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from logitcache.cache.errors import InputError
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.stats import describe
 from logitcache.tools.cli import count
@@ -28,7 +29,13 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
+        try:
+            tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise InputError(
+                f"--tokenizer {args.tokenizer}: no tokenizer could be loaded from that folder "
+                f"({e}); give the folder of the dataset's tokenizer (the teacher's)"
+            ) from None
 
     def text(ids: Any) -> str:
         ids = [int(i) for i in np.atleast_1d(ids)]

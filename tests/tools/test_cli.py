@@ -47,3 +47,18 @@ def test_output_cut_short_by_the_reader_is_not_an_error_trace(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 141
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+def test_inspect_names_a_tokenizer_folder_that_does_not_load(tmp_path, capsys):
+    from logitcache.cache.writer import DatasetWriter
+
+    from ..cache.synth import make_examples, make_info
+
+    info = make_info("topk")
+    with DatasetWriter(tmp_path / "ds", info) as w:
+        for ex in make_examples(info, 3):
+            w.add(ex)
+    assert main(["inspect", str(tmp_path / "ds"), "--tokenizer", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"logitcache inspect: error: --tokenizer {tmp_path / 'nope'}: no tok")
+    assert "give the folder of the dataset's tokenizer" in err
