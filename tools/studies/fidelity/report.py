@@ -192,11 +192,14 @@ def merge_rows(
 ) -> tuple[list[Row], dict[str, float]]:
     """Rows of several invocations of the same setup as one list, in first-seen order; a
     variant measured again replaces its earlier row. The setups must agree: the untrained
-    student's metrics (same teacher, student and held-out text) must match."""
+    student's metrics (same teacher, student and held-out text) must match: to 1e-4 relative,
+    since a teacher pass on another box, or stored as another format version, rounds the
+    held-out targets differently at about 1e-5, while other held-out text moves them by
+    percents (14.60 against 14.08 between the 1× and 4× tables of docs/RESULTS.md)."""
     initial = results[0][1]
     merged: dict[Variant, Row] = {}
     for rows, init in results:
-        if not all(math.isclose(init[k], initial[k], rel_tol=1e-6) for k in ("kl", "ce")):
+        if not all(math.isclose(init[k], initial[k], rel_tol=1e-4) for k in ("kl", "ce")):
             raise SystemExit(
                 f"--replot: the files measure different setups (untrained student KL "
                 f"{initial['kl']:.6f} vs {init['kl']:.6f}); merge only runs of one setup"
