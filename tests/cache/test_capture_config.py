@@ -329,9 +329,18 @@ def test_adaptive_target_flags_reach_the_spec() -> None:
     )
 
 
+def problems_of(args: argparse.Namespace) -> list[str]:
+    """The problems `logitcache build` lists (one error for all of them), one per line."""
+    with pytest.raises(InputError) as e:
+        config_from_args(args)
+    head, *lines = str(e.value).split("\n  ")
+    assert head == "invalid settings:"
+    return lines
+
+
 def test_bad_adaptive_flags_are_all_named_with_the_fix() -> None:
     bad = parse([*REQUIRED, "--k-mass", "1.5", "--k-min", "40", "--n-rate", "-1"])
-    problems = config_from_args(bad).validate()
+    problems = problems_of(bad)
     assert problems == [
         "--k-mass is 1.5; expected a probability mass 0 < mass ≤ 1 (e.g. 0.9), or leave it out "
         "for a fixed k",
@@ -346,18 +355,18 @@ def test_bad_adaptive_flags_are_all_named_with_the_fix() -> None:
         assert spec.validate()[0].startswith(
             f"targets.n_rate is {float(rate)!r}; expected a finite"
         )
-    floor_alone = config_from_args(parse([*REQUIRED, "--k-min", "2"])).validate()
+    floor_alone = problems_of(parse([*REQUIRED, "--k-min", "2"]))
     assert floor_alone == [
         "--k-min is 2 but --k-mass is not set; the floor applies to adaptive top-k only: add "
         "--k-mass (e.g. 0.9) or drop --k-min"
     ]
-    no_draws = config_from_args(parse([*REQUIRED, "--n", "0", "--n-rate", "8"])).validate()
+    no_draws = problems_of(parse([*REQUIRED, "--n", "0", "--n-rate", "8"]))
     assert no_draws == [
         "--n-rate is 8.0 but --n is 0 (no tail draws); --n caps the draws of a position: set "
         "it (e.g. --n 32) or drop --n-rate"
     ]
     sampled = parse([*REQUIRED, "--targets", "sampled", "--n", "8", "--k-mass", "0.9"])
-    assert config_from_args(sampled).validate() == [
+    assert problems_of(sampled) == [
         "--k-mass applies to top-k targets only, not to sampled ones; drop it or use --targets topk"
     ]
     with pytest.raises(SystemExit):  # argparse: not a number
