@@ -28,7 +28,7 @@ from .engine import BatchResult, generate_batch, plan_batches, score_batch
 from .eos import check_turn_end, folder_eos_ids, generation_eos_ids
 from .errors import InputError
 from .external import ExternalTeacher, load_external
-from .manifest import finalize
+from .manifest import close_journals, finalize
 from .paths import output_problem
 from .prompts import Skipped, read_prompts, renamed_default_ids
 from .ranks import Ranks
@@ -189,7 +189,7 @@ def _capture(
     )
 
     loc = Location(run.out, storage_options)
-    check_resume(loc, info)
+    check_resume(loc, info, run.shard_index)
     done = committed_ids(run.out, storage_options) if loc.exists() else set()
     renamed = renamed_default_ids((r for _, r in mine.records), done)
     if renamed:
@@ -199,8 +199,8 @@ def _capture(
             f"build read another set of --prompts files; now it is {new!r} ({len(renamed)} "
             "such record(s)): default ids name as much of the path as tells the files apart, "
             "so they would be captured twice. Rerun with the original --prompts (as: "
-            f"{resume_command(loc)}), or give the records ids of their own and write to a new "
-            "--out"
+            f"{resume_command(loc, run.shard_index)}), or give the records ids of their own and "
+            "write to a new --out"
         )
     if part == 0 and groups.writes:
         loc.write_atomic(cfg.dumps(), CONFIG_NAME, tmp_prefix=".tmp.config-", sole_writer=True)
@@ -265,9 +265,11 @@ def _capture(
     )
     ranks.barrier()  # every rank's journal is written
     if ranks.rank == 0 and run.num_shards == 1:
-        # Every part of this run has finished, so every prompt is committed: a journal that an
-        # earlier, killed run with another number of ranks left unfinished holds some of them.
-        m = finalize(loc, partial=True)
+        # Every part of this run has finished, so every prompt is committed, including those of
+        # a journal that an earlier, killed run with another number of ranks left unfinished:
+        # that journal is finished now too.
+        close_journals(loc)
+        m = finalize(loc)
         summary.finalized = True
         summary.dataset_examples, summary.dataset_positions = m.num_examples, m.num_positions
         summary.dataset_bytes = m.num_bytes

@@ -72,8 +72,9 @@ def dataset_info(
     )
 
 
-def check_resume(loc: Location, info: DatasetInfo) -> None:
-    """Refuse to add to a folder captured with other settings, naming each difference."""
+def check_resume(loc: Location, info: DatasetInfo, shard_index: int = 0) -> None:
+    """Refuse to add to a folder captured with other settings, naming each difference and the
+    command that resumes part ``shard_index`` (--shard-index) with the folder's own."""
     new = info.to_json()
     for where, committed in committed_manifests(loc):
         old = committed.info.to_json()
@@ -88,7 +89,7 @@ def check_resume(loc: Location, info: DatasetInfo) -> None:
             # have committed without it.
             fix = "rerun with the original flags to resume"
             if loc.exists(CONFIG_NAME):
-                fix += f", as: {resume_command(loc)}"
+                fix += f", as: {resume_command(loc, shard_index)}"
             raise IncompatibleError(
                 f"{where}: the folder {loc} holds a capture with other settings:\n  "
                 + "\n  ".join(diffs)
@@ -96,8 +97,10 @@ def check_resume(loc: Location, info: DatasetInfo) -> None:
             )
 
 
-def resume_command(loc: Location) -> str:
+def resume_command(loc: Location, shard_index: int = 0) -> str:
     """The command that reruns the capture saved in ``loc`` into ``loc`` itself: ``--out`` is
-    given, so a folder moved since (or a relative --out run from elsewhere) resumes in place."""
+    given, so a folder moved since (or a relative --out run from elsewhere) resumes in place.
+    The saved config is part 0's: another part of a job array adds its ``--shard-index``."""
     config, out = loc.url_of(CONFIG_NAME), loc.url_of()
-    return f"logitcache build --config {shlex.quote(config)} --out {shlex.quote(out)}"
+    part = f" --shard-index {shard_index}" if shard_index else ""
+    return f"logitcache build --config {shlex.quote(config)} --out {shlex.quote(out)}{part}"

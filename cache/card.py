@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 from .capture_config import CONFIG_NAME
+from .format import counted
 from .manifest import Manifest
 from .storage import Location
 
@@ -22,11 +23,6 @@ MARK = "<!-- written by logitcache finalize: edits are replaced; delete this lin
 
 _SIZES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")]
 _SIZES += [(10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M"), (1_000_000_000, "100M<n<1B")]
-
-
-def counted(n: int, noun: str) -> str:
-    """'1 shard', '3 shards': ``n`` and ``noun``, plural unless ``n`` is 1."""
-    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def size_category(n: int) -> str:

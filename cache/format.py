@@ -294,6 +294,11 @@ class DatasetInfo:
         return shard_schema(self)
 
 
+def counted(n: int, noun: str) -> str:
+    """'1 shard', '3 shards': ``n`` and ``noun``, plural unless ``n`` is 1."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 def min_format_version(targets: TargetSpec) -> int:
     """The oldest format version that can hold ``targets``: 2 when positions hold a variable
     number of ids or draws (a reader of version 1 would take every position to hold k ids and

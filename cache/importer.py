@@ -29,6 +29,7 @@ from .prompts import Skipped
 from .settings import build, flag, format_problems, to_dict
 from .sources import BadRecord, default_id_names, expand_sources, iter_raw
 from .storage import Location
+from .tokenizer import load_local_tokenizer
 from .writer import DEFAULT_SHARD_POSITIONS, DatasetWriter
 
 ValuesKind = Literal["logprobs", "logits"]
@@ -256,8 +257,6 @@ def import_plain(
     sources: Sequence[str], out: str | os.PathLike[str], cfg: ImportConfig
 ) -> Manifest:
     """Write the rows of ``sources`` as a logit dataset at ``out`` (a new folder)."""
-    from transformers import AutoTokenizer
-
     from .tokenizer import tokenizer_fingerprint
 
     out_loc = Location(out)
@@ -269,10 +268,9 @@ def import_plain(
             f"--tokenizer {tok_dir}: no such folder; pass the folder of the tokenizer the ids "
             "belong to (one saved with tokenizer.save_pretrained)"
         )
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise InputError(f"--tokenizer {tok_dir}: no loadable tokenizer ({e})") from None
+    tok = load_local_tokenizer(
+        tok_dir, f"--tokenizer {tok_dir}", "pass the folder of the tokenizer the ids belong to"
+    )
     vocab = cfg.run.vocab_size or len(tok)
     # Pass 1 checks every row (reporting all problems at once); pass 2 writes: memory stays
     # bounded by one shard, whatever the sources' size.

@@ -23,6 +23,7 @@ from .format import (
     READ_VERSIONS,
     DatasetInfo,
     check_shard_name,
+    counted,
     min_format_version,
 )
 from .storage import Location
@@ -205,6 +206,17 @@ def load_parts(loc: Location) -> dict[str, Manifest]:
     }
 
 
+def close_journals(loc: Location) -> None:
+    """Mark every unfinished journal finished: for a capture that has just committed all of its
+    prompts, an earlier run's journals (a run killed with another number of parts) hold some of
+    them, and nothing is left for their writers to do."""
+    for name, m in load_parts(loc).items():
+        if m.finished is False:
+            m.finished = True
+            writer = name.removesuffix(".json")
+            loc.write_atomic(m.dumps(), PARTS_DIR, name, tmp_prefix=f".tmp-{writer}-")
+
+
 def committed_manifests(loc: Location) -> list[tuple[str, Manifest]]:
     """(path, manifest) of everything committed to the folder: the finalized manifest, if any,
     then every writer journal. Resume, the writer's compatibility check and the ids already
@@ -286,7 +298,6 @@ def pending_parts(loc: Location, parts: dict[str, Manifest]) -> str | None:
     neither and are not checked."""
     layout = _layout(parts) or {}
     count, ranks = int(layout.get("count", 1)), max(int(layout.get("ranks", 1)), 1)
-    num_shards = max(count // ranks, 1)
     missing = [p for p in range(count) if layout and part_name(f"r{p:05d}") not in parts]
     stopped = {n: m for n, m in parts.items() if m.finished is False}
     if not missing and not stopped:
@@ -304,28 +315,28 @@ def pending_parts(loc: Location, parts: dict[str, Manifest]) -> str | None:
         )
     for name, m in list(stopped.items())[:10]:
         out.append(
-            f"{PARTS_DIR}/{name} holds {_examples(m.num_examples)} but its writer has not "
-            "finished its share (it was interrupted, or is still running); "
-            + _resume_advice(name, m, loc, num_shards, ranks)
+            f"{PARTS_DIR}/{name} holds {counted(m.num_examples, 'example')} but its writer has "
+            "not finished its share (it was interrupted, or is still running); "
+            + _resume_advice(name, m, loc)
         )
     if len(stopped) > 10:
         out.append(f"… and {len(stopped) - 10} more unfinished journals")
     committed = sum(m.num_examples for m in parts.values())
     out.append(
-        f"or run `logitcache finalize {q} --partial` to publish the {_examples(committed)} "
-        "committed so far"
+        f"or run `logitcache finalize {q} --partial` to publish the "
+        f"{counted(committed, 'example')} committed so far"
     )
     return "; ".join(out)
 
 
-def _examples(n: int) -> str:
-    return f"{n:,} example{'' if n == 1 else 's'}"
-
-
-def _resume_advice(name: str, m: Manifest, loc: Location, num_shards: int, ranks: int) -> str:
-    """What finishes the writer of journal ``name``: rerun the command that wrote it."""
+def _resume_advice(name: str, m: Manifest, loc: Location) -> str:
+    """What finishes the writer of journal ``name``: rerun the command that wrote it (for a
+    capture's part, with the layout that journal itself records)."""
     q = shlex.quote(str(loc))
-    if isinstance(m.extra.get("parts"), dict):  # a capture's part
+    layout = m.extra.get("parts")
+    if isinstance(layout, dict):  # a capture's part
+        ranks = max(int(layout.get("ranks", 1)), 1)
+        num_shards = max(int(layout.get("count", 1)) // ranks, 1)
         if num_shards == 1:
             return (
                 "rerun the `logitcache build` command that wrote it to resume (it continues "
@@ -333,8 +344,9 @@ def _resume_advice(name: str, m: Manifest, loc: Location, num_shards: int, ranks
             )
         index = int(name[1:6]) // ranks  # a capture's part p writes r<p:05d>.json
         return (
-            f"rerun the `logitcache build` command with --shard-index {index} that wrote it to "
-            f"resume (it continues where it stopped), then `logitcache finalize {q}`"
+            f"rerun the `logitcache build` command with --num-shards {num_shards} --shard-index "
+            f"{index} that wrote it to resume (it continues where it stopped), then "
+            f"`logitcache finalize {q}`"
         )
     if "imported" in m.info.capture:  # `logitcache import` refuses a folder that is not empty
         return "rerun the `logitcache import` command with a new output folder"

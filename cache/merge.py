@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import fields
 from typing import Any
 
 from .card import write_card
 from .errors import IncompatibleError, InputError
-from .format import MANIFEST_NAME, shard_name
+from .format import MANIFEST_NAME, TargetSpec, shard_name
 from .manifest import Manifest, ShardEntry, check_compatible, load_manifest, merge_extra
 from .paths import output_problem
 from .reader import ShardReader, repair_advice
@@ -58,9 +59,9 @@ def merge_datasets(
             )
         except IncompatibleError as e:
             raise IncompatibleError(
-                f"{e}. Datasets merge when their tokenizer, vocab_size, targets (kind, k, n, "
-                "codec, sampling) and capture temperature are the same, and their teacher too "
-                "unless --allow-different-teachers is given"
+                f"{e}. Datasets merge when their tokenizer, vocab_size, targets "
+                f"({', '.join(f.name for f in fields(TargetSpec))}) and capture temperature are "
+                "the same, and their teacher too unless --allow-different-teachers is given"
             ) from None
     _check_unique_ids(sources, manifests)
     # Shards are copied as they are: the newest input version says what they may hold.

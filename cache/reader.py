@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .card import counted
 from .codecs import (
     QMAX,
     decode_id_planes,
@@ -39,6 +38,7 @@ from .format import (
     Example,
     Sampled,
     TopK,
+    counted,
     id_plane_names,
 )
 from .manifest import Manifest, ShardEntry, load_manifest
@@ -366,6 +366,11 @@ def repair_advice(loc: Location, *, verify: bool = False) -> str:
     if loc.exists(CONFIG_NAME):
         config = shlex.quote(loc.url_of(CONFIG_NAME))
         again = f"capture again into a new folder: logitcache build --config {config} --out NEW_DIR"
+        try:  # a job array's config is its part 0's: capture every part in one run instead
+            if json.loads(loc.read_bytes(CONFIG_NAME))["run"]["num_shards"] > 1:
+                again += " --num-shards 1 --shard-index 0"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # an unreadable config: the command as it is (build names the problem)
     return (
         f"{first}restore the shard from a copy of the dataset, or {again} (rerunning the build "
         f"into {q} does not replace it)"

@@ -189,27 +189,27 @@ def _iter_arrow(source: str, fs: Any, path: str) -> Iterator[tuple[int | None, i
     --format arrow` write) or the random-access file format (Feather v2)."""
     import pyarrow as pa
 
-    with fs.open(path, "rb") as f:
-        data = pa.py_buffer(f.read())
-    try:
-        reader = pa.ipc.open_stream(data)
-    except pa.ArrowInvalid:
+    with fs.open(path, "rb") as f:  # streamed a record batch at a time, as Parquet row groups
         try:
-            file = pa.ipc.open_file(data)
-        except pa.ArrowInvalid as e:
-            raise InputError(f"{source}: not a readable Arrow IPC file ({e})") from None
-        reader = (file.get_batch(i) for i in range(file.num_record_batches))
-    row = 0
-    try:
-        for batch in reader:
-            for obj in _table_rows(batch):
-                yield None, row, obj
-                row += 1
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(
-            f"{source}: the Arrow IPC file is damaged after row {row} ({e}); re-copy or "
-            "re-export it"
-        ) from None
+            reader = pa.ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            try:
+                file = pa.ipc.open_file(f)
+            except pa.ArrowInvalid as e:
+                raise InputError(f"{source}: not a readable Arrow IPC file ({e})") from None
+            reader = (file.get_batch(i) for i in range(file.num_record_batches))
+        row = 0
+        try:
+            for batch in reader:
+                for obj in _table_rows(batch):
+                    yield None, row, obj
+                    row += 1
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(
+                f"{source}: the Arrow IPC file is damaged after row {row} ({e}); re-copy or "
+                "re-export it"
+            ) from None
 
 
 def _table_rows(batch: Any) -> list[Any]:

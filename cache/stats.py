@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .card import counted
 from .errors import InputError
+from .format import counted
 from .paths import make_parents
 from .reader import LogitDataset
 

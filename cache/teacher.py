@@ -22,6 +22,7 @@ import torch
 from .capture_config import TeacherConfig
 from .eos import folder_eos_ids
 from .errors import InputError
+from .tokenizer import load_local_tokenizer
 
 log = logging.getLogger(__name__)
 KeepMode = Literal["mask", "window", "none"]
@@ -101,16 +102,14 @@ def load_tokenizer(cfg: TeacherConfig) -> Any:
 
     Capture renders and checks every record with it before the (slow) teacher loads.
     """
-    from transformers import AutoTokenizer
-
     tok_dir = cfg.tokenizer or cfg.path
-    try:
-        return AutoTokenizer.from_pretrained(
-            tok_dir, local_files_only=True, trust_remote_code=cfg.trust_remote_code
-        )
-    except (OSError, ValueError) as e:
-        flag = "--tokenizer" if cfg.tokenizer else "--teacher"
-        raise InputError(f"{flag} {tok_dir}: no loadable tokenizer ({e})") from None
+    flag = "--tokenizer" if cfg.tokenizer else "--teacher"
+    return load_local_tokenizer(
+        tok_dir,
+        f"{flag} {tok_dir}",
+        "give a folder holding the teacher's tokenizer (saved with save_pretrained)",
+        trust_remote_code=cfg.trust_remote_code,
+    )
 
 
 def load_teacher(

@@ -36,3 +36,22 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         separators=(",", ":"),
     )
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_local_tokenizer(
+    folder: str, name: str, fix: str, *, trust_remote_code: bool = False
+) -> Any:
+    """``AutoTokenizer.from_pretrained(folder)`` from a local folder only (never downloaded, so
+    a missing folder fails at once instead of after the Hub's retries). Raises InputError
+    naming the folder as ``name`` (the flag as typed, e.g. ``--tokenizer DIR``), what
+    transformers said, and ``fix``."""
+    from transformers import AutoTokenizer
+
+    from .errors import InputError
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise InputError(f"{name}: no tokenizer could be loaded ({e}); {fix}") from None

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from logitcache.cache.errors import InputError
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.stats import describe
+from logitcache.cache.tokenizer import load_local_tokenizer
 from logitcache.tools.cli import count
 
 HELP = "describe a dataset's manifest and decode a few examples"
@@ -27,15 +27,11 @@ def run(args: argparse.Namespace) -> int:
     print(describe(ds))
     tok = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        try:
-            tok = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise InputError(
-                f"--tokenizer {args.tokenizer}: no tokenizer could be loaded from that folder "
-                f"({e}); give the folder of the dataset's tokenizer (the teacher's)"
-            ) from None
+        tok = load_local_tokenizer(
+            args.tokenizer,
+            f"--tokenizer {args.tokenizer}",
+            "give the folder of the dataset's tokenizer (the teacher's)",
+        )
 
     def text(ids: Any) -> str:
         ids = [int(i) for i in np.atleast_1d(ids)]

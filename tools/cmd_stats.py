@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from logitcache.cache.card import counted
 from logitcache.cache.errors import InputError
+from logitcache.cache.format import counted
 from logitcache.cache.paths import plot_problem
 from logitcache.cache.reader import open_dataset
 from logitcache.cache.stats import collect_stats, format_stats, plot_stats

@@ -24,8 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from logitcache.cache.errors import IncompatibleError, InputError
+from logitcache.cache.errors import IncompatibleError, InputError, ManifestError
+from logitcache.cache.format import PARTS_DIR
+from logitcache.cache.manifest import load_manifest
 from logitcache.cache.paths import output_problem
+from logitcache.cache.storage import Location
 
 from .metrics import kl_label
 
@@ -106,10 +109,16 @@ def _problems(students: Sequence[tuple[str, str]], data: str, out: str | None) -
     if out is not None and (problem := output_problem(out, f"--out {out}", folder=True)):
         problems.append(problem)
     if "://" not in data and not (Path(data) / "manifest.json").is_file():
-        problems.append(
-            f"--data {data}: no logit dataset there (no manifest.json); pass a held-out set "
-            "captured with `logitcache build`"
-        )
+        if (Path(data) / PARTS_DIR).is_dir():  # a capture not finalized: say what finishes it
+            try:
+                load_manifest(Location(data))
+            except ManifestError as e:
+                problems.append(f"--data {data}: {e}")
+        else:
+            problems.append(
+                f"--data {data}: no logit dataset there (no manifest.json); pass a held-out set "
+                "captured with `logitcache build`"
+            )
     return problems
 
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from logitcache.cache.card import counted
 from logitcache.cache.errors import InputError
+from logitcache.cache.format import counted
 
 from .config import Config
 from .epochs import micro_batches, steps_for

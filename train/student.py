@@ -16,7 +16,8 @@ import torch
 
 from logitcache.cache.errors import InputError
 from logitcache.cache.format import DatasetInfo
-from logitcache.cache.ranks import Ranks as Dist  # training calls its ranks helper Dist
+from logitcache.cache.ranks import Ranks as Dist
+from logitcache.cache.tokenizer import load_local_tokenizer  # training calls its ranks helper Dist
 
 from .adapters import MERGED_NAME
 from .chunked import chunked_distill_loss
@@ -106,18 +107,13 @@ def student_problems(cfg: Config) -> list[str]:
 def load_tokenizer(cfg: Config, name: str | None = None) -> Any:
     """The student's tokenizer: model.tokenizer, else model.path's. ``name``: how an error
     names the folder (eval: ``--student DIR``); default the config key."""
-    from transformers import AutoTokenizer
-
     path = cfg.model.tokenizer or cfg.model.path
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        if name is not None:
-            fix = "save the student's tokenizer into the folder (tokenizer.save_pretrained)"
-        else:
-            key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
-            name, fix = f"{key}={path!r}", "point model.tokenizer at the student's tokenizer folder"
-        raise InputError(f"{name}: no tokenizer could be loaded ({e}); {fix}") from None
+    if name is not None:
+        fix = "save the student's tokenizer into the folder (tokenizer.save_pretrained)"
+    else:
+        key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+        name, fix = f"{key}={path!r}", "point model.tokenizer at the student's tokenizer folder"
+    return load_local_tokenizer(path, name, fix)
 
 
 def load_student(

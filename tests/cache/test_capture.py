@@ -471,8 +471,8 @@ def test_a_job_array_part_that_stopped_early_is_named_with_its_index(
     err = capsys.readouterr().err
     assert "_parts/r00001.json holds 1 example but its writer has not finished" in err
     assert (
-        "rerun the `logitcache build` command with --shard-index 1 that wrote it to resume (it "
-        f"continues where it stopped), then `logitcache finalize {out}`"
+        "rerun the `logitcache build` command with --num-shards 2 --shard-index 1 that wrote it "
+        f"to resume (it continues where it stopped), then `logitcache finalize {out}`"
     ) in err
     saved = tmp_path / "saved"
     shutil.copytree(out, saved)
@@ -485,6 +485,11 @@ def test_a_job_array_part_that_stopped_early_is_named_with_its_index(
     # examples are of the same prompts.
     summary = capture(make_cfg(prompts, tiny_teacher_dir, saved, context=ctx_file))
     assert summary.finalized and summary.dataset_examples == 9
+    # That journal is finished now: verify has nothing to warn of, finalize reruns cleanly.
+    capsys.readouterr()
+    assert main(["verify", str(saved)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert main(["finalize", str(saved)]) == 0
 
 
 def test_a_missing_shard_names_what_mends_it(tmp_path, tiny_teacher_dir, capsys) -> None:
@@ -506,6 +511,32 @@ def test_a_missing_shard_names_what_mends_it(tmp_path, tiny_teacher_dir, capsys)
     assert f"(rerunning the build into {tmp_path / 'ds'} does not replace it)" in msg
     command = re.search(r"(logitcache build --config \S+ --out NEW_DIR)", msg).group(1)
     argv = shlex.split(command.replace("NEW_DIR", str(tmp_path / "new")))
+    assert main([*argv[1:], "--no-progress"]) == 0
+    assert open_dataset(tmp_path / "new", verify=True).num_examples == 4
+
+
+def test_a_job_arrays_lost_shard_is_mended_by_one_run_of_every_part(
+    tmp_path, tiny_teacher_dir
+) -> None:
+    """The saved config is part 0's (--num-shards 2): the printed command captures every part."""
+    import shlex
+
+    from logitcache.cache.errors import ShardError
+    from logitcache.cache.manifest import finalize
+    from logitcache.cache.storage import Location
+    from logitcache.tools.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", records(4))
+    for index in (0, 1):
+        run = dict(num_shards=2, shard_index=index, shard_positions=1)
+        capture(make_cfg(prompts, tiny_teacher_dir, tmp_path / "ds", run=run))
+    finalize(Location(str(tmp_path / "ds")))
+    next((tmp_path / "ds").glob("shard-*.arrow")).unlink()
+    with pytest.raises(ShardError) as e:
+        list(open_dataset(tmp_path / "ds").iter_examples())
+    command = re.search(r"(logitcache build --config \S+ --out NEW_DIR[^(]*) \(", str(e.value))
+    argv = shlex.split(command.group(1).replace("NEW_DIR", str(tmp_path / "new")))
+    assert argv[-4:] == ["--num-shards", "1", "--shard-index", "0"]
     assert main([*argv[1:], "--no-progress"]) == 0
     assert open_dataset(tmp_path / "new", verify=True).num_examples == 4
 

@@ -371,3 +371,15 @@ def test_bad_adaptive_flags_are_all_named_with_the_fix() -> None:
     ]
     with pytest.raises(SystemExit):  # argparse: not a number
         parse([*REQUIRED, "--k-mass", "most"])
+
+
+def test_the_resume_command_names_the_folder_and_the_part(tmp_path) -> None:
+    """The printed command resumes the folder where it is now, and a job array's part k (the
+    saved config is part 0's) with its own --shard-index."""
+    from logitcache.cache.capture_info import resume_command
+    from logitcache.cache.storage import Location
+
+    loc = Location(str(tmp_path / "my ds"))
+    config, out = shlex.quote(str(tmp_path / "my ds" / cc.CONFIG_NAME)), shlex.quote(str(loc))
+    assert resume_command(loc) == f"logitcache build --config {config} --out {out}"
+    assert resume_command(loc, 3).endswith(f"--out {out} --shard-index 3")

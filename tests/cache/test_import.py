@@ -183,3 +183,21 @@ def test_import_refuses_a_non_empty_out(tmp_path, tiny_tokenizer_dir):
     cfg = ImportConfig(run=ImportRunConfig(tokenizer=str(tiny_tokenizer_dir)))
     with pytest.raises(InputError, match=r"OUT .*out exists and is not empty \(x\); give"):
         import_plain([src], tmp_path / "out", cfg)
+
+
+def test_arrow_sources_in_the_stream_and_the_file_format(tmp_path):
+    """`*.arrow` is read as an IPC stream (what `datasets` and export write) or, failing that,
+    as an IPC file (Feather v2)."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    from logitcache.cache.sources import iter_raw
+
+    table = pa.table({"id": ["a", "b", "c"], "prompt": ["x", "y", "z"]})
+    with pa.ipc.new_stream(tmp_path / "s.arrow", table.schema) as w:
+        for batch in table.to_batches(max_chunksize=2):
+            w.write_batch(batch)
+    feather.write_feather(table, tmp_path / "f.arrow")
+    for name in ("s.arrow", "f.arrow"):
+        rows = list(iter_raw(str(tmp_path / name)))
+        assert rows == [(None, i, r) for i, r in enumerate(table.to_pylist())]

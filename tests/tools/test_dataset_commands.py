@@ -173,7 +173,7 @@ def test_merge_names_targets_the_label_does_not_tell_apart(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "m"), str(a), str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "incompatible: targets sampling=multinomial vs sampling=systematic. Datasets" in err
-    assert "targets (kind, k, n, codec, sampling) and capture temperature are the same" in err
+    assert "targets (kind, k, n, codec, sampling, k_mass, k_min, n_rate) and capture" in err
 
 
 def test_merge_refuses_an_input_named_twice(tmp_path, capsys):
@@ -242,7 +242,7 @@ def test_finalize_publishes_an_unfinished_writer_only_with_partial(tmp_path, cap
     assert f"`logitcache finalize {tmp_path / 'ds'} --partial` to publish the 5 examples" in err
     assert not (tmp_path / "ds" / "manifest.json").exists()
     assert main(["finalize", str(tmp_path / "ds"), "--partial"]) == 0
-    assert "finalized" in capsys.readouterr().out
+    assert f"finalized {tmp_path / 'ds'} (partial): " in capsys.readouterr().out
     assert open_dataset(tmp_path / "ds").num_examples == 5
     assert main(["verify", str(tmp_path / "ds")]) == 0  # a warning still names the writer
     assert "warning: the capture is not complete: _parts/r1.json" in capsys.readouterr().out

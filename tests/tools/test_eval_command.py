@@ -108,6 +108,25 @@ def test_missing_folders_and_a_bad_regex_are_reported_at_once(heldout: Path, tmp
     assert re.search(r"--expect '\(unclosed' is not a valid regular expression", msg)
 
 
+def test_a_capture_not_finalized_gets_the_advice_of_the_other_tools(
+    heldout: Path, tiny_teacher_dir: Path, tmp_path: Path
+):
+    import json as json_
+    import shutil
+
+    copy = tmp_path / "interrupted"
+    shutil.copytree(heldout, copy)
+    (copy / "manifest.json").unlink()
+    journal = next((copy / "_parts").glob("*.json"))
+    obj = json_.loads(journal.read_text())
+    journal.write_text(json_.dumps({**obj, "finished": False}))  # as a killed build leaves it
+    with pytest.raises(InputError) as e:
+        evaluate_students([("t", str(tiny_teacher_dir))], str(copy))
+    msg = str(e.value)
+    assert f"--data {copy}: " in msg and "rerun the `logitcache build` command" in msg
+    assert f"logitcache finalize {copy} --partial" in msg
+
+
 def test_the_cli_prints_the_error_and_exits_1(heldout: Path, tmp_path: Path, capsys):
     rc = cli_main(
         [
