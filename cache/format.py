@@ -299,6 +299,14 @@ def counted(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
 
 
+def sizes(shards: int, examples: int, positions: int) -> str:
+    """'1 shard, 24 examples, 708 positions': a dataset's size as the commands print it."""
+    return ", ".join(
+        counted(n, noun)
+        for n, noun in ((shards, "shard"), (examples, "example"), (positions, "position"))
+    )
+
+
 def min_format_version(targets: TargetSpec) -> int:
     """The oldest format version that can hold ``targets``: 2 when positions hold a variable
     number of ids or draws (a reader of version 1 would take every position to hold k ids and

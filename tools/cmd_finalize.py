@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from logitcache.cache.format import sizes
 from logitcache.cache.manifest import finalize
 from logitcache.cache.storage import Location
 
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     m = finalize(Location(args.dataset), partial=args.partial)
     print(
-        f"finalized {args.dataset}{' (partial)' if args.partial else ''}: {len(m.shards)} "
-        f"shards, {m.num_examples} examples, {m.num_positions} positions"
+        f"finalized {args.dataset}{' (partial)' if args.partial else ''}: "
+        f"{sizes(len(m.shards), m.num_examples, m.num_positions)}"
     )
     return 0

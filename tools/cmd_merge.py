@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from logitcache.cache.format import sizes
 from logitcache.cache.merge import merge_datasets
 
 HELP = "combine compatible datasets into one"
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         args.out, args.inputs, allow_different_teachers=args.allow_different_teachers
     )
     print(
-        f"merged {len(args.inputs)} datasets into {args.out}: {len(m.shards)} shards, "
-        f"{m.num_examples} examples, {m.num_positions} positions"
+        f"merged {len(args.inputs)} datasets into {args.out}: "
+        f"{sizes(len(m.shards), m.num_examples, m.num_positions)}"
     )
     return 0

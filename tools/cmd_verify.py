@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from logitcache.cache.format import sizes
 from logitcache.cache.verify import verify_dataset
 
 HELP = "check checksums, schema, counts and id uniqueness of a dataset"
@@ -20,9 +21,7 @@ def run(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(f"problem: {problem}")
     if report.ok:
-        print(
-            f"ok: {report.shards} shards, {report.examples} examples, {report.positions} positions"
-        )
+        print(f"ok: {sizes(report.shards, report.examples, report.positions)}")
         return 0
     print(f"FAILED: {len(report.problems)} problem(s) in {args.dataset}")
     return 1

@@ -25,7 +25,12 @@ def _dataset(path, kind="topk", prefix="ex", teacher="tiny-teacher", count=12, *
 def test_verify_ok(tmp_path, capsys):
     ds = _dataset(tmp_path / "ds")
     assert main(["verify", str(ds)]) == 0
-    assert "ok: " in capsys.readouterr().out
+    m = open_dataset(ds)
+    out = capsys.readouterr().out
+    assert out == f"ok: {len(m.shards)} shards, 12 examples, {m.num_positions} positions\n"
+    one = _dataset(tmp_path / "one", count=1)
+    assert main(["verify", str(one)]) == 0
+    assert capsys.readouterr().out.startswith("ok: 1 shard, 1 example, ")
 
 
 def test_verify_names_each_problem(tmp_path, capsys):
