@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import InputError
-from .format import TargetSpec
+from .format import MANIFEST_NAME, PARTS_DIR, TargetSpec
 from .settings import (
     Source,
     build,
@@ -30,6 +30,7 @@ from .settings import (
     settings,
     to_dict,
 )
+from .storage import Location
 
 Mode = Literal["score", "generate"]
 Render = Literal["chat", "plain"]
@@ -306,9 +307,6 @@ def load_capture_config(path: str | Path | None, flags: list[Source]) -> Capture
 def _dataset_folder_of(path: str) -> str | None:
     """The dataset folder (absolute path or URL) that holds the config file ``path``: a
     ``capture_config.json`` beside a manifest or writer journals; None for a config elsewhere."""
-    from .format import MANIFEST_NAME, PARTS_DIR
-    from .storage import Location
-
     folder, _, name = path.rpartition("/")
     if name != CONFIG_NAME:
         return None

@@ -206,6 +206,18 @@ def load_parts(loc: Location) -> dict[str, Manifest]:
     }
 
 
+def writer_tmp_prefix(writer_id: str) -> str:
+    """The prefix of a writer's temporary files (its shards' and its journal's)."""
+    return f".tmp-{writer_id}-"
+
+
+def write_journal(loc: Location, writer_id: str, journal: Manifest) -> None:
+    """Replace writer ``writer_id``'s journal, ``_parts/<writer>.json``, atomically."""
+    loc.write_atomic(
+        journal.dumps(), PARTS_DIR, part_name(writer_id), tmp_prefix=writer_tmp_prefix(writer_id)
+    )
+
+
 def close_journals(loc: Location) -> None:
     """Mark every unfinished journal finished: for a capture that has just committed all of its
     prompts, an earlier run's journals (a run killed with another number of parts) hold some of
@@ -213,8 +225,7 @@ def close_journals(loc: Location) -> None:
     for name, m in load_parts(loc).items():
         if m.finished is False:
             m.finished = True
-            writer = name.removesuffix(".json")
-            loc.write_atomic(m.dumps(), PARTS_DIR, name, tmp_prefix=f".tmp-{writer}-")
+            write_journal(loc, name.removesuffix(".json"), m)
 
 
 def committed_manifests(loc: Location) -> list[tuple[str, Manifest]]:

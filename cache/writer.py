@@ -50,6 +50,8 @@ from .manifest import (
     finalize,
     load_parts,
     part_name,
+    write_journal,
+    writer_tmp_prefix,
 )
 from .storage import Location
 
@@ -185,7 +187,7 @@ class DatasetWriter:
                         self.loc.remove(*folder, name)
 
     def _tmp_prefix(self) -> str:
-        return f".tmp-{self.writer_id}-"
+        return writer_tmp_prefix(self.writer_id)
 
     def _validate(self, ex: Example) -> None:
         P = len(ex.response_ids)
@@ -276,12 +278,7 @@ class DatasetWriter:
         self._write_journal()
 
     def _write_journal(self) -> None:
-        self.loc.write_atomic(
-            self.journal.dumps(),
-            PARTS_DIR,
-            part_name(self.writer_id),
-            tmp_prefix=self._tmp_prefix(),
-        )
+        write_journal(self.loc, self.writer_id, self.journal)
 
     def _wait(self, raise_errors: bool = True) -> None:
         pending, self._pending = self._pending, []
